@@ -1,0 +1,11 @@
+//! # wazuh-proxy-core
+//!
+//! The protocol-aware parts of wazuh-proxy, usable on their own: the 1514 frame codec
+//! ([`frame`]), the secure envelope's clear-text header ([`envelope`]), backend selection and
+//! passive health ([`balance`]), the registry of live agent sessions ([`session`]), and the
+//! frame-by-frame relay that ties them to sockets ([`relay`]).
+#![warn(missing_docs, unreachable_pub)]
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod frame;
