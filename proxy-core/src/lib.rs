@@ -7,5 +7,11 @@
 #![warn(missing_docs, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+pub mod balance;
+pub mod cipher;
+pub mod control;
 pub mod envelope;
 pub mod frame;
+pub mod keys;
+pub mod relay;
+pub mod session;
