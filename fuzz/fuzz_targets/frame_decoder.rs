@@ -101,7 +101,10 @@ fuzz_target!(|data: &[u8]| {
     for p in &payloads {
         let len = u32::try_from(p.len()).unwrap();
         assert_eq!(&stream[off..off + HEADER_LEN], &len.to_le_bytes());
-        assert_eq!(&stream[off + HEADER_LEN..off + HEADER_LEN + p.len()], &p[..]);
+        assert_eq!(
+            &stream[off + HEADER_LEN..off + HEADER_LEN + p.len()],
+            &p[..]
+        );
         off += HEADER_LEN + p.len();
     }
     assert_eq!(off, consumed, "codec and scan consumed different lengths");
