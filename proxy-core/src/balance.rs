@@ -127,6 +127,8 @@ impl BackendConfig {
 #[non_exhaustive]
 pub enum Policy {
     /// Consistent hash of the agent ID (default for 1514): an agent sticks to one manager.
+    /// Callers that cannot know the ID pass [`BalanceKey::Source`] instead: hash policies hash
+    /// whatever key they are given.
     #[default]
     AgentId,
     /// Consistent hash of the agent's source IP address.
@@ -620,7 +622,7 @@ impl Balancer {
         }
     }
 
-    /// Orders a non-empty or empty set of indexes from one group by the policy.
+    /// Orders a set of indexes from one group (primaries or backups) by the policy.
     fn order(&self, group: usize, set: Vec<usize>, key: &BalanceKey) -> Vec<usize> {
         if set.len() <= 1 {
             return set;
@@ -763,8 +765,9 @@ impl Balancer {
             // everything was failed). One failure is enough.
             b.failed_until.fetch_max(until, Ordering::AcqRel);
             b.unavailable_total.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(backend = %b.addr(), fail_timeout = ?b.config.fail_timeout,
-                "backend failed again after its fail_timeout, marked unavailable");
+            // Debug only: while a whole set is dead this repeats for every agent reconnect.
+            tracing::debug!(backend = %b.addr(), fail_timeout = ?b.config.fail_timeout,
+                "backend on trial failed, marked unavailable again");
             return;
         }
         let start = b.window_start.load(Ordering::Acquire);
@@ -842,6 +845,9 @@ impl Balancer {
             for idx in list {
                 tried.push(idx);
                 let addr = self.backends[idx].addr();
+                // Only a newly failing backend is worth a warning; retries of one already
+                // marked (the all-failed fallback) would repeat it for every agent.
+                let was_available = self.is_available(idx, Instant::now());
                 let guard = self.open(idx);
                 let error =
                     match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
@@ -862,7 +868,12 @@ impl Balancer {
                         Err(_) => AttemptError::Timeout(connect_timeout),
                     };
                 drop(guard);
-                tracing::warn!(backend = %addr, error = %error, "connect to backend failed");
+                if was_available {
+                    tracing::warn!(backend = %addr, error = %error, "connect to backend failed");
+                } else {
+                    tracing::debug!(backend = %addr, error = %error,
+                        "connect to backend marked unavailable failed");
+                }
                 self.report_failure(idx, Instant::now());
                 failed.push(ConnectAttempt {
                     index: idx,
