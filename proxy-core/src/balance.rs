@@ -551,6 +551,46 @@ impl Balancer {
         self
     }
 
+    /// Carries live state over from the balancer this one replaces (configuration reload):
+    /// for every backend whose address is in both, the failure marks and counts, the totals,
+    /// and the active-connection counter itself, so guards opened under `previous` keep
+    /// counting here and least-conn stays accurate across the swap.
+    pub fn with_state_from(mut self, previous: &Balancer) -> Self {
+        let base = self.base;
+        // A tick of `previous` as a tick of this balancer (0 stays "never").
+        let convert = |t: u64| -> u64 {
+            if t == 0 {
+                0
+            } else {
+                ticks(base, previous.base + Duration::from_nanos(t - 1))
+            }
+        };
+        for b in &mut self.backends {
+            let Some(old) = previous.backends.iter().find(|o| o.addr() == b.addr()) else {
+                continue;
+            };
+            b.active = Arc::clone(&old.active);
+            let copy = |to: &AtomicU64, from: &AtomicU64| {
+                to.store(from.load(Ordering::Acquire), Ordering::Release)
+            };
+            copy(&b.opened_total, &old.opened_total);
+            copy(&b.successes_total, &old.successes_total);
+            copy(&b.failures_total, &old.failures_total);
+            copy(&b.unavailable_total, &old.unavailable_total);
+            b.fails
+                .store(old.fails.load(Ordering::Acquire), Ordering::Release);
+            b.window_start.store(
+                convert(old.window_start.load(Ordering::Acquire)),
+                Ordering::Release,
+            );
+            b.failed_until.store(
+                convert(old.failed_until.load(Ordering::Acquire)),
+                Ordering::Release,
+            );
+        }
+        self
+    }
+
     /// The policy.
     pub fn policy(&self) -> Policy {
         self.policy

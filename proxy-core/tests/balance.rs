@@ -420,6 +420,33 @@ fn max_fails_zero_never_marks() {
 }
 
 #[test]
+fn reload_keeps_health_and_active_counts() {
+    let old = Balancer::new(Policy::LeastConn, primaries(&[1, 2, 3])).unwrap();
+    let t0 = Instant::now();
+    old.report_failure(0, t0);
+    let guard = old.open(1);
+    let new = Balancer::new(Policy::LeastConn, primaries(&[4, 2, 1]))
+        .unwrap()
+        .with_state_from(&old);
+    let (i1, i2, i4) = (
+        new.index_of(addr(1)).unwrap(),
+        new.index_of(addr(2)).unwrap(),
+        new.index_of(addr(4)).unwrap(),
+    );
+    let s = Duration::from_secs;
+    assert!(!new.is_available(i1, t0 + s(9)));
+    assert!(new.is_available(i1, t0 + s(10)));
+    assert_eq!(new.backends()[i1].failures_total(), 1);
+    assert_eq!(new.backends()[i2].active(), 1);
+    drop(guard);
+    assert_eq!(new.backends()[i2].active(), 0);
+    assert_eq!(new.backends()[i4].opened_total(), 0);
+    // The carried mark is still "on trial" after it expires: one failure marks it again.
+    new.report_failure(i1, t0 + s(11));
+    assert!(!new.is_available(i1, t0 + s(11)));
+}
+
+#[test]
 fn balancer_is_send_and_sync() {
     fn check<T: Send + Sync>() {}
     check::<Balancer>();
