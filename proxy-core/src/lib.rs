@@ -12,6 +12,7 @@ pub mod cipher;
 pub mod control;
 pub mod envelope;
 pub mod frame;
+pub mod inspect;
 pub mod keys;
 pub mod relay;
 pub mod session;
