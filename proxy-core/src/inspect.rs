@@ -396,7 +396,8 @@ mod pcap {
         segments: Vec<Segment>,
     }
 
-    type FlowKey = ((IpAddr, u16), (IpAddr, u16));
+    type Endpoint = (IpAddr, u16);
+    type FlowKey = (Endpoint, Endpoint);
 
     pub(super) fn read(data: &[u8], port: u16) -> Vec<Result<Captured, CaptureError>> {
         let mut flows: Vec<(FlowKey, Flow)> = Vec::new();
@@ -429,8 +430,8 @@ mod pcap {
         // ID) find the agent learned from the other direction.
         let mut flows: Vec<Option<(FlowKey, Flow)>> = flows.into_iter().map(Some).collect();
         let mut order = Vec::with_capacity(flows.len());
-        for i in 0..flows.len() {
-            let Some(((src, dst), _)) = &flows[i] else {
+        for (i, flow) in flows.iter().enumerate() {
+            let Some(((src, dst), _)) = flow else {
                 continue;
             };
             if dst.1 != port {
@@ -599,7 +600,7 @@ mod pcap {
     }
 
     /// Link layer -> IP -> TCP. `None` for anything that is not an unfragmented TCP segment.
-    fn tcp_segment(link: u32, pkt: &[u8]) -> Option<((IpAddr, u16), (IpAddr, u16), Segment)> {
+    fn tcp_segment(link: u32, pkt: &[u8]) -> Option<(Endpoint, Endpoint, Segment)> {
         let ip = match link {
             // Ethernet, with 802.1Q tags.
             1 => {
