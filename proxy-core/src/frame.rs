@@ -125,6 +125,17 @@ pub fn scan(buf: &[u8], max: u32) -> (usize, usize, Option<FrameError>) {
     }
 }
 
+/// The error for a stream that ended inside the frame at the front of `buf`.
+pub fn truncated(buf: &[u8]) -> FrameError {
+    let needed = buf
+        .first_chunk::<HEADER_LEN>()
+        .map_or(HEADER_LEN, |h| HEADER_LEN + u32::from_le_bytes(*h) as usize);
+    FrameError::Truncated {
+        buffered: buf.len(),
+        needed,
+    }
+}
+
 /// A `tokio_util` codec for 1514/TCP frames: decodes to payloads, encodes payloads.
 #[derive(Debug, Clone, Copy)]
 pub struct FrameCodec {
@@ -188,16 +199,7 @@ impl Decoder for FrameCodec {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
             None if src.is_empty() => Ok(None),
-            None => {
-                let needed = src
-                    .first_chunk::<HEADER_LEN>()
-                    .map_or(HEADER_LEN, |h| HEADER_LEN + u32::from_le_bytes(*h) as usize);
-                Err(FrameError::Truncated {
-                    buffered: src.len(),
-                    needed,
-                }
-                .into())
-            }
+            None => Err(truncated(src).into()),
         }
     }
 }

@@ -16,3 +16,5 @@ pub mod inspect;
 pub mod keys;
 pub mod relay;
 pub mod session;
+pub mod sim;
+pub mod stats;

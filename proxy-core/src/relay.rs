@@ -1,1 +1,720 @@
-//! (being written)
+//! The frame-aware relay for agent connections on 1514/TCP.
+//!
+//! For each accepted agent: read the first frame within a deadline, learn the agent from it,
+//! register the session, pick a manager by the agent, connect, then relay both directions frame
+//! by frame. Only whole frames are ever written to either side, so the relay always knows where
+//! the next frame starts on both sides; that is what makes a later switch of manager at a frame
+//! boundary possible.
+//!
+//! Each direction is a [`Pipe`]: one buffer that holds whole, checked frames at its front and
+//! the start of an incomplete frame behind them. Reads are batched (one `read` may bring many
+//! frames) and the whole frames of a batch leave in one `write`, so the cost per frame is a
+//! header check and an envelope check, with no allocation and no syscall of its own. A pipe
+//! reads only once everything it holds is written: a manager that stops reading stops the
+//! agent's reads too (backpressure), and a pipe never holds more than one read plus one frame.
+//! An idle pipe frees its buffer, so an idle agent costs no buffer memory.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
+//! use wazuh_proxy_core::relay::{AgentRelay, AgentRelayConfig};
+//! use tokio_util::sync::CancellationToken;
+//! use tokio_util::task::TaskTracker;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let managers = vec![
+//!     BackendConfig::new("10.0.0.11:1514".parse().unwrap()),
+//!     BackendConfig::new("10.0.0.12:1514".parse().unwrap()),
+//! ];
+//! let balancer = Balancer::new(Policy::AgentId, managers).expect("valid backend set");
+//! let relay = Arc::new(AgentRelay::new("agents", AgentRelayConfig::default(), balancer));
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:1514").await?;
+//! let stop = CancellationToken::new();
+//! let tracker = TaskTracker::new();
+//! relay.serve(listener, stop, tracker).await;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::{Buf, BytesMut};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::{BalanceKey, Balancer};
+use crate::envelope::{Envelope, EnvelopeError};
+use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use crate::session::{DuplicatePolicy, Session, SessionKey, SessionRegistry};
+use crate::stats::{Rejection, RelayStats};
+
+/// Settings of an agent listener. Defaults suit Wazuh 4.x agents and managers.
+#[derive(Debug, Clone)]
+pub struct AgentRelayConfig {
+    /// Time allowed for the first whole frame (default 10 s; agents send their startup
+    /// message right after connecting).
+    pub first_frame_timeout: Duration,
+    /// Largest payload accepted either way (default 65536, the manager's own limit).
+    pub max_payload: u32,
+    /// Time allowed to connect to one manager before trying the next (default 5 s).
+    pub connect_timeout: Duration,
+    /// Close a session with no frame either way for this long (default 10 min, as nginx's
+    /// `proxy_timeout`; agents send a keepalive every 10-20 s). `None` disables it.
+    pub idle_timeout: Option<Duration>,
+    /// Bytes asked of the kernel per read (default 32 KiB).
+    pub read_chunk: usize,
+    /// What to do with a second live connection of one agent (default replace).
+    pub duplicate_policy: DuplicatePolicy,
+    /// TCP keepalive idle time on both sockets, so dead peers are noticed (default 60 s).
+    pub tcp_keepalive: Option<Duration>,
+}
+
+impl Default for AgentRelayConfig {
+    fn default() -> Self {
+        AgentRelayConfig {
+            first_frame_timeout: Duration::from_secs(10),
+            max_payload: MAX_PAYLOAD,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(600)),
+            read_chunk: 32 * 1024,
+            duplicate_policy: DuplicatePolicy::Replace,
+            tcp_keepalive: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum End {
+    /// The agent closed its connection.
+    AgentClosed,
+    /// The manager closed its connection.
+    ManagerClosed,
+    /// Reading from or writing to the agent failed.
+    AgentIo(io::Error),
+    /// Reading from or writing to the manager failed.
+    ManagerIo(io::Error),
+    /// The agent broke a framing rule.
+    AgentFrame(FrameError),
+    /// The agent sent a payload that is not a Wazuh envelope.
+    AgentEnvelope(EnvelopeError),
+    /// A frame carried another agent ID than the connection's first frame.
+    AgentIdChanged,
+    /// The manager broke a framing rule or sent something that is not a Wazuh envelope.
+    ManagerProtocol(&'static str),
+    /// The proxy closed it: replaced by a newer connection of the same agent, or shutdown.
+    Closed,
+    /// No frame either way for longer than the idle timeout.
+    Idle,
+}
+
+impl End {
+    /// The metric label of a protocol failure, if this end is one.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            End::AgentFrame(e) => Some((*e).into()),
+            End::AgentEnvelope(_) => Some(Rejection::BadEnvelope),
+            End::AgentIdChanged => Some(Rejection::AgentIdChanged),
+            End::ManagerProtocol(_) => Some(Rejection::ManagerProtocol),
+            End::Idle => Some(Rejection::Idle),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::AgentClosed => f.write_str("agent closed the connection"),
+            End::ManagerClosed => f.write_str("manager closed the connection"),
+            End::AgentIo(e) => write!(f, "agent connection failed: {e}"),
+            End::ManagerIo(e) => write!(f, "manager connection failed: {e}"),
+            End::AgentFrame(e) => write!(f, "agent sent a bad frame: {e}"),
+            End::AgentEnvelope(e) => write!(f, "agent sent a bad envelope: {e}"),
+            End::AgentIdChanged => f.write_str("agent ID changed within the connection"),
+            End::ManagerProtocol(why) => {
+                write!(f, "manager sent a bad frame ({why}); not forwarded")
+            }
+            End::Closed => f.write_str("closed by the proxy"),
+            End::Idle => f.write_str("idle timeout"),
+        }
+    }
+}
+
+/// One direction of a relayed connection.
+///
+/// Layout of `buf`: `[0, ready)` whole, checked frames not yet written; `[ready, len)` the
+/// start of the next, incomplete frame. `head_left` is how much of the frame at the front is
+/// still to be written (0 at a frame boundary).
+#[derive(Debug, Default)]
+pub struct Pipe {
+    buf: BytesMut,
+    ready: usize,
+    head_left: usize,
+    /// A protocol failure found behind the ready frames: reported once they are written, so
+    /// every good frame that preceded a bad one is delivered.
+    failed: Option<End>,
+}
+
+impl Pipe {
+    /// Bytes held (whole frames waiting plus the incomplete tail).
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether the next byte to write starts a frame.
+    pub fn at_boundary(&self) -> bool {
+        self.head_left == 0
+    }
+
+    /// Checks the frames that arrived, moving whole ones into the ready region.
+    /// Returns the number of new frames and their bytes.
+    fn take_frames(
+        &mut self,
+        max: u32,
+        mut inspect: impl FnMut(&[u8]) -> Result<(), End>,
+    ) -> (u64, u64) {
+        let mut at = self.ready;
+        let mut frames = 0u64;
+        loop {
+            match frame::check(&self.buf[at..], max) {
+                Ok(Some(total)) => {
+                    if let Err(e) = inspect(&self.buf[at + HEADER_LEN..at + total]) {
+                        self.failed = Some(e);
+                        break;
+                    }
+                    at += total;
+                    frames += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // Recorded as the agent's; `pump` re-labels it for the manager side.
+                    self.failed = Some(End::AgentFrame(e));
+                    break;
+                }
+            }
+        }
+        let bytes = (at - self.ready) as u64;
+        self.ready = at;
+        (frames, bytes)
+    }
+
+    /// Marks `n` written bytes as gone, tracking the frame boundary.
+    fn consume(&mut self, mut n: usize) {
+        self.ready -= n;
+        while n > 0 {
+            if self.head_left == 0 {
+                // At a boundary: the header of the next frame is at the front.
+                let header = self
+                    .buf
+                    .first_chunk::<HEADER_LEN>()
+                    .copied()
+                    .unwrap_or_default();
+                self.head_left = HEADER_LEN + u32::from_le_bytes(header) as usize;
+            }
+            let step = n.min(self.head_left);
+            self.buf.advance(step);
+            self.head_left -= step;
+            n -= step;
+        }
+    }
+}
+
+/// Which way a pipe carries frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// Agent -> manager.
+    Up,
+    /// Manager -> agent.
+    Down,
+}
+
+/// Relays agent connections on one listener.
+pub struct AgentRelay {
+    name: String,
+    config: AgentRelayConfig,
+    balancer: ArcSwap<Balancer>,
+    sessions: SessionRegistry,
+    stats: Arc<RelayStats>,
+    hard_stop: CancellationToken,
+}
+
+impl fmt::Debug for AgentRelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentRelay")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentRelay {
+    /// A relay named `name` (used in logs) sending agents to `balancer`'s managers.
+    pub fn new(name: impl Into<String>, config: AgentRelayConfig, balancer: Balancer) -> Self {
+        let hard_stop = CancellationToken::new();
+        AgentRelay {
+            name: name.into(),
+            sessions: SessionRegistry::with_parent(config.duplicate_policy, hard_stop.clone()),
+            config,
+            balancer: ArcSwap::from_pointee(balancer),
+            stats: Arc::new(RelayStats::default()),
+            hard_stop,
+        }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> &SessionRegistry {
+        &self.sessions
+    }
+
+    /// This listener's counters.
+    pub fn stats(&self) -> &Arc<RelayStats> {
+        &self.stats
+    }
+
+    /// The backend set in force.
+    pub fn balancer(&self) -> Arc<Balancer> {
+        self.balancer.load_full()
+    }
+
+    /// Replaces the backend set; new connections use it, established sessions keep theirs.
+    /// Passive-health marks and connection counts of backends present in both sets carry over.
+    pub fn set_balancer(&self, balancer: Balancer) {
+        let old = self.balancer.load_full();
+        self.balancer
+            .store(Arc::new(balancer.with_state_from(&old)));
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &AgentRelayConfig {
+        &self.config
+    }
+
+    /// Closes every session now (the end of a drain).
+    pub fn close_all(&self) {
+        self.hard_stop.cancel();
+    }
+
+    /// Accepts agents until `stop` is cancelled; each connection runs as a task of `tracker`
+    /// (wait on the tracker to drain).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    tracker.spawn(self.clone().handle(stream, peer));
+                }
+                Err(e) => {
+                    // Typically EMFILE: wait instead of spinning, and keep the listener.
+                    tracing::warn!(listener = %self.name, error = %e, "accept failed; retrying in {backoff:?}");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        tracing::info!(listener = %self.name, "stopped accepting");
+    }
+
+    /// Runs one agent connection to its end.
+    pub async fn handle(self: Arc<Self>, agent: TcpStream, peer: SocketAddr) {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        self.run(agent, peer).await;
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn run(&self, agent: TcpStream, peer: SocketAddr) {
+        let cfg = &self.config;
+        tune(&agent, cfg.tcp_keepalive);
+        let mut up = Pipe::default();
+
+        // 1. The first frame names the agent.
+        let first = tokio::select! {
+            r = tokio::time::timeout(cfg.first_frame_timeout, first_frame(&agent, &mut up, cfg)) => r,
+            _ = self.hard_stop.cancelled() => return,
+        };
+        let key = match first {
+            Ok(Ok(key)) => key,
+            Ok(Err(end)) => {
+                self.refuse(peer, None, &end);
+                return;
+            }
+            Err(_) => {
+                self.stats.reject(Rejection::FirstFrameTimeout);
+                tracing::warn!(listener = %self.name, client = %peer,
+                    "closing agent connection: no complete first frame within {:?}", cfg.first_frame_timeout);
+                return;
+            }
+        };
+
+        // 2. The session, under the duplicate policy.
+        let handle = match self.sessions.register(key, peer).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.stats.reject(Rejection::Duplicate);
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer, "refusing agent connection: {e}");
+                return;
+            }
+        };
+        let session = handle.session().clone();
+
+        // 3. The manager.
+        let balance_key = match key {
+            SessionKey::Agent(id) => BalanceKey::Agent(id),
+            SessionKey::Source(ip) => BalanceKey::Source(ip),
+        };
+        let balancer = self.balancer.load_full();
+        let connected = tokio::select! {
+            r = balancer.connect(&balance_key, cfg.connect_timeout) => r,
+            _ = session.closing() => return,
+        };
+        let connected = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.reject(Rejection::NoBackend);
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer,
+                    "closing agent connection: no manager reachable: {e}");
+                return;
+            }
+        };
+        if connected.attempts > 1 {
+            self.stats
+                .connect_failures
+                .fetch_add(u64::from(connected.attempts - 1), Ordering::Relaxed);
+        }
+        let manager = connected.stream;
+        tune(&manager, cfg.tcp_keepalive);
+        session.set_backend(Some(connected.addr));
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr, "agent connected");
+
+        // 4. Frames both ways until one side ends.
+        let end = self.relay(&agent, &manager, &mut up, &session).await;
+        if let Some(why) = end.rejection() {
+            self.stats.reject(why);
+        }
+        let s = session.snapshot();
+        let level_warn = end.rejection().is_some();
+        if level_warn {
+            tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
+                frames_up = s.frames_up, frames_down = s.frames_down, reason = %end, "agent disconnected");
+        } else {
+            tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
+                frames_up = s.frames_up, frames_down = s.frames_down, reason = %end, "agent disconnected");
+        }
+        // The manager must see this connection close before a replacing connection of the same
+        // agent is forwarded (it refuses a second live one), so close it before the handle goes.
+        drop(manager);
+        drop(agent);
+        drop(connected.guard);
+        drop(handle);
+    }
+
+    fn refuse(&self, peer: SocketAddr, key: Option<SessionKey>, end: &End) {
+        if let Some(why) = end.rejection() {
+            self.stats.reject(why);
+        }
+        match key {
+            Some(key) => {
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer, "closing agent connection: {end}")
+            }
+            None => {
+                tracing::warn!(listener = %self.name, client = %peer, "closing agent connection: {end}")
+            }
+        }
+    }
+
+    async fn relay(
+        &self,
+        agent: &TcpStream,
+        manager: &TcpStream,
+        up: &mut Pipe,
+        session: &Session,
+    ) -> End {
+        let cfg = &self.config;
+        let mut down = Pipe::default();
+        let key = session.key();
+        let stats = &*self.stats;
+        let up_check = |payload: &[u8]| check_agent_frame(key, payload);
+        let up_f = pump(up, agent, manager, Dir::Up, cfg, session, stats, up_check);
+        let down_f = pump(
+            &mut down,
+            manager,
+            agent,
+            Dir::Down,
+            cfg,
+            session,
+            stats,
+            check_manager_frame,
+        );
+        tokio::pin!(up_f, down_f);
+        let idle = cfg.idle_timeout;
+        let tick = idle.map_or(Duration::from_secs(3600), |d| {
+            (d / 4).max(Duration::from_millis(100))
+        });
+        loop {
+            tokio::select! {
+                end = &mut up_f => return end,
+                end = &mut down_f => return end,
+                _ = session.closing() => return End::Closed,
+                _ = tokio::time::sleep(tick), if idle.is_some() => {
+                    if idle.is_some_and(|d| session.idle() >= d) {
+                        return End::Idle;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+    // Frames leave in whole batches, so Nagle would only add latency.
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let sock = socket2::SockRef::from(stream);
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "could not set TCP keepalive");
+        }
+    }
+}
+
+/// Reads until the first whole frame is buffered and returns who it belongs to.
+async fn first_frame(
+    agent: &TcpStream,
+    up: &mut Pipe,
+    cfg: &AgentRelayConfig,
+) -> Result<SessionKey, End> {
+    let peer_ip = agent.peer_addr().map_err(End::AgentIo)?.ip();
+    loop {
+        match frame::check(&up.buf, cfg.max_payload) {
+            Ok(Some(total)) => {
+                return match Envelope::parse(&up.buf[HEADER_LEN..total]) {
+                    Ok(env) => Ok(env
+                        .agent_id()
+                        .map_or(SessionKey::Source(peer_ip), SessionKey::Agent)),
+                    Err(e) => Err(End::AgentEnvelope(e)),
+                };
+            }
+            Ok(None) => {}
+            Err(e) => return Err(End::AgentFrame(e)),
+        }
+        up.buf.reserve(cfg.read_chunk.min(64 * 1024));
+        agent.readable().await.map_err(End::AgentIo)?;
+        match agent.try_read_buf(&mut up.buf) {
+            Ok(0) if up.buf.is_empty() => return Err(End::AgentClosed),
+            Ok(0) => return Err(End::AgentFrame(frame::truncated(&up.buf))),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(End::AgentIo(e)),
+        }
+    }
+}
+
+fn check_agent_frame(key: SessionKey, payload: &[u8]) -> Result<(), End> {
+    match Envelope::parse(payload) {
+        Ok(env) => match (env.agent_id(), key) {
+            (Some(id), SessionKey::Agent(owner)) if id != owner => Err(End::AgentIdChanged),
+            _ => Ok(()),
+        },
+        Err(e) => Err(End::AgentEnvelope(e)),
+    }
+}
+
+fn check_manager_frame(payload: &[u8]) -> Result<(), End> {
+    // Managers never prefix an ID; anything else than a tagged ciphertext or #pong would make
+    // the agent log an error, so it is not forwarded.
+    match Envelope::parse(payload) {
+        Ok(Envelope::Secure { agent_id: None, .. }) | Ok(Envelope::Pong) => Ok(()),
+        Ok(_) => Err(End::ManagerProtocol("agent ID prefix on a manager frame")),
+        Err(e) => Err(End::ManagerProtocol(e.reason())),
+    }
+}
+
+/// Moves whole frames from `src` to `dst` until something ends the stream.
+///
+/// Cancel-safe: all state lives in `pipe`, and every await is a readiness wait that consumes
+/// nothing, so dropping this future leaves the pipe exactly at a known byte position.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    pipe: &mut Pipe,
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Dir,
+    cfg: &AgentRelayConfig,
+    session: &Session,
+    stats: &RelayStats,
+    mut check: impl FnMut(&[u8]) -> Result<(), End>,
+) -> End {
+    type IoEnd = fn(io::Error) -> End;
+    let (src_io, dst_io): (IoEnd, IoEnd) = match dir {
+        Dir::Up => (End::AgentIo, End::ManagerIo),
+        Dir::Down => (End::ManagerIo, End::AgentIo),
+    };
+    let up = dir == Dir::Up;
+    // Bytes read before this pump started (the first frame, and whatever came with it).
+    if pipe.ready == 0 && !pipe.buf.is_empty() {
+        let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut check);
+        if frames > 0 {
+            session.record(up, frames, bytes);
+            stats.record(up, frames, bytes);
+        }
+    }
+    loop {
+        if pipe.ready > 0 {
+            match dst.try_write(&pipe.buf[..pipe.ready]) {
+                Ok(n) => pipe.consume(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = dst.writable().await {
+                        return dst_io(e);
+                    }
+                }
+                Err(e) => return dst_io(e),
+            }
+            continue;
+        }
+        if let Some(end) = pipe.failed.take() {
+            return match (dir, end) {
+                (Dir::Down, End::AgentFrame(e)) => End::ManagerProtocol(e.reason()),
+                (_, end) => end,
+            };
+        }
+        // Room for a whole read, or for the rest of a large frame.
+        let want = match pipe.buf.first_chunk::<HEADER_LEN>() {
+            Some(h) => {
+                (HEADER_LEN + u32::from_le_bytes(*h) as usize).saturating_sub(pipe.buf.len())
+            }
+            None => 0,
+        };
+        pipe.buf
+            .reserve(want.clamp(cfg.read_chunk, HEADER_LEN + cfg.max_payload as usize));
+        match src.try_read_buf(&mut pipe.buf) {
+            Ok(0) => {
+                return if pipe.buf.is_empty() {
+                    if up {
+                        End::AgentClosed
+                    } else {
+                        End::ManagerClosed
+                    }
+                } else {
+                    let e = frame::truncated(&pipe.buf);
+                    if up {
+                        End::AgentFrame(e)
+                    } else {
+                        End::ManagerProtocol(e.reason())
+                    }
+                };
+            }
+            Ok(_) => {
+                let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut check);
+                if frames > 0 {
+                    session.record(up, frames, bytes);
+                    stats.record(up, frames, bytes);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if pipe.buf.is_empty() {
+                    // Idle: give the buffer back so idle agents hold no buffer memory.
+                    pipe.buf = BytesMut::new();
+                }
+                if let Err(e) = src.readable().await {
+                    return src_io(e);
+                }
+            }
+            Err(e) => return src_io(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_frame;
+
+    #[test]
+    fn pipe_keeps_bad_frames_out_and_good_ones_in() {
+        let mut p = Pipe::default();
+        p.buf
+            .extend_from_slice(&encode_frame(b"!001!#AES:x", MAX_PAYLOAD).unwrap());
+        p.buf
+            .extend_from_slice(&encode_frame(b"!001!:y", MAX_PAYLOAD).unwrap());
+        p.buf.extend_from_slice(&[0, 0, 0, 0]);
+        let key = SessionKey::Agent(crate::envelope::AgentId::parse(b"001").unwrap());
+        let (frames, bytes) = p.take_frames(MAX_PAYLOAD, |pl| check_agent_frame(key, pl));
+        assert_eq!((frames, bytes), (2, 26));
+        assert!(matches!(
+            p.failed,
+            Some(End::AgentFrame(FrameError::ZeroLength))
+        ));
+    }
+
+    #[test]
+    fn pipe_tracks_boundaries_across_partial_writes() {
+        let mut p = Pipe::default();
+        p.buf
+            .extend_from_slice(&encode_frame(b"#AES:abcdef", MAX_PAYLOAD).unwrap()); // 15 bytes
+        p.buf
+            .extend_from_slice(&encode_frame(b"#AES:g", MAX_PAYLOAD).unwrap()); // 10 bytes
+        p.buf.extend_from_slice(&[9, 0]);
+        let (frames, _) = p.take_frames(MAX_PAYLOAD, check_manager_frame);
+        assert_eq!(frames, 2);
+        assert!(p.at_boundary());
+        p.consume(3);
+        assert!(!p.at_boundary());
+        p.consume(12);
+        assert!(p.at_boundary());
+        p.consume(9);
+        assert!(!p.at_boundary());
+        p.consume(1);
+        assert!(p.at_boundary());
+        assert_eq!(p.ready, 0);
+        assert_eq!(p.buffered(), 2);
+    }
+
+    #[test]
+    fn id_change_and_manager_prefix_are_refused() {
+        let key = SessionKey::Agent(crate::envelope::AgentId::parse(b"001").unwrap());
+        assert!(matches!(
+            check_agent_frame(key, b"!002!#AES:x"),
+            Err(End::AgentIdChanged)
+        ));
+        assert!(check_agent_frame(key, b"#ping").is_ok());
+        assert!(matches!(
+            check_manager_frame(b"!001!#AES:x"),
+            Err(End::ManagerProtocol(_))
+        ));
+        assert!(matches!(
+            check_manager_frame(b"HTTP/1.1 200 OK"),
+            Err(End::ManagerProtocol(_))
+        ));
+    }
+}

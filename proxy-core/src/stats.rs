@@ -1,0 +1,124 @@
+//! Process-wide traffic counters and the reasons a connection or frame is refused.
+//!
+//! Counters are plain atomics updated once per read batch, never per byte. Labels are static
+//! and bounded: an agent ID or name is never a label (those belong to the session registry).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why the proxy closed or refused an agent connection. Each variant is one metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// No complete first frame within the deadline.
+    FirstFrameTimeout,
+    /// A frame header announced 0 bytes.
+    ZeroLength,
+    /// A frame header announced more than the limit (also HTTP and TLS probes).
+    TooLong,
+    /// The stream ended inside a frame.
+    Truncated,
+    /// A payload that is not a Wazuh envelope (bad `!ID!` or unknown cipher tag).
+    BadEnvelope,
+    /// A frame carried another agent ID than the connection's first frame.
+    AgentIdChanged,
+    /// Refused by the duplicate-connection policy.
+    Duplicate,
+    /// No manager could be reached.
+    NoBackend,
+    /// The manager sent a zero-length, oversized or malformed frame (never forwarded).
+    ManagerProtocol,
+    /// No traffic either way for longer than the idle timeout.
+    Idle,
+}
+
+impl Rejection {
+    /// Every reason, in label order.
+    pub const ALL: [Rejection; 10] = [
+        Rejection::FirstFrameTimeout,
+        Rejection::ZeroLength,
+        Rejection::TooLong,
+        Rejection::Truncated,
+        Rejection::BadEnvelope,
+        Rejection::AgentIdChanged,
+        Rejection::Duplicate,
+        Rejection::NoBackend,
+        Rejection::ManagerProtocol,
+        Rejection::Idle,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::FirstFrameTimeout => "first_frame_timeout",
+            Rejection::ZeroLength => "zero_length",
+            Rejection::TooLong => "too_long",
+            Rejection::Truncated => "truncated",
+            Rejection::BadEnvelope => "bad_envelope",
+            Rejection::AgentIdChanged => "agent_id_changed",
+            Rejection::Duplicate => "duplicate",
+            Rejection::NoBackend => "no_backend",
+            Rejection::ManagerProtocol => "manager_protocol",
+            Rejection::Idle => "idle",
+        }
+    }
+
+    fn index(self) -> usize {
+        Rejection::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+impl From<crate::frame::FrameError> for Rejection {
+    fn from(e: crate::frame::FrameError) -> Self {
+        match e {
+            crate::frame::FrameError::ZeroLength => Rejection::ZeroLength,
+            crate::frame::FrameError::TooLong { .. } => Rejection::TooLong,
+            _ => Rejection::Truncated,
+        }
+    }
+}
+
+/// Counters of one listener (or of the whole process, summed by the caller).
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections open now.
+    pub active: AtomicI64,
+    /// Sessions that reached a manager.
+    pub sessions: AtomicU64,
+    /// Frames agent -> manager.
+    pub frames_up: AtomicU64,
+    /// Bytes agent -> manager.
+    pub bytes_up: AtomicU64,
+    /// Frames manager -> agent.
+    pub frames_down: AtomicU64,
+    /// Bytes manager -> agent.
+    pub bytes_down: AtomicU64,
+    /// Failed connection attempts to managers.
+    pub connect_failures: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+}
+
+impl RelayStats {
+    /// Counts one refused or closed connection.
+    pub fn reject(&self, why: Rejection) {
+        self.rejected[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many connections were refused or closed for `why`.
+    pub fn rejected(&self, why: Rejection) -> u64 {
+        self.rejected[why.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts relayed traffic.
+    #[inline]
+    pub fn record(&self, up: bool, frames: u64, bytes: u64) {
+        let (f, b) = if up {
+            (&self.frames_up, &self.bytes_up)
+        } else {
+            (&self.frames_down, &self.bytes_down)
+        };
+        f.fetch_add(frames, Ordering::Relaxed);
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
