@@ -1,0 +1,522 @@
+//! The TOML configuration: parsed strictly (an unknown key is an error with file:line),
+//! validated, and turned into the typed settings of proxy-core.
+//!
+//! ```toml
+//! drain_timeout = "30s"
+//!
+//! [[listener]]
+//! name = "agents"
+//! listen = "0.0.0.0:1514"
+//! kind = "agent"            # agent (1514/TCP, framed) | udp (1514/UDP) | tcp (plain relay)
+//! balance = "agent-id"      # agent-id | source | least-conn | round-robin | random
+//! backends = [
+//!   { address = "10.0.0.11:1514" },
+//!   { address = "10.0.0.12:1514", weight = 2 },
+//!   { address = "10.0.0.13:1514", backup = true },
+//! ]
+//! ```
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use wazuh_proxy_core::balance::{BackendConfig, Policy};
+use wazuh_proxy_core::relay::AgentRelayConfig;
+use wazuh_proxy_core::session::DuplicatePolicy;
+
+/// A configuration error, with the place it was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key, or a value of the wrong form.
+    #[error("{origin}:{line}:{column}: {message}")]
+    Invalid {
+        /// File name (or `<command line>`).
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a config text came from, to turn byte offsets into file:line.
+struct Source<'a> {
+    origin: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: impl fmt::Display) -> ConfigError {
+        let at = span.map_or(0, |s| s.start).min(self.text.len());
+        let before = &self.text[..at];
+        let line = before.matches('\n').count() + 1;
+        let column = at - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            line,
+            column,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// A duration written as text: `"10s"`, `"500ms"`, `"2m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (examples: \"10s\", \"500ms\", \"2m\")"
+            ))
+        })
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    drain_timeout: Option<Dur>,
+    #[serde(default)]
+    listener: Vec<Spanned<FileListener>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    name: Option<String>,
+    listen: Spanned<String>,
+    kind: Option<Spanned<String>>,
+    balance: Option<Spanned<String>>,
+    duplicate: Option<Spanned<String>>,
+    first_frame_timeout: Option<Dur>,
+    connect_timeout: Option<Dur>,
+    idle_timeout: Option<Dur>,
+    max_payload: Option<Spanned<u32>>,
+    tcp_keepalive: Option<Dur>,
+    backends: Spanned<Vec<Spanned<FileBackend>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    address: Spanned<String>,
+    weight: Option<u32>,
+    max_fails: Option<u32>,
+    fail_timeout: Option<Dur>,
+    #[serde(default)]
+    backup: bool,
+    #[serde(default)]
+    down: bool,
+}
+
+/// What a listener carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerKind {
+    /// Wazuh agents on 1514/TCP: framed, routed by agent.
+    Agent,
+    /// Wazuh agents on 1514/UDP: one datagram per message.
+    Udp,
+    /// Any TCP service relayed as bytes (1515 enrollment in passthrough, 55000 API).
+    Tcp,
+}
+
+impl std::str::FromStr for ListenerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "agent" => Ok(ListenerKind::Agent),
+            "udp" => Ok(ListenerKind::Udp),
+            "tcp" => Ok(ListenerKind::Tcp),
+            other => Err(format!(
+                "unknown listener kind {other:?} (expected agent, udp or tcp)"
+            )),
+        }
+    }
+}
+
+/// One validated listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Name used in logs, metrics and the admin API.
+    pub name: String,
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// What it carries.
+    pub kind: ListenerKind,
+    /// How backends are chosen.
+    pub balance: Policy,
+    /// The managers.
+    pub backends: Vec<BackendConfig>,
+    /// Settings of the framed agent relay (kind `agent`); timeouts also used by the others.
+    pub agent: AgentRelayConfig,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How long sessions may run on after SIGTERM before they are closed.
+    pub drain_timeout: Duration,
+    /// The listeners.
+    pub listeners: Vec<Listener>,
+}
+
+/// Default drain time after SIGTERM.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+
+impl Config {
+    /// Reads and validates a configuration file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] with file:line:column for anything wrong in the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with the position of the problem.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let src = Source { origin, text };
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| src.error(e.span(), e.message()))?;
+        if file.listener.is_empty() {
+            return Err(src.error(None, "no [[listener]] defined"));
+        }
+        let mut listeners = Vec::new();
+        for (i, l) in file.listener.into_iter().enumerate() {
+            let span = l.span();
+            let l = l.into_inner();
+            let listen =
+                resolve_one(l.listen.get_ref()).map_err(|e| src.error(Some(l.listen.span()), e))?;
+            let kind = match &l.kind {
+                Some(k) => k
+                    .get_ref()
+                    .parse()
+                    .map_err(|e| src.error(Some(k.span()), e))?,
+                None => ListenerKind::Agent,
+            };
+            let balance = match &l.balance {
+                Some(b) => b
+                    .get_ref()
+                    .parse::<Policy>()
+                    .map_err(|e| src.error(Some(b.span()), e))?,
+                None if kind == ListenerKind::Tcp => Policy::Source,
+                None => Policy::AgentId,
+            };
+            if kind == ListenerKind::Tcp && balance == Policy::AgentId {
+                let span = l.balance.as_ref().map(|b| b.span());
+                return Err(src.error(span, "balance = \"agent-id\" needs a listener that reads agent IDs (kind agent or udp)"));
+            }
+            let mut agent = AgentRelayConfig::default();
+            if let Some(d) = &l.duplicate {
+                agent.duplicate_policy = d
+                    .get_ref()
+                    .parse::<DuplicatePolicy>()
+                    .map_err(|e| src.error(Some(d.span()), e))?;
+            }
+            if let Some(Dur(d)) = l.first_frame_timeout {
+                agent.first_frame_timeout = d;
+            }
+            if let Some(Dur(d)) = l.connect_timeout {
+                agent.connect_timeout = d;
+            }
+            if let Some(Dur(d)) = l.idle_timeout {
+                agent.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let Some(Dur(d)) = l.tcp_keepalive {
+                agent.tcp_keepalive = (!d.is_zero()).then_some(d);
+            }
+            if let Some(m) = &l.max_payload {
+                if *m.get_ref() == 0 || *m.get_ref() > wazuh_proxy_core::frame::MAX_PAYLOAD {
+                    return Err(src.error(
+                        Some(m.span()),
+                        format!(
+                            "max_payload must be 1..={}",
+                            wazuh_proxy_core::frame::MAX_PAYLOAD
+                        ),
+                    ));
+                }
+                agent.max_payload = *m.get_ref();
+            }
+            let mut backends = Vec::new();
+            for b in l.backends.get_ref() {
+                let fb = b.get_ref();
+                let addrs = resolve_all(fb.address.get_ref())
+                    .map_err(|e| src.error(Some(fb.address.span()), e))?;
+                for addr in addrs {
+                    let mut c = BackendConfig::new(addr);
+                    if let Some(w) = fb.weight {
+                        c = c.with_weight(w);
+                    }
+                    if let Some(m) = fb.max_fails {
+                        c = c.with_max_fails(m);
+                    }
+                    if let Some(Dur(t)) = fb.fail_timeout {
+                        c = c.with_fail_timeout(t);
+                    }
+                    if fb.backup {
+                        c = c.as_backup();
+                    }
+                    if fb.down {
+                        c = c.as_down();
+                    }
+                    backends.push(c);
+                }
+            }
+            // The balancer's own validation (empty set, duplicates, weights, all down).
+            if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
+                return Err(src.error(Some(l.backends.span()), e));
+            }
+            let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
+            if listeners.iter().any(|o: &Listener| o.name == name) {
+                return Err(src.error(Some(span), format!("listener name {name:?} is used twice")));
+            }
+            if listeners.iter().any(|o: &Listener| {
+                o.listen == listen && (o.kind == ListenerKind::Udp) == (kind == ListenerKind::Udp)
+            }) {
+                return Err(src.error(
+                    Some(l.listen.span()),
+                    format!("address {listen} is used by two listeners"),
+                ));
+            }
+            listeners.push(Listener {
+                name,
+                listen,
+                kind,
+                balance,
+                backends,
+                agent,
+            });
+        }
+        Ok(Config {
+            drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0),
+            listeners,
+        })
+    }
+
+    /// The quick form: one agent listener on `listen` in front of `backends`.
+    ///
+    /// # Errors
+    /// When an address does not resolve or the backend set is invalid.
+    pub fn quick(
+        listen: &str,
+        backends: &[String],
+        balance: Policy,
+    ) -> Result<Config, ConfigError> {
+        let src = Source {
+            origin: "<command line>",
+            text: "",
+        };
+        let listen = resolve_one(listen).map_err(|e| src.error(None, format!("--listen: {e}")))?;
+        let mut list = Vec::new();
+        for b in backends {
+            for addr in resolve_all(b).map_err(|e| src.error(None, format!("--backend: {e}")))? {
+                list.push(BackendConfig::new(addr));
+            }
+        }
+        wazuh_proxy_core::balance::Balancer::new(balance, list.clone())
+            .map_err(|e| src.error(None, e))?;
+        Ok(Config {
+            drain_timeout: DEFAULT_DRAIN,
+            listeners: vec![Listener {
+                name: "agents".into(),
+                listen,
+                kind: ListenerKind::Agent,
+                balance,
+                backends: list,
+                agent: AgentRelayConfig::default(),
+            }],
+        })
+    }
+
+    /// The effective configuration as TOML, every default written out.
+    pub fn to_toml(&self) -> String {
+        use std::fmt::Write;
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        let mut out = String::new();
+        let _ = writeln!(out, "drain_timeout = {:?}", d(self.drain_timeout));
+        for l in &self.listeners {
+            let a = &l.agent;
+            let _ = writeln!(out, "\n[[listener]]");
+            let _ = writeln!(out, "name = {:?}", l.name);
+            let _ = writeln!(out, "listen = \"{}\"", l.listen);
+            let _ = writeln!(out, "kind = {:?}", serde_kind(l.kind));
+            let _ = writeln!(out, "balance = \"{}\"", l.balance);
+            if l.kind == ListenerKind::Agent {
+                let _ = writeln!(out, "duplicate = \"{}\"", a.duplicate_policy);
+                let _ = writeln!(out, "first_frame_timeout = {:?}", d(a.first_frame_timeout));
+                let _ = writeln!(out, "max_payload = {}", a.max_payload);
+            }
+            let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
+            let _ = writeln!(
+                out,
+                "idle_timeout = {:?}",
+                a.idle_timeout.map_or("0s".into(), d)
+            );
+            let _ = writeln!(
+                out,
+                "tcp_keepalive = {:?}",
+                a.tcp_keepalive.map_or("0s".into(), d)
+            );
+            let _ = writeln!(out, "backends = [");
+            for b in &l.backends {
+                let _ = writeln!(
+                    out,
+                    "  {{ address = \"{}\", weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
+                    b.addr, b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
+                );
+            }
+            let _ = writeln!(out, "]");
+        }
+        out
+    }
+}
+
+fn serde_kind(k: ListenerKind) -> &'static str {
+    match k {
+        ListenerKind::Agent => "agent",
+        ListenerKind::Udp => "udp",
+        ListenerKind::Tcp => "tcp",
+    }
+}
+
+fn resolve_all(text: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(vec![a]);
+    }
+    let mut addrs: Vec<SocketAddr> = text
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {text:?} (expected host:port): {e}"))?
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    if addrs.is_empty() {
+        return Err(format!("{text:?} resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+fn resolve_one(text: &str) -> Result<SocketAddr, String> {
+    let all = resolve_all(text)?;
+    match all.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(format!(
+            "{text:?} resolves to {} addresses; give one",
+            all.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+drain_timeout = "5s"
+
+[[listener]]
+name = "agents"
+listen = "127.0.0.1:1514"
+backends = [
+  { address = "127.0.0.1:11514" },
+  { address = "127.0.0.2:11514", weight = 3, backup = true },
+]
+
+[[listener]]
+name = "enrollment"
+listen = "127.0.0.1:1515"
+kind = "tcp"
+backends = [{ address = "127.0.0.1:11515" }]
+"#;
+
+    #[test]
+    fn a_good_file_and_its_defaults() {
+        let c = Config::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.listeners.len(), 2);
+        let a = &c.listeners[0];
+        assert_eq!((a.kind, a.balance), (ListenerKind::Agent, Policy::AgentId));
+        assert_eq!(a.backends[1].weight, 3);
+        assert!(a.backends[1].backup);
+        assert_eq!(c.listeners[1].balance, Policy::Source);
+        // The printed effective config parses back to the same thing.
+        let again = Config::parse(&c.to_toml(), "effective").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "x.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_their_line() {
+        let bad = GOOD.replace("weight = 3", "wieght = 3");
+        let e = err(&bad);
+        assert!(e.starts_with("x.toml:9:"), "{e}");
+        assert!(e.contains("wieght"), "{e}");
+        let e = err("bogus = 1\n[[listener]]\nlisten = \"127.0.0.1:1\"\nbackends = []\n");
+        assert!(e.starts_with("x.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_line() {
+        let e = err(&GOOD.replace("\"5s\"", "\"5 parsecs\""));
+        assert!(e.starts_with("x.toml:2:") && e.contains("duration"), "{e}");
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"http\""));
+        assert!(
+            e.starts_with("x.toml:15:") && e.contains("unknown listener kind"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("127.0.0.1:11515", "nowhere"));
+        assert!(e.starts_with("x.toml:16:"), "{e}");
+        let e = err(&GOOD.replace("[{ address = \"127.0.0.1:11515\" }]", "[]"));
+        assert!(e.starts_with("x.toml:16:"), "{e}");
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbalance = \"agent-id\""));
+        assert!(e.contains("agent-id"), "{e}");
+        let e = err(&GOOD.replace("1515\"", "1514\""));
+        assert!(e.contains("used by two listeners"), "{e}");
+        assert!(err("").contains("no [[listener]]"));
+    }
+
+    #[test]
+    fn quick_form() {
+        let c = Config::quick(
+            "127.0.0.1:1514",
+            &["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            Policy::LeastConn,
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].backends.len(), 2);
+        assert!(Config::quick("127.0.0.1:1514", &[], Policy::AgentId).is_err());
+    }
+}

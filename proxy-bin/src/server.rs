@@ -1,0 +1,172 @@
+//! Runs a configuration: binds every listener, serves until SIGTERM/SIGINT, then drains.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wazuh_proxy_core::balance::Balancer;
+use wazuh_proxy_core::net;
+use wazuh_proxy_core::relay::AgentRelay;
+
+use crate::config::{Config, Listener, ListenerKind};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not bind its address.
+    #[error("listener {name:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        name: String,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A backend set was refused (already validated with the config; kept for embedders).
+    #[error("listener {name:?}: {source}")]
+    Backends {
+        /// Listener name.
+        name: String,
+        /// The cause.
+        source: wazuh_proxy_core::balance::BalanceError,
+    },
+}
+
+/// A listener that is bound and serving.
+enum Running {
+    Agent(Arc<AgentRelay>),
+}
+
+impl Running {
+    fn close_all(&self) {
+        match self {
+            Running::Agent(r) => r.close_all(),
+        }
+    }
+    fn open_sessions(&self) -> usize {
+        match self {
+            Running::Agent(r) => r.sessions().len(),
+        }
+    }
+}
+
+/// The proxy: every listener of a configuration, bound.
+pub struct Proxy {
+    running: Vec<Running>,
+    stop_accepting: CancellationToken,
+    tracker: TaskTracker,
+    drain_timeout: Duration,
+}
+
+impl Proxy {
+    /// Binds every listener and starts serving.
+    ///
+    /// # Errors
+    /// When an address cannot be bound.
+    pub async fn start(config: &Config) -> Result<Proxy, StartError> {
+        let stop_accepting = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut running = Vec::new();
+        for l in &config.listeners {
+            running.push(start_listener(l, &stop_accepting, &tracker).await?);
+        }
+        Ok(Proxy {
+            running,
+            stop_accepting,
+            tracker,
+            drain_timeout: config.drain_timeout,
+        })
+    }
+
+    /// Stops accepting, lets sessions finish for up to the drain timeout, then closes the rest.
+    pub async fn drain(self) {
+        self.stop_accepting.cancel();
+        self.tracker.close();
+        let open: usize = self.running.iter().map(Running::open_sessions).sum();
+        tracing::info!(sessions = open, timeout = ?self.drain_timeout, "draining: no new connections; waiting for sessions to end");
+        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            let open: usize = self.running.iter().map(Running::open_sessions).sum();
+            tracing::warn!(
+                sessions = open,
+                "drain timeout reached; closing the remaining sessions"
+            );
+            for r in &self.running {
+                r.close_all();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
+        }
+        tracing::info!("drained");
+    }
+}
+
+async fn start_listener(
+    l: &Listener,
+    stop: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Running, StartError> {
+    let balancer =
+        Balancer::new(l.balance, l.backends.clone()).map_err(|source| StartError::Backends {
+            name: l.name.clone(),
+            source,
+        })?;
+    let bind_err = |source| StartError::Bind {
+        name: l.name.clone(),
+        addr: l.listen,
+        source,
+    };
+    match l.kind {
+        ListenerKind::Agent | ListenerKind::Udp | ListenerKind::Tcp => {
+            let listener = net::bind_tcp(l.listen, net::DEFAULT_BACKLOG).map_err(bind_err)?;
+            let relay = Arc::new(AgentRelay::new(l.name.clone(), l.agent.clone(), balancer));
+            tracing::info!(listener = %l.name, address = %l.listen, kind = "agent", balance = %l.balance,
+                backends = l.backends.len(), "listening");
+            tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
+            Ok(Running::Agent(relay))
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs `config` until a shutdown signal, then drains. A second signal closes everything at once.
+///
+/// # Errors
+/// When a listener cannot start.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let proxy = Proxy::start(&config).await?;
+    shutdown_signal().await;
+    tokio::select! {
+        _ = proxy.drain() => {}
+        _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),
+    }
+    Ok(())
+}

@@ -1,0 +1,89 @@
+//! Shared helpers for the binary's tests: start `wazuh-proxy`, signal it, wait for it.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wazuh-proxy"))
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A running `wazuh-proxy`, killed on drop; its log goes to a temp file.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Starts `wazuh-proxy` with `args` and waits until `ready` accepts connections.
+    pub fn start(args: &[&str], ready: SocketAddr) -> ProxyProcess {
+        let log = std::env::temp_dir().join(format!(
+            "wazuh-proxy-test-{}-{}.log",
+            std::process::id(),
+            ready.port()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = bin()
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess { child, log };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(ready).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not start listening; log:\n{}",
+                p.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `secs` for the process to exit.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

@@ -1,0 +1,44 @@
+//! Listening sockets tuned for agent fleets.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Default accept backlog: large enough that a storm of reconnecting agents (thousands at
+/// once after a failover) waits in the kernel instead of being refused. The kernel caps it at
+/// `net.core.somaxconn`.
+pub const DEFAULT_BACKLOG: i32 = 65535;
+
+/// Binds a TCP listener with `SO_REUSEADDR` (a restarted proxy can bind while old connections
+/// linger in TIME_WAIT) and the given backlog.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<tokio::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // Same behaviour whatever the host's default: [::] means IPv6 only, as with nginx.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+/// Binds a UDP socket for an agent listener.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
