@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod frame;
 pub mod inspect;
 pub mod keys;
+pub mod net;
 pub mod relay;
 pub mod session;
 pub mod sim;
