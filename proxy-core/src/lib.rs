@@ -19,3 +19,4 @@ pub mod relay;
 pub mod session;
 pub mod sim;
 pub mod stats;
+pub mod verify;

@@ -51,8 +51,10 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{BalanceKey, Balancer};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use crate::keys::KeyStore;
 use crate::session::{DuplicatePolicy, Session, SessionKey, SessionRegistry};
 use crate::stats::{Rejection, RelayStats};
+use crate::verify::{verify_first, Tracker};
 
 /// Settings of an agent listener. Defaults suit Wazuh 4.x agents and managers.
 #[derive(Debug, Clone)]
@@ -244,6 +246,7 @@ pub struct AgentRelay {
     sessions: SessionRegistry,
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
+    keys: Option<KeyStore>,
 }
 
 impl fmt::Debug for AgentRelay {
@@ -266,7 +269,22 @@ impl AgentRelay {
             balancer: ArcSwap::from_pointee(balancer),
             stats: Arc::new(RelayStats::default()),
             hard_stop,
+            keys: None,
         }
+    }
+
+    /// Verifies agents with `keys` (see [`crate::verify`]): the first message of each
+    /// connection must decrypt with the key of the agent it claims, ID-less agents are
+    /// identified by their source address, and sessions learn the agent's name, version, OS,
+    /// last keepalive and whether it stopped cleanly.
+    pub fn with_keys(mut self, keys: KeyStore) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// The keys in use, if agents are verified.
+    pub fn keys(&self) -> Option<&KeyStore> {
+        self.keys.as_ref()
     }
 
     /// The listener's name.
@@ -358,8 +376,8 @@ impl AgentRelay {
             r = tokio::time::timeout(cfg.first_frame_timeout, first_frame(&agent, &mut up, cfg)) => r,
             _ = self.hard_stop.cancelled() => return,
         };
-        let key = match first {
-            Ok(Ok(key)) => key,
+        let (mut key, first_len) = match first {
+            Ok(Ok(found)) => found,
             Ok(Err(end)) => {
                 self.refuse(peer, None, &end);
                 return;
@@ -372,6 +390,25 @@ impl AgentRelay {
             }
         };
 
+        // With client.keys: the agent must be who it claims to be.
+        let mut tracker = None;
+        let mut info = None;
+        if let Some(keys) = &self.keys {
+            match verify_first(keys, &up.buf[HEADER_LEN..first_len], peer.ip()) {
+                Ok(Some(v)) => {
+                    key = SessionKey::Agent(v.key.id());
+                    tracker = Some(Tracker::new(v.key));
+                    info = Some(v.info);
+                }
+                Ok(None) => {}
+                Err(refusal) => {
+                    self.stats.reject(refusal.rejection());
+                    tracing::warn!(listener = %self.name, client = %peer, "closing agent connection: {refusal}");
+                    return;
+                }
+            }
+        }
+
         // 2. The session, under the duplicate policy.
         let handle = match self.sessions.register(key, peer).await {
             Ok(h) => h,
@@ -382,6 +419,9 @@ impl AgentRelay {
             }
         };
         let session = handle.session().clone();
+        if let Some(info) = info {
+            session.update_agent_info(|i| *i = info);
+        }
 
         // 3. The manager.
         let balance_key = match key {
@@ -415,18 +455,35 @@ impl AgentRelay {
         tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr, "agent connected");
 
         // 4. Frames both ways until one side ends.
-        let end = self.relay(&agent, &manager, &mut up, &session).await;
+        let end = self
+            .relay(&agent, &manager, &mut up, &session, tracker.as_mut())
+            .await;
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
         }
+        let clean = match (tracker.as_mut(), &end) {
+            (Some(t), End::AgentClosed) => Some(t.ended_cleanly(&session)),
+            (Some(_), _) => Some(false),
+            (None, _) => None,
+        };
+        let stop = match clean {
+            Some(true) => "clean",
+            Some(false) => "lost",
+            None => "unknown",
+        };
+        match stop {
+            "clean" => self.stats.clean_stops.fetch_add(1, Ordering::Relaxed),
+            "lost" => self.stats.lost.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
         let s = session.snapshot();
         let level_warn = end.rejection().is_some();
         if level_warn {
             tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
-                frames_up = s.frames_up, frames_down = s.frames_down, reason = %end, "agent disconnected");
+                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
         } else {
             tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
-                frames_up = s.frames_up, frames_down = s.frames_down, reason = %end, "agent disconnected");
+                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
         }
         // The manager must see this connection close before a replacing connection of the same
         // agent is forwarded (it refuses a second live one), so close it before the handle goes.
@@ -456,12 +513,19 @@ impl AgentRelay {
         manager: &TcpStream,
         up: &mut Pipe,
         session: &Session,
+        mut tracker: Option<&mut Tracker>,
     ) -> End {
         let cfg = &self.config;
         let mut down = Pipe::default();
         let key = session.key();
         let stats = &*self.stats;
-        let up_check = |payload: &[u8]| check_agent_frame(key, payload);
+        let up_check = |payload: &[u8]| {
+            let env = check_agent_frame(key, payload)?;
+            if let Some(t) = tracker.as_deref_mut() {
+                t.observe(&env, session);
+            }
+            Ok(())
+        };
         let up_f = pump(up, agent, manager, Dir::Up, cfg, session, stats, up_check);
         let down_f = pump(
             &mut down,
@@ -513,15 +577,17 @@ async fn first_frame(
     agent: &TcpStream,
     up: &mut Pipe,
     cfg: &AgentRelayConfig,
-) -> Result<SessionKey, End> {
+) -> Result<(SessionKey, usize), End> {
     let peer_ip = agent.peer_addr().map_err(End::AgentIo)?.ip();
     loop {
         match frame::check(&up.buf, cfg.max_payload) {
             Ok(Some(total)) => {
                 return match Envelope::parse(&up.buf[HEADER_LEN..total]) {
-                    Ok(env) => Ok(env
-                        .agent_id()
-                        .map_or(SessionKey::Source(peer_ip), SessionKey::Agent)),
+                    Ok(env) => Ok((
+                        env.agent_id()
+                            .map_or(SessionKey::Source(peer_ip), SessionKey::Agent),
+                        total,
+                    )),
                     Err(e) => Err(End::AgentEnvelope(e)),
                 };
             }
@@ -540,11 +606,11 @@ async fn first_frame(
     }
 }
 
-fn check_agent_frame(key: SessionKey, payload: &[u8]) -> Result<(), End> {
+fn check_agent_frame(key: SessionKey, payload: &[u8]) -> Result<Envelope<'_>, End> {
     match Envelope::parse(payload) {
         Ok(env) => match (env.agent_id(), key) {
             (Some(id), SessionKey::Agent(owner)) if id != owner => Err(End::AgentIdChanged),
-            _ => Ok(()),
+            _ => Ok(env),
         },
         Err(e) => Err(End::AgentEnvelope(e)),
     }
@@ -669,7 +735,7 @@ mod tests {
             .extend_from_slice(&encode_frame(b"!001!:y", MAX_PAYLOAD).unwrap());
         p.buf.extend_from_slice(&[0, 0, 0, 0]);
         let key = SessionKey::Agent(crate::envelope::AgentId::parse(b"001").unwrap());
-        let (frames, bytes) = p.take_frames(MAX_PAYLOAD, |pl| check_agent_frame(key, pl));
+        let (frames, bytes) = p.take_frames(MAX_PAYLOAD, |pl| check_agent_frame(key, pl).map(drop));
         assert_eq!((frames, bytes), (2, 26));
         assert!(matches!(
             p.failed,

@@ -127,6 +127,21 @@ pub struct SessionStats {
     last_frame_ms: AtomicU64,
 }
 
+/// What the proxy learned about an agent from its control messages (needs client.keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// The agent's name in client.keys.
+    pub name: Option<String>,
+    /// The agent's version (`v4.14.7`), from its startup or keepalive message.
+    pub version: Option<String>,
+    /// The agent's uname line from its keepalive (OS, host, kernel).
+    pub os: Option<String>,
+    /// When the last keepalive was seen.
+    pub last_keepalive: Option<SystemTime>,
+    /// Whether the agent announced its shutdown (a clean stop rather than a lost connection).
+    pub shutdown: bool,
+}
+
 /// One live agent connection.
 pub struct Session {
     id: u64,
@@ -136,6 +151,7 @@ pub struct Session {
     started: SystemTime,
     started_at: Instant,
     stats: SessionStats,
+    info: Mutex<AgentInfo>,
     close: CancellationToken,
     ended: CancellationToken,
 }
@@ -179,6 +195,14 @@ impl Session {
     /// Time since the session started.
     pub fn age(&self) -> Duration {
         self.started_at.elapsed()
+    }
+    /// What is known about the agent.
+    pub fn agent_info(&self) -> AgentInfo {
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Updates what is known about the agent.
+    pub fn update_agent_info(&self, f: impl FnOnce(&mut AgentInfo)) {
+        f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
     }
     /// Traffic counters.
     pub fn stats(&self) -> &SessionStats {
@@ -234,6 +258,7 @@ impl Session {
             bytes_up: self.stats.bytes_up.load(Ordering::Relaxed),
             frames_down: self.stats.frames_down.load(Ordering::Relaxed),
             bytes_down: self.stats.bytes_down.load(Ordering::Relaxed),
+            agent: self.agent_info(),
         }
     }
 }
@@ -263,6 +288,8 @@ pub struct SessionInfo {
     pub frames_down: u64,
     /// Bytes manager -> agent.
     pub bytes_down: u64,
+    /// What is known about the agent (with client.keys).
+    pub agent: AgentInfo,
 }
 
 struct Inner {
@@ -337,6 +364,7 @@ impl SessionRegistry {
             started: SystemTime::now(),
             started_at: Instant::now(),
             stats: SessionStats::default(),
+            info: Mutex::default(),
             close: inner.root.child_token(),
             ended: CancellationToken::new(),
         });

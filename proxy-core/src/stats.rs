@@ -29,11 +29,17 @@ pub enum Rejection {
     ManagerProtocol,
     /// No traffic either way for longer than the idle timeout.
     Idle,
+    /// The agent ID (or, for ID-less agents, the source address) is not in client.keys.
+    UnknownAgent,
+    /// The source address is not allowed by the agent's key (its IP column).
+    SourceNotAllowed,
+    /// The first message does not decrypt with the claimed agent's key (spoofed or stale).
+    Unverified,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -44,6 +50,9 @@ impl Rejection {
         Rejection::NoBackend,
         Rejection::ManagerProtocol,
         Rejection::Idle,
+        Rejection::UnknownAgent,
+        Rejection::SourceNotAllowed,
+        Rejection::Unverified,
     ];
 
     /// The metric label.
@@ -59,6 +68,9 @@ impl Rejection {
             Rejection::NoBackend => "no_backend",
             Rejection::ManagerProtocol => "manager_protocol",
             Rejection::Idle => "idle",
+            Rejection::UnknownAgent => "unknown_agent",
+            Rejection::SourceNotAllowed => "source_not_allowed",
+            Rejection::Unverified => "unverified",
         }
     }
 
@@ -96,6 +108,10 @@ pub struct RelayStats {
     pub bytes_down: AtomicU64,
     /// Failed connection attempts to managers.
     pub connect_failures: AtomicU64,
+    /// Sessions that ended with the agent's shutdown message (known only with client.keys).
+    pub clean_stops: AtomicU64,
+    /// Sessions that ended any other way.
+    pub lost: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 

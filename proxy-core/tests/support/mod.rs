@@ -94,7 +94,12 @@ impl TestRelay {
     ) -> TestRelay {
         let backends = backends.iter().map(|a| BackendConfig::new(*a)).collect();
         let balancer = Balancer::new(policy, backends).unwrap();
-        let relay = Arc::new(AgentRelay::new("test", config, balancer));
+        TestRelay::serve(AgentRelay::new("test", config, balancer)).await
+    }
+
+    /// Serves an already built relay (for example one with keys).
+    pub async fn serve(relay: AgentRelay) -> TestRelay {
+        let relay = Arc::new(relay);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
