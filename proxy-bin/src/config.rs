@@ -117,6 +117,8 @@ struct FileListener {
     idle_timeout: Option<Dur>,
     max_payload: Option<Spanned<u32>>,
     tcp_keepalive: Option<Dur>,
+    keys: Option<Spanned<PathBuf>>,
+    keys_reload: Option<Dur>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -174,6 +176,8 @@ pub struct Listener {
     pub backends: Vec<BackendConfig>,
     /// Settings of the framed agent relay (kind `agent`); timeouts also used by the others.
     pub agent: AgentRelayConfig,
+    /// client.keys to verify agents with (kind `agent`), and how often to check it for changes.
+    pub keys: Option<(PathBuf, Duration)>,
 }
 
 /// The validated configuration.
@@ -250,8 +254,13 @@ impl Config {
             if let Some(Dur(d)) = l.connect_timeout {
                 agent.connect_timeout = d;
             }
-            if let Some(Dur(d)) = l.idle_timeout {
-                agent.idle_timeout = (!d.is_zero()).then_some(d);
+            match l.idle_timeout {
+                Some(Dur(d)) => agent.idle_timeout = (!d.is_zero()).then_some(d),
+                // A UDP flow holds a socket: expire it soon after the agent goes quiet.
+                None if kind == ListenerKind::Udp => {
+                    agent.idle_timeout = Some(Duration::from_secs(120))
+                }
+                None => {}
             }
             if let Some(Dur(d)) = l.tcp_keepalive {
                 agent.tcp_keepalive = (!d.is_zero()).then_some(d);
@@ -297,6 +306,20 @@ impl Config {
             if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
                 return Err(src.error(Some(l.backends.span()), e));
             }
+            let keys = match &l.keys {
+                Some(path) if kind != ListenerKind::Agent => {
+                    return Err(src.error(
+                        Some(path.span()),
+                        "keys is only used by kind = \"agent\" listeners",
+                    ));
+                }
+                Some(path) => Some((
+                    path.get_ref().clone(),
+                    l.keys_reload
+                        .map_or(wazuh_proxy_core::keys::DEFAULT_RELOAD_INTERVAL, |d| d.0),
+                )),
+                None => None,
+            };
             let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
             if listeners.iter().any(|o: &Listener| o.name == name) {
                 return Err(src.error(Some(span), format!("listener name {name:?} is used twice")));
@@ -316,6 +339,7 @@ impl Config {
                 balance,
                 backends,
                 agent,
+                keys,
             });
         }
         Ok(Config {
@@ -355,6 +379,7 @@ impl Config {
                 balance,
                 backends: list,
                 agent: AgentRelayConfig::default(),
+                keys: None,
             }],
         })
     }
@@ -388,6 +413,10 @@ impl Config {
                 "tcp_keepalive = {:?}",
                 a.tcp_keepalive.map_or("0s".into(), d)
             );
+            if let Some((path, every)) = &l.keys {
+                let _ = writeln!(out, "keys = {:?}", path.display().to_string());
+                let _ = writeln!(out, "keys_reload = {:?}", d(*every));
+            }
             let _ = writeln!(out, "backends = [");
             for b in &l.backends {
                 let _ = writeln!(

@@ -1,13 +1,17 @@
 //! Runs a configuration: binds every listener, serves until SIGTERM/SIGINT, then drains.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::Balancer;
+use wazuh_proxy_core::keys::KeyStore;
 use wazuh_proxy_core::net;
 use wazuh_proxy_core::relay::AgentRelay;
+use wazuh_proxy_core::tcp::{TcpRelay, TcpRelayConfig};
+use wazuh_proxy_core::udp::{UdpRelay, UdpRelayConfig};
 
 use crate::config::{Config, Listener, ListenerKind};
 
@@ -24,6 +28,14 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// client.keys could not be read.
+    #[error("listener {name:?}: {source}")]
+    Keys {
+        /// Listener name.
+        name: String,
+        /// The cause.
+        source: wazuh_proxy_core::keys::KeysError,
+    },
     /// A backend set was refused (already validated with the config; kept for embedders).
     #[error("listener {name:?}: {source}")]
     Backends {
@@ -37,17 +49,23 @@ pub enum StartError {
 /// A listener that is bound and serving.
 enum Running {
     Agent(Arc<AgentRelay>),
+    Tcp(Arc<TcpRelay>),
+    Udp(Arc<UdpRelay>),
 }
 
 impl Running {
     fn close_all(&self) {
         match self {
             Running::Agent(r) => r.close_all(),
+            Running::Tcp(r) => r.close_all(),
+            Running::Udp(r) => r.close_all(),
         }
     }
     fn open_sessions(&self) -> usize {
         match self {
             Running::Agent(r) => r.sessions().len(),
+            Running::Tcp(r) => r.stats().active.load(Ordering::Relaxed).max(0) as usize,
+            Running::Udp(r) => r.flows(),
         }
     }
 }
@@ -120,9 +138,53 @@ async fn start_listener(
         source,
     };
     match l.kind {
-        ListenerKind::Agent | ListenerKind::Udp | ListenerKind::Tcp => {
+        ListenerKind::Tcp => {
             let listener = net::bind_tcp(l.listen, net::DEFAULT_BACKLOG).map_err(bind_err)?;
-            let relay = Arc::new(AgentRelay::new(l.name.clone(), l.agent.clone(), balancer));
+            let config = TcpRelayConfig {
+                connect_timeout: l.agent.connect_timeout,
+                idle_timeout: l.agent.idle_timeout,
+                tcp_keepalive: l.agent.tcp_keepalive,
+                ..TcpRelayConfig::default()
+            };
+            let relay = Arc::new(TcpRelay::new(l.name.clone(), config, balancer));
+            tracing::info!(listener = %l.name, address = %l.listen, kind = "tcp", balance = %l.balance,
+                backends = l.backends.len(), "listening");
+            tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
+            Ok(Running::Tcp(relay))
+        }
+        ListenerKind::Udp => {
+            let socket = net::bind_udp(l.listen).map_err(bind_err)?;
+            let mut config = UdpRelayConfig {
+                max_datagram: l.agent.max_payload as usize,
+                ..UdpRelayConfig::default()
+            };
+            if let Some(idle) = l.agent.idle_timeout {
+                config.idle_timeout = idle;
+            }
+            let relay = Arc::new(UdpRelay::new(l.name.clone(), config, balancer));
+            tracing::info!(listener = %l.name, address = %l.listen, kind = "udp", balance = %l.balance,
+                backends = l.backends.len(), "listening");
+            tracker.spawn(relay.clone().serve(socket, stop.clone(), tracker.clone()));
+            Ok(Running::Udp(relay))
+        }
+        ListenerKind::Agent => {
+            let listener = net::bind_tcp(l.listen, net::DEFAULT_BACKLOG).map_err(bind_err)?;
+            let mut relay = AgentRelay::new(l.name.clone(), l.agent.clone(), balancer);
+            if let Some((path, every)) = &l.keys {
+                let (store, problems) =
+                    KeyStore::open(path).map_err(|source| StartError::Keys {
+                        name: l.name.clone(),
+                        source,
+                    })?;
+                for p in &problems {
+                    tracing::warn!(listener = %l.name, file = %path.display(), "client.keys: {p}");
+                }
+                tracing::info!(listener = %l.name, file = %path.display(), agents = store.len(),
+                    "verifying agents with client.keys");
+                tracker.spawn(store.clone().watch(path.clone(), *every, stop.clone()));
+                relay = relay.with_keys(store);
+            }
+            let relay = Arc::new(relay);
             tracing::info!(listener = %l.name, address = %l.listen, kind = "agent", balance = %l.balance,
                 backends = l.backends.len(), "listening");
             tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
