@@ -10,6 +10,7 @@
 pub mod balance;
 pub mod cipher;
 pub mod control;
+pub mod enroll;
 pub mod envelope;
 pub mod frame;
 pub mod inspect;

@@ -1,0 +1,305 @@
+//! Single-flight and lost-reply replay for the enrollment front.
+//!
+//! Both are keyed by the agent's source address and the exact request line (password
+//! included): a reply is only ever shared with, or replayed to, the same address asking the
+//! same thing. Entries hold key material, so their memory is zeroized when they go.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use super::reply::EnrollReply;
+
+/// Bytes that may hold a password or a key: zeroized on drop, redacted in `Debug`.
+#[derive(Clone, PartialEq, Eq, Hash, Zeroize, ZeroizeOnDrop)]
+pub(crate) struct Secret(Vec<u8>);
+
+impl Secret {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+        Secret(bytes)
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes redacted>", self.0.len())
+    }
+}
+
+/// Who asked what: the canonical source address and the request line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RequestKey {
+    source: IpAddr,
+    line: Arc<Secret>,
+}
+
+impl RequestKey {
+    pub(crate) fn new(source: IpAddr, line: Secret) -> Self {
+        RequestKey {
+            source: source.to_canonical(),
+            line: Arc::new(line),
+        }
+    }
+
+    pub(crate) fn line(&self) -> &[u8] {
+        self.line.as_bytes()
+    }
+}
+
+/// What one upstream exchange gave.
+#[derive(Debug)]
+pub(crate) enum Upstream {
+    /// The backend answered (a key or a refusal) and closed.
+    Reply {
+        /// The reply exactly as received.
+        bytes: Arc<Secret>,
+        /// The reply, classified.
+        reply: EnrollReply,
+        /// The backend that answered.
+        backend: SocketAddr,
+    },
+    /// No answer: no backend reachable, TLS failed, timeout, or closed without a reply.
+    Failed {
+        /// Why, for the log.
+        reason: String,
+        /// The backend, if one was reached.
+        backend: Option<SocketAddr>,
+    },
+}
+
+type Slot = watch::Receiver<Option<Arc<Upstream>>>;
+
+/// Requests in flight upstream.
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<RequestKey, Slot>>,
+}
+
+/// The caller's part in a flight.
+pub(crate) enum Join<'a> {
+    /// No identical request in flight: this caller sends it and must [`Lead::finish`].
+    Lead(Lead<'a>),
+    /// An identical request is in flight: wait for its result.
+    Follow(Slot),
+}
+
+/// The leader's handle. Dropping it unfinished (the task was cancelled) wakes the followers
+/// with no result.
+pub(crate) struct Lead<'a> {
+    flights: &'a Flights,
+    key: RequestKey,
+    tx: Option<watch::Sender<Option<Arc<Upstream>>>>,
+}
+
+impl Flights {
+    pub(crate) fn join(&self, key: &RequestKey) -> Join<'_> {
+        let mut map = lock(&self.map);
+        if let Some(rx) = map.get(key) {
+            return Join::Follow(rx.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        map.insert(key.clone(), rx);
+        Join::Lead(Lead {
+            flights: self,
+            key: key.clone(),
+            tx: Some(tx),
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+impl Lead<'_> {
+    /// Publishes the result. The flight leaves the map first, so a request arriving after this
+    /// starts afresh (or finds the replay cache).
+    pub(crate) fn finish(mut self, result: Arc<Upstream>) {
+        lock(&self.flights.map).remove(&self.key);
+        if let Some(tx) = self.tx.take() {
+            tx.send_replace(Some(result));
+        }
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            lock(&self.flights.map).remove(&self.key);
+        }
+    }
+}
+
+/// Waits for a flight's result; `None` if its leader went away without one.
+pub(crate) async fn follow(mut rx: Slot) -> Option<Arc<Upstream>> {
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone(),
+        Err(_) => None,
+    }
+}
+
+/// Replies kept for a retry because their delivery could not be confirmed.
+#[derive(Debug)]
+pub(crate) struct ReplayCache {
+    ttl: Duration,
+    capacity: usize,
+    map: Mutex<HashMap<RequestKey, Kept>>,
+}
+
+#[derive(Debug)]
+struct Kept {
+    reply: Arc<Secret>,
+    expires: Instant,
+}
+
+impl ReplayCache {
+    pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
+        ReplayCache {
+            ttl,
+            capacity,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The kept reply for this exact request from this address, if still fresh.
+    pub(crate) fn get(&self, key: &RequestKey, now: Instant) -> Option<Arc<Secret>> {
+        let mut map = lock(&self.map);
+        match map.get(key) {
+            Some(kept) if kept.expires > now => Some(kept.reply.clone()),
+            Some(_) => {
+                map.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Keeps a reply. Expired entries go first; when still full, the one closest to expiry
+    /// makes room. Returns whether the reply was kept (not with a capacity of 0).
+    pub(crate) fn put(&self, key: RequestKey, reply: Arc<Secret>, now: Instant) -> bool {
+        if self.capacity == 0 {
+            return false;
+        }
+        let mut map = lock(&self.map);
+        map.retain(|_, kept| kept.expires > now);
+        if map.len() >= self.capacity && !map.contains_key(&key) {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, kept)| kept.expires)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(
+            key,
+            Kept {
+                reply,
+                expires: now + self.ttl,
+            },
+        );
+        true
+    }
+
+    /// Forgets a reply once it was delivered.
+    pub(crate) fn remove(&self, key: &RequestKey) {
+        lock(&self.map).remove(key);
+    }
+
+    /// Replies kept now (expired ones included until the next `put`).
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+}
+
+/// Locks a map; a panic elsewhere while holding it leaves the map usable (entries are
+/// self-contained), so poisoning is ignored.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, line: &str) -> RequestKey {
+        RequestKey::new(ip.parse().unwrap(), Secret::new(line.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn replay_is_per_source_and_request_and_expires() {
+        let cache = ReplayCache::new(Duration::from_secs(60), 2);
+        let now = Instant::now();
+        let reply = Arc::new(Secret::new(b"OSSEC K:'001 a1 any k'".to_vec()));
+        assert!(cache.put(key("10.0.0.1", "A"), reply, now));
+        assert!(cache.get(&key("10.0.0.1", "A"), now).is_some());
+        assert!(cache.get(&key("::ffff:10.0.0.1", "A"), now).is_some());
+        assert!(cache.get(&key("10.0.0.2", "A"), now).is_none());
+        assert!(cache.get(&key("10.0.0.1", "B"), now).is_none());
+        assert!(cache
+            .get(&key("10.0.0.1", "A"), now + Duration::from_secs(61))
+            .is_none());
+        assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn bounded() {
+        let cache = ReplayCache::new(Duration::from_secs(60), 2);
+        let now = Instant::now();
+        let r = Arc::new(Secret::new(vec![1]));
+        cache.put(key("10.0.0.1", "A"), r.clone(), now);
+        cache.put(
+            key("10.0.0.1", "B"),
+            r.clone(),
+            now + Duration::from_secs(1),
+        );
+        cache.put(
+            key("10.0.0.1", "C"),
+            r.clone(),
+            now + Duration::from_secs(2),
+        );
+        assert_eq!(cache.len(), 2);
+        assert!(cache.get(&key("10.0.0.1", "A"), now).is_none());
+        let disabled = ReplayCache::new(Duration::from_secs(1), 0);
+        assert!(!disabled.put(key("10.0.0.1", "A"), r, now));
+    }
+
+    #[tokio::test]
+    async fn single_flight() {
+        let flights = Flights::default();
+        let k = key("10.0.0.1", "A");
+        let Join::Lead(lead) = flights.join(&k) else {
+            panic!("first must lead")
+        };
+        let Join::Follow(rx) = flights.join(&k) else {
+            panic!("second must follow")
+        };
+        assert!(matches!(flights.join(&key("10.0.0.2", "A")), Join::Lead(_)));
+        let waiter = tokio::spawn(follow(rx));
+        lead.finish(Arc::new(Upstream::Failed {
+            reason: "x".into(),
+            backend: None,
+        }));
+        assert!(waiter.await.unwrap().is_some());
+        assert_eq!(flights.len(), 0);
+        // A leader that goes away wakes its followers with nothing.
+        let Join::Lead(lead) = flights.join(&k) else {
+            panic!()
+        };
+        let Join::Follow(rx) = flights.join(&k) else {
+            panic!()
+        };
+        drop(lead);
+        assert!(follow(rx).await.is_none());
+        assert_eq!(flights.len(), 0);
+    }
+}

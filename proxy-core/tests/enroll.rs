@@ -1,0 +1,517 @@
+//! The enrollment front over real TLS on loopback, against a stand-in authd that behaves like
+//! a 4.13+ manager: the first request for a name gets a key, later ones "Duplicate agent name".
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
+use wazuh_proxy_core::enroll::{
+    BackendTls, EnrollConfig, EnrollFront, EnrollReply, EnrollRequest, Outcome, ServerCert,
+};
+
+const PASSWORD: &str = "Str0ngPassw0rd";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A fresh directory for one test's files.
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "wazuh-proxy-enroll-{}-{}-{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A stand-in authd: TLS with a self-signed certificate for `localhost`, optional password,
+/// names registered in memory.
+struct StandIn {
+    addr: SocketAddr,
+    requests: Arc<AtomicU64>,
+    issued: Arc<Mutex<HashMap<String, String>>>,
+    cert_pem: String,
+}
+
+impl StandIn {
+    async fn start(password: Option<&'static str>, delay: Duration) -> StandIn {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert_pem = generated.cert.pem();
+        let key =
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![generated.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU64::new(0));
+        let issued: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let next_id = Arc::new(AtomicU64::new(1));
+        let (r, i) = (requests.clone(), issued.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, requests, issued, next_id) =
+                    (acceptor.clone(), r.clone(), i.clone(), next_id.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut line = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while tls.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+                        line.push(byte[0]);
+                    }
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
+                    let reply = authd_answer(&line, password, &issued, &next_id);
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        StandIn {
+            addr,
+            requests,
+            issued,
+            cert_pem,
+        }
+    }
+
+    fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn issued(&self, name: &str) -> Option<String> {
+        self.issued.lock().unwrap().get(name).cloned()
+    }
+}
+
+/// What a 4.13+ authd answers, for the checks this stand-in models.
+fn authd_answer(
+    line: &[u8],
+    password: Option<&str>,
+    issued: &Mutex<HashMap<String, String>>,
+    next_id: &AtomicU64,
+) -> String {
+    let unable = |text: String| format!("{text}. Unable to add agent");
+    let request = match EnrollRequest::parse(line) {
+        Ok(r) => r,
+        Err(e) => return unable(e.manager_text()),
+    };
+    if request.password() != password {
+        return unable("ERROR: Invalid password".to_owned());
+    }
+    let name = request.name().to_owned();
+    let mut issued = issued.lock().unwrap();
+    if issued.contains_key(&name) {
+        return unable(format!("ERROR: Duplicate agent name: {name}"));
+    }
+    let id = next_id.fetch_add(1, Ordering::SeqCst);
+    let key: String = Sha256::digest(format!("{name}/{id}/{:?}", std::time::SystemTime::now()))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let reply = format!("OSSEC K:'{id:03} {name} any {key}'");
+    issued.insert(name, reply.clone());
+    reply
+}
+
+/// Accepts any certificate, as agents do by default.
+#[derive(Debug)]
+struct NoVerify;
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn agent_connector() -> TlsConnector {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify))
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// An agent-like client: connects from `local` (an IP), sends `line`, and reads the reply
+/// until the proxy closes (`read = true`) or drops the connection at once (`read = false`).
+async fn enroll_from(proxy: SocketAddr, local: &str, line: &str, read: bool) -> String {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(proxy).await.unwrap();
+    let mut tls = agent_connector()
+        .connect(ServerName::try_from("wazuh-proxy").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(line.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    if !read {
+        return String::new();
+    }
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        match tls.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("reading the reply: {e}"),
+        }
+    }
+    // Close like a well-behaved client: close_notify, then FIN.
+    let _ = tls.shutdown().await;
+    String::from_utf8(reply).unwrap()
+}
+
+async fn enroll(proxy: SocketAddr, line: &str) -> String {
+    enroll_from(proxy, "127.0.0.1", line, true).await
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    front: Arc<EnrollFront>,
+    stop: CancellationToken,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start_proxy(backend: SocketAddr, backend_tls: BackendTls, tag: &str) -> Proxy {
+    support::capture_logs();
+    let dir = temp_dir(tag);
+    let mut config = EnrollConfig::new(
+        ServerCert::self_signed(dir.join("enroll.crt"), dir.join("enroll.key")),
+        backend_tls,
+    );
+    config.confirm_timeout = Duration::from_secs(2);
+    let balancer = Balancer::new(Policy::Source, vec![BackendConfig::new(backend)]).unwrap();
+    let front = Arc::new(EnrollFront::new(config, balancer).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        front
+            .clone()
+            .serve(listener, stop.clone(), TaskTracker::new()),
+    );
+    Proxy { addr, front, stop }
+}
+
+fn verify_standin(standin: &StandIn, tag: &str) -> BackendTls {
+    let ca = temp_dir(tag).join("sslmanager.cert");
+    std::fs::write(&ca, &standin.cert_pem).unwrap();
+    BackendTls::VerifyCa {
+        ca_file: ca,
+        server_name: Some("localhost".to_owned()),
+    }
+}
+
+fn assert_is_key(reply: &str, name: &str) {
+    match EnrollReply::parse(reply.as_bytes()) {
+        EnrollReply::Key(k) => assert_eq!(k.name(), name),
+        other => panic!("expected a key for {name}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_requests_go_upstream_once() {
+    let standin = StandIn::start(None, Duration::from_millis(500)).await;
+    let proxy = start_proxy(
+        standin.addr,
+        verify_standin(&standin, "coalesce"),
+        "coalesce",
+    )
+    .await;
+    let line = "OSSEC A:'web-01' V:'v4.14.7'\n";
+    let replies = futures_util::future::join_all((0..20).map(|_| enroll(proxy.addr, line))).await;
+    assert_eq!(
+        standin.requests(),
+        1,
+        "one upstream request for 20 identical ones"
+    );
+    assert_is_key(&replies[0], "web-01");
+    assert!(
+        replies.iter().all(|r| r == &replies[0]),
+        "every agent gets the same key"
+    );
+    assert_eq!(Some(&replies[0]), standin.issued("web-01").as_ref());
+    let stats = proxy.front.stats().clone();
+    // Outcomes are counted once each connection has ended.
+    support::wait_for("20 outcomes", 10, || {
+        stats.count(Outcome::Key) + stats.count(Outcome::Coalesced) == 20
+    })
+    .await;
+    assert_eq!(stats.count(Outcome::Key), 1);
+    assert_eq!(stats.count(Outcome::Coalesced), 19);
+    assert_eq!(stats.upstream_requests.load(Ordering::Relaxed), 1);
+    // All delivered and confirmed: nothing kept.
+    assert_eq!(proxy.front.kept_replies(), 0);
+
+    // A later, separate request is forwarded and the manager's refusal relayed unchanged.
+    let again = enroll(proxy.addr, line).await;
+    assert_eq!(
+        again,
+        "ERROR: Duplicate agent name: web-01. Unable to add agent"
+    );
+    assert_eq!(standin.requests(), 2);
+    support::wait_for("the error outcome", 10, || stats.count(Outcome::Error) == 1).await;
+    assert_eq!(proxy.front.kept_replies(), 0, "errors are never kept");
+
+    let logs = support::logs();
+    let key = replies[0]
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_end_matches('\'');
+    assert!(!logs.contains(key), "the key must never be logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
+    let standin = StandIn::start(Some(PASSWORD), Duration::from_millis(300)).await;
+    let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "lost").await;
+    let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'db-02' V:'v4.14.7' G:'linux'\n");
+
+    // The agent sends its request and goes away before the reply comes.
+    enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
+    support::wait_for("the key kept for a retry", 10, || {
+        proxy.front.kept_replies() == 1
+    })
+    .await;
+    assert_eq!(standin.requests(), 1);
+    let issued = standin
+        .issued("db-02")
+        .expect("the manager registered the agent");
+
+    // Another address, same request: forwarded, and the manager refuses it.
+    let other = enroll_from(proxy.addr, "127.0.0.2", &line, true).await;
+    assert_eq!(
+        other,
+        "ERROR: Duplicate agent name: db-02. Unable to add agent"
+    );
+    // Same address, another password: forwarded, and the manager refuses it.
+    let wrong = line.replace(PASSWORD, "An0therPassw0rd");
+    let other = enroll(proxy.addr, &wrong).await;
+    assert_eq!(other, "ERROR: Invalid password. Unable to add agent");
+    // Same address, another request (a group added): forwarded, refused.
+    let other = enroll(proxy.addr, &line.replace("G:'linux'", "G:'linux,db'")).await;
+    assert_eq!(
+        other,
+        "ERROR: Duplicate agent name: db-02. Unable to add agent"
+    );
+    assert_eq!(standin.requests(), 4);
+
+    // The retry itself: answered with the kept key, not forwarded.
+    let retry = enroll(proxy.addr, &line).await;
+    assert_eq!(retry, issued);
+    assert_eq!(standin.requests(), 4);
+    let stats = proxy.front.stats().clone();
+    support::wait_for("the replayed outcome", 10, || {
+        stats.count(Outcome::Replayed) == 1
+    })
+    .await;
+    assert_eq!(stats.kept_for_replay.load(Ordering::Relaxed), 1);
+    // Delivered this time: forgotten, so a further retry goes to the manager again.
+    assert_eq!(proxy.front.kept_replies(), 0);
+    let after = enroll(proxy.addr, &line).await;
+    assert_eq!(
+        after,
+        "ERROR: Duplicate agent name: db-02. Unable to add agent"
+    );
+
+    let logs = support::logs();
+    assert!(
+        !logs.contains(PASSWORD),
+        "the password must never be logged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_the_manager_error_and_are_not_forwarded() {
+    let standin = StandIn::start(None, Duration::ZERO).await;
+    let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "malformed").await;
+    for (line, reply) in [
+        ("OSSEC A:'x'\n", "ERROR: Invalid agent name: x. Unable to add agent"),
+        ("HELLO\n", "ERROR: Invalid request for new agent. Unable to add agent"),
+        ("OSSEC A:'web-01' V:'v4.14.7\n", "ERROR: Unterminated version field. Unable to add agent"),
+        ("OSSEC A:'web-01' G:'linux\n", "ERROR: Unterminated group field. Unable to add agent"),
+        ("OSSEC A:'web-01' IP:'10.1.1.300'\n", "ERROR: Invalid IP: 10.1.1.300. Unable to add agent"),
+        ("OSSEC A:'web-01' K:'0123\n", "ERROR: Unterminated key field. Unable to add agent"),
+        (
+            "OSSEC A:'web-01' G:'lin ux,db'\n",
+            "ERROR: Invalid group name: lin ux,db... white spaces are not allowed. Unable to add agent",
+        ),
+    ] {
+        assert_eq!(enroll(proxy.addr, line).await, reply, "{line:?}");
+    }
+    assert_eq!(
+        standin.requests(),
+        0,
+        "nothing malformed reaches the manager"
+    );
+    let stats = proxy.front.stats().clone();
+    support::wait_for("7 malformed", 10, || stats.count(Outcome::Malformed) == 7).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backend_closes_without_a_reply() {
+    // A port with nothing behind it.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start_proxy(closed, BackendTls::NoVerify, "unreachable").await;
+    assert_eq!(enroll(proxy.addr, "OSSEC A:'web-01'\n").await, "");
+    let stats = proxy.front.stats().clone();
+    support::wait_for("unreachable", 10, || {
+        stats.count(Outcome::BackendUnreachable) == 1
+    })
+    .await;
+    assert_eq!(proxy.front.kept_replies(), 0);
+}
+
+#[tokio::test]
+async fn self_signed_certificate_is_generated_once_and_kept() {
+    let dir = temp_dir("cert");
+    let cert = ServerCert::self_signed(dir.join("tls/enroll.crt"), dir.join("tls/enroll.key"));
+    let backend = BackendConfig::new("127.0.0.1:1515".parse().unwrap());
+    let front = |cert: ServerCert| {
+        let balancer = Balancer::new(Policy::Source, vec![backend.clone()]).unwrap();
+        EnrollFront::new(EnrollConfig::new(cert, BackendTls::NoVerify), balancer).unwrap()
+    };
+    let first = front(cert.clone()).fingerprint().to_owned();
+    assert_eq!(first.len(), 95, "{first}");
+    assert_eq!(
+        front(cert.clone()).fingerprint(),
+        first,
+        "the kept certificate is reused"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("tls/enroll.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "the private key is private");
+    }
+    // Half a pair is refused rather than overwritten.
+    std::fs::remove_file(dir.join("tls/enroll.key")).unwrap();
+    let balancer = Balancer::new(Policy::Source, vec![backend]).unwrap();
+    assert!(EnrollFront::new(EnrollConfig::new(cert, BackendTls::NoVerify), balancer).is_err());
+}
+
+#[test]
+fn every_vector_request_and_reply_parses() {
+    let Some(dir) = support::vectors_dir() else {
+        return;
+    };
+    let text = std::fs::read_to_string(dir.join("enrollment.jsonl")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut requests = std::collections::HashSet::new();
+    let mut keys = 0;
+    for row in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(row).unwrap();
+        let id = row["vector_id"].as_str().unwrap();
+        let request = b64.decode(row["request_b64"].as_str().unwrap()).unwrap();
+        let parsed = EnrollRequest::parse(&request)
+            .unwrap_or_else(|e| panic!("{id}: {e} ({:?})", String::from_utf8_lossy(&request)));
+        assert_eq!(
+            &parsed.to_line()[..],
+            &request[..],
+            "{id}: re-serialised differently"
+        );
+        if let Some(p) = row["request_params"]["password"].as_str() {
+            assert_eq!(parsed.password(), Some(p), "{id}");
+        }
+        requests.insert(request);
+        let reply = b64.decode(row["reply_b64"].as_str().unwrap()).unwrap();
+        match (row["outcome"].as_str().unwrap(), EnrollReply::parse(&reply)) {
+            ("key", EnrollReply::Key(k)) => {
+                let want = &row["reply_key"];
+                assert_eq!(k.id(), want["id"].as_str().unwrap(), "{id}");
+                assert_eq!(k.name(), want["name"].as_str().unwrap(), "{id}");
+                assert_eq!(k.ip(), want["ip"].as_str().unwrap(), "{id}");
+                assert_eq!(k.key(), want["key"].as_str().unwrap(), "{id}");
+                keys += 1;
+            }
+            ("error" | "closed-without-reply", EnrollReply::Error(_)) => {}
+            (outcome, parsed) => panic!("{id}: outcome {outcome} but parsed {parsed:?}"),
+        }
+    }
+    assert_eq!(requests.len(), 19, "distinct request lines");
+    assert!(keys > 0);
+}
