@@ -20,4 +20,6 @@ pub mod relay;
 pub mod session;
 pub mod sim;
 pub mod stats;
+pub mod tcp;
+pub mod udp;
 pub mod verify;
