@@ -248,6 +248,9 @@ pub enum BalanceError {
     /// Every backend is `down`.
     #[error("every backend is marked down")]
     AllDown,
+    /// An operation named a backend that is not in the set.
+    #[error("backend {0} is not in this backend set")]
+    UnknownBackend(SocketAddr),
 }
 
 /// One backend: its configuration and live state (readable for metrics and the admin API).

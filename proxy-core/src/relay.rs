@@ -40,7 +40,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
@@ -48,7 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::balance::{BalanceKey, Balancer};
+use crate::balance::{BalanceKey, Balancer, ConnectError, Connected};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::keys::KeyStore;
@@ -75,6 +75,16 @@ pub struct AgentRelayConfig {
     pub duplicate_policy: DuplicatePolicy,
     /// TCP keepalive idle time on both sockets, so dead peers are noticed (default 60 s).
     pub tcp_keepalive: Option<Duration>,
+    /// When a manager fails (closes, resets, refuses the agent, or does not answer), keep the
+    /// agent's connection and continue its stream on another manager at the next frame
+    /// boundary (default on). Off: the agent is disconnected, as with any TCP proxy.
+    pub failover: bool,
+    /// How long an agent is held while no manager can be reached, before it is disconnected
+    /// (default 30 s; an agent waits 60 s for the answer to its startup message).
+    pub hold_timeout: Duration,
+    /// A manager that sends nothing back for this long after being handed an agent's startup
+    /// (or replayed keepalive) is treated as failed (default 20 s). `None` disables it.
+    pub reply_timeout: Option<Duration>,
 }
 
 impl Default for AgentRelayConfig {
@@ -87,6 +97,9 @@ impl Default for AgentRelayConfig {
             read_chunk: 32 * 1024,
             duplicate_policy: DuplicatePolicy::Replace,
             tcp_keepalive: Some(Duration::from_secs(60)),
+            failover: true,
+            hold_timeout: Duration::from_secs(30),
+            reply_timeout: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -115,9 +128,22 @@ pub enum End {
     Closed,
     /// No frame either way for longer than the idle timeout.
     Idle,
+    /// The manager did not answer the agent's handshake within the reply timeout.
+    ManagerTimeout,
+    /// The session was asked to move to another manager (drain or rebalance).
+    Moved,
+    /// No manager could be reached within the hold timeout.
+    NoManager,
 }
 
 impl End {
+    /// Whether the manager side failed (the agent can be kept and moved).
+    fn manager_failed(&self) -> bool {
+        matches!(
+            self,
+            End::ManagerClosed | End::ManagerIo(_) | End::ManagerTimeout | End::ManagerProtocol(_)
+        )
+    }
     /// The metric label of a protocol failure, if this end is one.
     pub fn rejection(&self) -> Option<Rejection> {
         match self {
@@ -146,6 +172,9 @@ impl fmt::Display for End {
             }
             End::Closed => f.write_str("closed by the proxy"),
             End::Idle => f.write_str("idle timeout"),
+            End::ManagerTimeout => f.write_str("manager did not answer the handshake in time"),
+            End::Moved => f.write_str("moved to another manager"),
+            End::NoManager => f.write_str("no manager reachable"),
         }
     }
 }
@@ -163,6 +192,10 @@ pub struct Pipe {
     /// A protocol failure found behind the ready frames: reported once they are written, so
     /// every good frame that preceded a bad one is delivered.
     failed: Option<End>,
+    /// Frames written in the current and the previous second (see `recently_written`).
+    written_now: u64,
+    written_before: u64,
+    written_since: Option<Instant>,
 }
 
 impl Pipe {
@@ -208,8 +241,63 @@ impl Pipe {
         (frames, bytes)
     }
 
-    /// Marks `n` written bytes as gone, tracking the frame boundary.
-    fn consume(&mut self, mut n: usize) {
+    /// Counts frames fully written now.
+    fn note_written(&mut self, frames: u64) {
+        let now = Instant::now();
+        match self.written_since {
+            Some(t) if now.duration_since(t) < Duration::from_secs(1) => {}
+            Some(t) => {
+                self.written_before = if now.duration_since(t) < Duration::from_secs(2) {
+                    self.written_now
+                } else {
+                    0
+                };
+                self.written_now = 0;
+                self.written_since = Some(now);
+            }
+            None => self.written_since = Some(now),
+        }
+        self.written_now += frames;
+    }
+
+    /// Frames written during the last one to two seconds: when the peer just failed, these
+    /// may have been lost in its buffers (TCP does not say which were processed).
+    pub fn recently_written(&self) -> u64 {
+        match self.written_since {
+            Some(t) if t.elapsed() < Duration::from_secs(2) => {
+                self.written_now + self.written_before
+            }
+            _ => 0,
+        }
+    }
+
+    /// Drops the unwritten rest of a partly written frame (its start went to a manager that
+    /// failed; the rest must not reach another one). Returns whether a frame was cut.
+    fn drop_partial_head(&mut self) -> bool {
+        if self.head_left == 0 {
+            return false;
+        }
+        let rest = self.head_left.min(self.ready);
+        self.buf.advance(rest);
+        self.ready -= rest;
+        self.head_left = 0;
+        true
+    }
+
+    /// Drops the incomplete frame at the tail (from a manager that failed: never forwarded).
+    fn drop_partial_tail(&mut self) -> bool {
+        let cut = self.buf.len() > self.ready;
+        self.buf.truncate(self.ready);
+        if self.failed.is_some() {
+            self.failed = None;
+        }
+        cut
+    }
+
+    /// Marks `n` written bytes as gone, tracking the frame boundary; returns the number of
+    /// frames that were completed.
+    fn consume(&mut self, mut n: usize) -> u64 {
+        let mut done = 0;
         self.ready -= n;
         while n > 0 {
             if self.head_left == 0 {
@@ -225,7 +313,11 @@ impl Pipe {
             self.buf.advance(step);
             self.head_left -= step;
             n -= step;
+            if self.head_left == 0 {
+                done += 1;
+            }
         }
+        done
     }
 }
 
@@ -313,6 +405,91 @@ impl AgentRelay {
         let old = self.balancer.load_full();
         self.balancer
             .store(Arc::new(balancer.with_state_from(&old)));
+    }
+
+    /// Takes `backend` out of rotation and moves every agent on it to the others at a frame
+    /// boundary, without disconnecting them (before a manager's maintenance). Returns the
+    /// number of sessions asked to move.
+    ///
+    /// # Errors
+    /// When `backend` is not in the set, or no other backend would be left.
+    pub fn drain_backend(
+        &self,
+        backend: SocketAddr,
+    ) -> Result<usize, crate::balance::BalanceError> {
+        self.set_down(backend, true)?;
+        let mut moved = 0;
+        for s in self.sessions.sessions() {
+            if s.backend() == Some(backend) {
+                s.request_move();
+                moved += 1;
+            }
+        }
+        tracing::info!(listener = %self.name, %backend, sessions = moved, "draining backend: moving its agents");
+        Ok(moved)
+    }
+
+    /// Puts a drained backend back into rotation (agents return through [`AgentRelay::rebalance`]).
+    ///
+    /// # Errors
+    /// When `backend` is not in the set.
+    pub fn undrain_backend(&self, backend: SocketAddr) -> Result<(), crate::balance::BalanceError> {
+        self.set_down(backend, false)
+    }
+
+    fn set_down(
+        &self,
+        backend: SocketAddr,
+        down: bool,
+    ) -> Result<(), crate::balance::BalanceError> {
+        let current = self.balancer.load_full();
+        let mut configs: Vec<_> = current
+            .backends()
+            .iter()
+            .map(|b| b.config().clone())
+            .collect();
+        let entry = configs
+            .iter_mut()
+            .find(|c| c.addr == backend)
+            .ok_or(crate::balance::BalanceError::UnknownBackend(backend))?;
+        entry.down = down;
+        self.set_balancer(Balancer::new(current.policy(), configs)?);
+        Ok(())
+    }
+
+    /// Moves up to `limit` sessions whose manager is not the one the policy now picks for them
+    /// (after a manager returned or was added), at frame boundaries, without disconnecting.
+    /// Returns the number asked to move. Call it repeatedly (for example every few seconds)
+    /// to spread the moves out.
+    pub fn rebalance(&self, limit: usize) -> usize {
+        let balancer = self.balancer.load_full();
+        let now = Instant::now();
+        let mut moved = 0;
+        for s in self.sessions.sessions() {
+            if moved >= limit {
+                break;
+            }
+            let key = match s.key() {
+                SessionKey::Agent(id) => BalanceKey::Agent(id),
+                SessionKey::Source(ip) => BalanceKey::Source(ip),
+            };
+            let best = balancer
+                .candidates(&key, now)
+                .first()
+                .map(|&i| balancer.backends()[i].addr());
+            if best.is_some()
+                && s.backend().is_some()
+                && best != s.backend()
+                && !s.is_move_requested()
+            {
+                s.request_move();
+                moved += 1;
+            }
+        }
+        if moved > 0 {
+            tracing::info!(listener = %self.name, sessions = moved, "rebalancing: moving agents to their preferred manager");
+        }
+        moved
     }
 
     /// The settings in force.
@@ -423,41 +600,137 @@ impl AgentRelay {
             session.update_agent_info(|i| *i = info);
         }
 
-        // 3. The manager.
+        // 3. A manager, then frames both ways. When the manager side fails, the agent's
+        // connection stays and its stream continues on another manager at a frame boundary.
         let balance_key = match key {
             SessionKey::Agent(id) => BalanceKey::Agent(id),
             SessionKey::Source(ip) => BalanceKey::Source(ip),
         };
-        let balancer = self.balancer.load_full();
-        let connected = tokio::select! {
-            r = balancer.connect(&balance_key, cfg.connect_timeout) => r,
-            _ = session.closing() => return,
-        };
-        let connected = match connected {
-            Ok(c) => c,
-            Err(e) => {
-                self.stats.reject(Rejection::NoBackend);
-                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(listener = %self.name, agent = %key, client = %peer,
-                    "closing agent connection: no manager reachable: {e}");
-                return;
+        // The frame a new manager must see first, so that it registers the agent's reply
+        // socket: the startup message, or (with keys) the latest keepalive.
+        let mut replay = up.buf[HEADER_LEN..first_len].to_vec();
+        let mut fed: Vec<SocketAddr> = Vec::new();
+        let mut down = Pipe::default();
+        let mut last_backend = None;
+        // Managers that failed one after the other without answering (refusals such as
+        // "Agent key already in use" last up to a minute): back off, and give up after the
+        // hold timeout.
+        let mut unanswered: Option<(Instant, u32)> = None;
+        let end = loop {
+            if let Some((since, n)) = unanswered {
+                if since.elapsed() > cfg.hold_timeout {
+                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
+                        "closing agent connection: no manager accepted it within {:?}", cfg.hold_timeout);
+                    break End::NoManager;
+                }
+                let pause = Duration::from_millis(100 << n.min(5)).min(Duration::from_secs(3));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = session.closing() => break End::Closed,
+                }
             }
-        };
-        if connected.attempts > 1 {
-            self.stats
-                .connect_failures
-                .fetch_add(u64::from(connected.attempts - 1), Ordering::Relaxed);
-        }
-        let manager = connected.stream;
-        tune(&manager, cfg.tcp_keepalive);
-        session.set_backend(Some(connected.addr));
-        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr, "agent connected");
+            let connected = tokio::select! {
+                r = self.connect_holding(&balance_key, &session) => r,
+                _ = session.closing() => break End::Closed,
+            };
+            let connected = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    self.stats.reject(Rejection::NoBackend);
+                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
+                        "closing agent connection: no manager reachable: {e}");
+                    break End::NoManager;
+                }
+            };
+            let manager = connected.stream;
+            let addr = connected.addr;
+            tune(&manager, cfg.tcp_keepalive);
+            session.set_backend(Some(addr));
+            let moved_from = last_backend.replace(addr);
+            let mut awaiting_reply = moved_from.is_none();
+            if let Some(from) = moved_from {
+                // Before any newer frame, the new manager gets the control frame that
+                // registers the agent (never twice: a duplicate may close the connection).
+                if !fed.contains(&addr) {
+                    if let Err(e) = write_frame(&manager, &replay).await {
+                        tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
+                            "manager failed during the hand-over; trying another");
+                        self.balancer
+                            .load()
+                            .report_failure(connected.index, Instant::now());
+                        continue;
+                    }
+                    awaiting_reply = true;
+                }
+                tracing::info!(listener = %self.name, agent = %key, client = %peer, from = %from, to = %addr,
+                    "agent moved to another manager without disconnecting");
+            } else {
+                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %addr, "agent connected");
+            }
+            fed.push(addr);
+            let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
 
-        // 4. Frames both ways until one side ends.
-        let end = self
-            .relay(&agent, &manager, &mut up, &session, tracker.as_mut())
-            .await;
+            let end = self
+                .relay(
+                    &agent,
+                    &manager,
+                    &mut up,
+                    &mut down,
+                    &session,
+                    tracker.as_mut(),
+                    &mut replay,
+                    awaiting_reply,
+                )
+                .await;
+            if !(cfg.failover && (end.manager_failed() || matches!(end, End::Moved))) {
+                drop(manager);
+                break end;
+            }
+            // A planned move waits for the frame being written to end, so none is cut.
+            let end = match end {
+                End::Moved => match finish_head(&mut up, &manager).await {
+                    Ok(()) => End::Moved,
+                    Err(e) => End::ManagerIo(e),
+                },
+                other => other,
+            };
+            // The manager failed or the agent is being moved: close the old upstream first.
+            drop(manager);
+            if session.stats().frames_down.load(Ordering::Relaxed) == replies_before {
+                // It never answered (refused the agent, or died first): it did not register
+                // the agent, so a later return to it needs the control frame again.
+                fed.retain(|a| *a != addr);
+                unanswered = Some(unanswered.map_or((Instant::now(), 0), |(t, n)| (t, n + 1)));
+            } else {
+                unanswered = None;
+            }
+            drop(connected.guard);
+            if matches!(end, End::Moved) {
+                self.stats.moves.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.balancer
+                    .load()
+                    .report_failure(connected.index, Instant::now());
+                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                let cut = u64::from(up.drop_partial_head());
+                let at_risk = up.recently_written() + cut;
+                self.stats
+                    .frames_at_risk
+                    .fetch_add(at_risk, Ordering::Relaxed);
+                session
+                    .stats()
+                    .frames_at_risk
+                    .fetch_add(at_risk, Ordering::Relaxed);
+                if down.drop_partial_tail() {
+                    self.stats.reject(Rejection::ManagerPartialFrame);
+                }
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend = %addr,
+                    frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
+            }
+            session.stats().moves.fetch_add(1, Ordering::Relaxed);
+            session.clear_move_request();
+        };
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
         }
@@ -477,20 +750,54 @@ impl AgentRelay {
             _ => 0,
         };
         let s = session.snapshot();
-        let level_warn = end.rejection().is_some();
-        if level_warn {
-            tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
+        let backend = last_backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
+        if end.rejection().is_some() || matches!(end, End::NoManager) {
+            tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend,
                 frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
         } else {
-            tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %connected.addr,
+            tracing::info!(listener = %self.name, agent = %key, client = %peer, backend,
                 frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
         }
-        // The manager must see this connection close before a replacing connection of the same
-        // agent is forwarded (it refuses a second live one), so close it before the handle goes.
-        drop(manager);
+        // The manager connection is already closed (above), before the handle goes: a
+        // replacing connection of the same agent must not reach a manager that still holds
+        // this one.
         drop(agent);
-        drop(connected.guard);
         drop(handle);
+    }
+
+    /// Connects to a manager for `key`, holding the agent while none can be reached (up to
+    /// `hold_timeout`), so that a short outage costs the agent a delay, not a disconnect.
+    async fn connect_holding(
+        &self,
+        key: &BalanceKey,
+        session: &Session,
+    ) -> Result<Connected, ConnectError> {
+        let cfg = &self.config;
+        let deadline = Instant::now() + cfg.hold_timeout;
+        let mut pause = Duration::from_millis(250);
+        loop {
+            let balancer = self.balancer.load_full();
+            match balancer.connect(key, cfg.connect_timeout).await {
+                Ok(c) => {
+                    if c.attempts > 1 {
+                        self.stats
+                            .connect_failures
+                            .fetch_add(u64::from(c.attempts - 1), Ordering::Relaxed);
+                    }
+                    return Ok(c);
+                }
+                Err(e) => {
+                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    if !cfg.failover || Instant::now() + pause > deadline {
+                        return Err(e);
+                    }
+                    tracing::debug!(listener = %self.name, agent = %session.key(), error = %e,
+                        "no manager reachable; holding the agent");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     fn refuse(&self, peer: SocketAddr, key: Option<SessionKey>, end: &End) {
@@ -507,28 +814,35 @@ impl AgentRelay {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         agent: &TcpStream,
         manager: &TcpStream,
         up: &mut Pipe,
+        down: &mut Pipe,
         session: &Session,
         mut tracker: Option<&mut Tracker>,
+        replay: &mut Vec<u8>,
+        awaiting_reply: bool,
     ) -> End {
         let cfg = &self.config;
-        let mut down = Pipe::default();
         let key = session.key();
         let stats = &*self.stats;
         let up_check = |payload: &[u8]| {
             let env = check_agent_frame(key, payload)?;
             if let Some(t) = tracker.as_deref_mut() {
-                t.observe(&env, session);
+                if t.observe(&env, session) {
+                    // The latest keepalive is what a new manager should see first.
+                    replay.clear();
+                    replay.extend_from_slice(payload);
+                }
             }
             Ok(())
         };
         let up_f = pump(up, agent, manager, Dir::Up, cfg, session, stats, up_check);
         let down_f = pump(
-            &mut down,
+            down,
             manager,
             agent,
             Dir::Down,
@@ -542,11 +856,23 @@ impl AgentRelay {
         let tick = idle.map_or(Duration::from_secs(3600), |d| {
             (d / 4).max(Duration::from_millis(100))
         });
+        let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
+        let reply_deadline = cfg.reply_timeout.filter(|_| awaiting_reply && cfg.failover);
+        let reply_timer = tokio::time::sleep(reply_deadline.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(reply_timer);
+        let mut reply_armed = reply_deadline.is_some();
         loop {
             tokio::select! {
                 end = &mut up_f => return end,
                 end = &mut down_f => return end,
                 _ = session.closing() => return End::Closed,
+                _ = session.move_requested(), if cfg.failover => return End::Moved,
+                _ = &mut reply_timer, if reply_armed => {
+                    reply_armed = false;
+                    if session.stats().frames_down.load(Ordering::Relaxed) == replies_before {
+                        return End::ManagerTimeout;
+                    }
+                }
                 _ = tokio::time::sleep(tick), if idle.is_some() => {
                     if idle.is_some_and(|d| session.idle() >= d) {
                         return End::Idle;
@@ -555,6 +881,37 @@ impl AgentRelay {
             }
         }
     }
+}
+
+/// Writes one whole frame (payload given without its header) to a manager.
+async fn write_frame(manager: &TcpStream, payload: &[u8]) -> io::Result<()> {
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(payload);
+    let mut at = 0;
+    while at < frame.len() {
+        match manager.try_write(&frame[at..]) {
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => manager.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the rest of a partly written frame, so that a planned move happens at a boundary.
+async fn finish_head(up: &mut Pipe, manager: &TcpStream) -> io::Result<()> {
+    while up.head_left > 0 {
+        let n = up.head_left.min(up.ready);
+        match manager.try_write(&up.buf[..n]) {
+            Ok(w) => {
+                up.consume(w);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => manager.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
@@ -658,7 +1015,12 @@ async fn pump(
     loop {
         if pipe.ready > 0 {
             match dst.try_write(&pipe.buf[..pipe.ready]) {
-                Ok(n) => pipe.consume(n),
+                Ok(n) => {
+                    let done = pipe.consume(n);
+                    if up {
+                        pipe.note_written(done);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if let Err(e) = dst.writable().await {
                         return dst_io(e);

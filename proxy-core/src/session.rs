@@ -123,6 +123,10 @@ pub struct SessionStats {
     pub frames_down: AtomicU64,
     /// Bytes manager -> agent (headers included).
     pub bytes_down: AtomicU64,
+    /// Frames written to a manager that then failed, which it may not have processed.
+    pub frames_at_risk: AtomicU64,
+    /// Times the session moved to another manager without disconnecting the agent.
+    pub moves: AtomicU64,
     /// Milliseconds since the session started at which the last frame (either way) arrived.
     last_frame_ms: AtomicU64,
 }
@@ -154,6 +158,8 @@ pub struct Session {
     info: Mutex<AgentInfo>,
     close: CancellationToken,
     ended: CancellationToken,
+    move_flag: std::sync::atomic::AtomicBool,
+    move_wake: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Session {
@@ -240,6 +246,30 @@ impl Session {
     pub fn is_closing(&self) -> bool {
         self.close.is_cancelled()
     }
+    /// Asks the relay to move this session to another manager at the next frame boundary,
+    /// without disconnecting the agent (drain, rebalance).
+    pub fn request_move(&self) {
+        self.move_flag.store(true, Ordering::Release);
+        self.move_wake.notify_one();
+    }
+    /// Whether a move is pending.
+    pub fn is_move_requested(&self) -> bool {
+        self.move_flag.load(Ordering::Acquire)
+    }
+    /// Resolves once a move is requested (at once if one is pending).
+    pub async fn move_requested(&self) {
+        loop {
+            let wake = self.move_wake.notified();
+            if self.is_move_requested() {
+                return;
+            }
+            wake.await;
+        }
+    }
+    /// Marks a pending move as done.
+    pub fn clear_move_request(&self) {
+        self.move_flag.store(false, Ordering::Release);
+    }
     /// Resolves once the session's [`SessionHandle`] was dropped.
     pub async fn ended(&self) {
         self.ended.cancelled().await
@@ -259,6 +289,8 @@ impl Session {
             frames_down: self.stats.frames_down.load(Ordering::Relaxed),
             bytes_down: self.stats.bytes_down.load(Ordering::Relaxed),
             agent: self.agent_info(),
+            frames_at_risk: self.stats.frames_at_risk.load(Ordering::Relaxed),
+            moves: self.stats.moves.load(Ordering::Relaxed),
         }
     }
 }
@@ -290,6 +322,10 @@ pub struct SessionInfo {
     pub bytes_down: u64,
     /// What is known about the agent (with client.keys).
     pub agent: AgentInfo,
+    /// Frames written to managers that then failed.
+    pub frames_at_risk: u64,
+    /// Moves to another manager without disconnecting.
+    pub moves: u64,
 }
 
 struct Inner {
@@ -367,6 +403,8 @@ impl SessionRegistry {
             info: Mutex::default(),
             close: inner.root.child_token(),
             ended: CancellationToken::new(),
+            move_flag: std::sync::atomic::AtomicBool::new(false),
+            move_wake: tokio::sync::Notify::new(),
         });
         loop {
             let old = match inner.owners.entry(key) {

@@ -35,11 +35,13 @@ pub enum Rejection {
     SourceNotAllowed,
     /// The first message does not decrypt with the claimed agent's key (spoofed or stale).
     Unverified,
+    /// A manager failed in the middle of a frame; the partial frame was dropped, never forwarded.
+    ManagerPartialFrame,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -53,6 +55,7 @@ impl Rejection {
         Rejection::UnknownAgent,
         Rejection::SourceNotAllowed,
         Rejection::Unverified,
+        Rejection::ManagerPartialFrame,
     ];
 
     /// The metric label.
@@ -71,6 +74,7 @@ impl Rejection {
             Rejection::UnknownAgent => "unknown_agent",
             Rejection::SourceNotAllowed => "source_not_allowed",
             Rejection::Unverified => "unverified",
+            Rejection::ManagerPartialFrame => "manager_partial_frame",
         }
     }
 
@@ -112,6 +116,12 @@ pub struct RelayStats {
     pub clean_stops: AtomicU64,
     /// Sessions that ended any other way.
     pub lost: AtomicU64,
+    /// Agents kept connected and moved after their manager failed.
+    pub failovers: AtomicU64,
+    /// Agents moved on request (drain, rebalance) without disconnecting.
+    pub moves: AtomicU64,
+    /// Frames written to managers that then failed, which they may not have processed.
+    pub frames_at_risk: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 

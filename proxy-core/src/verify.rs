@@ -187,10 +187,10 @@ impl Tracker {
         }
     }
 
-    /// Looks at one agent -> manager message.
-    pub fn observe(&mut self, env: &Envelope<'_>, session: &Session) {
+    /// Looks at one agent -> manager message; returns whether it is a keepalive.
+    pub fn observe(&mut self, env: &Envelope<'_>, session: &Session) -> bool {
         let (Some(cipher), ct) = (env.cipher(), env.ciphertext()) else {
-            return;
+            return false;
         };
         if ct.len() <= SHUTDOWN_MAX {
             let slot = self
@@ -203,18 +203,18 @@ impl Tracker {
             self.last_small = None;
         }
         if ct.len() > KEEPALIVE_MAX {
-            return;
+            return false;
         }
         let now = Instant::now();
         if now < self.next_scan {
-            return;
+            return false;
         }
         if now >= self.budget_reset {
             self.budget = SCAN_BUDGET;
             self.budget_reset = now + SCAN_PERIOD;
         }
         if self.budget == 0 {
-            return;
+            return false;
         }
         self.budget -= 1;
         if let Ok(opened) = self.decoder.open(&self.key, cipher, ct) {
@@ -223,7 +223,9 @@ impl Tracker {
             if found {
                 self.next_scan = now + KEEPALIVE_QUIET;
             }
+            return found;
         }
+        false
     }
 
     /// Called when the agent closed its connection: whether its last message was its shutdown.
