@@ -3,6 +3,7 @@
 mod config;
 mod demo;
 mod inspect;
+mod nginx;
 mod server;
 
 use std::path::PathBuf;
