@@ -51,8 +51,9 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{BalanceKey, Balancer, ConnectError, Connected};
 use crate::envelope::{Envelope, EnvelopeError};
 use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
+use crate::handover::Handed;
 use crate::keys::KeyStore;
-use crate::session::{DuplicatePolicy, Session, SessionKey, SessionRegistry};
+use crate::session::{DuplicatePolicy, Session, SessionHandle, SessionKey, SessionRegistry};
 use crate::stats::{Rejection, RelayStats};
 use crate::verify::{verify_first, Tracker};
 
@@ -134,6 +135,8 @@ pub enum End {
     Moved,
     /// No manager could be reached within the hold timeout.
     NoManager,
+    /// The session was handed to another process (binary upgrade).
+    HandedOver,
 }
 
 impl End {
@@ -175,6 +178,7 @@ impl fmt::Display for End {
             End::ManagerTimeout => f.write_str("manager did not answer the handshake in time"),
             End::Moved => f.write_str("moved to another manager"),
             End::NoManager => f.write_str("no manager reachable"),
+            End::HandedOver => f.write_str("handed over to the new process"),
         }
     }
 }
@@ -339,6 +343,8 @@ pub struct AgentRelay {
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
     keys: Option<KeyStore>,
+    handover: CancellationToken,
+    handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
 }
 
 impl fmt::Debug for AgentRelay {
@@ -362,6 +368,8 @@ impl AgentRelay {
             stats: Arc::new(RelayStats::default()),
             hard_stop,
             keys: None,
+            handover: CancellationToken::new(),
+            handover_to: std::sync::Mutex::new(None),
         }
     }
 
@@ -492,6 +500,105 @@ impl AgentRelay {
         moved
     }
 
+    /// Hands every session to another process at a frame boundary: each agent's socket, with
+    /// the bytes read from it but not yet forwarded, is sent to `to` (see [`crate::handover`])
+    /// after the frame being written is complete and the manager connection is closed. The
+    /// agents never see their connection close. Stop accepting first.
+    pub fn hand_over_all(&self, to: tokio::sync::mpsc::UnboundedSender<Handed>) {
+        *self.handover_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
+        self.handover.cancel();
+    }
+
+    fn hand_over(
+        &self,
+        agent: TcpStream,
+        peer: SocketAddr,
+        handle: SessionHandle,
+        up: Pipe,
+        replay: Vec<u8>,
+    ) {
+        let key = handle.session().key();
+        let sink = self
+            .handover_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let socket = agent.into_std();
+        match (sink, socket) {
+            (Some(sink), Ok(socket)) => {
+                let handed = Handed {
+                    listener: self.name.clone(),
+                    client: peer,
+                    key,
+                    pending: up.buf.to_vec(),
+                    replay,
+                    socket: socket.into(),
+                };
+                if sink.send(handed).is_err() {
+                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
+                        "hand-over channel closed; closing the agent connection");
+                } else {
+                    tracing::debug!(listener = %self.name, agent = %key, client = %peer, "agent handed over");
+                }
+            }
+            (_, Err(e)) => {
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer, error = %e,
+                    "cannot detach the agent socket for the hand-over; closing it");
+            }
+            (None, _) => {}
+        }
+        drop(handle);
+    }
+
+    /// Takes over a session handed over by a previous process: reconnects the agent to a
+    /// manager (the startup or keepalive frame first, then the bytes the previous process had
+    /// not forwarded) and relays it as if it had connected here.
+    pub async fn adopt(self: Arc<Self>, handed: Handed) {
+        if handed.listener != self.name {
+            tracing::warn!(listener = %self.name, other = %handed.listener, "adopting a session of another listener");
+        }
+        let std_socket = std::net::TcpStream::from(handed.socket);
+        let agent = match std_socket
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(std_socket))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, agent = %handed.key, client = %handed.client, error = %e,
+                    "cannot adopt the agent socket");
+                return;
+            }
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        let handle = match self.sessions.register(handed.key, handed.client).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, agent = %handed.key, "cannot adopt: {e}");
+                self.stats.active.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let tracker = match (&self.keys, handed.key) {
+            (Some(keys), SessionKey::Agent(id)) => keys.get(&id).map(Tracker::new),
+            _ => None,
+        };
+        let mut up = Pipe::default();
+        up.buf.extend_from_slice(&handed.pending);
+        tune(&agent, self.config.tcp_keepalive);
+        self.carry(
+            agent,
+            handed.client,
+            handle,
+            up,
+            handed.replay,
+            tracker,
+            true,
+        )
+        .await;
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// The settings in force.
     pub fn config(&self) -> &AgentRelayConfig {
         &self.config
@@ -600,15 +707,35 @@ impl AgentRelay {
             session.update_agent_info(|i| *i = info);
         }
 
-        // 3. A manager, then frames both ways. When the manager side fails, the agent's
-        // connection stays and its stream continues on another manager at a frame boundary.
+        let replay = up.buf[HEADER_LEN..first_len].to_vec();
+        self.carry(agent, peer, handle, up, replay, tracker, false)
+            .await;
+    }
+
+    /// Carries an agent's session to its end: a manager, then frames both ways. When the
+    /// manager side fails, the agent's connection stays and its stream continues on another
+    /// manager at a frame boundary. `replay` is the frame a new manager must see first so
+    /// that it registers the agent's reply socket (its startup message, or with keys its
+    /// latest keepalive); `adopted` sessions come from a previous process and replay it at
+    /// once.
+    #[allow(clippy::too_many_arguments)]
+    async fn carry(
+        &self,
+        agent: TcpStream,
+        peer: SocketAddr,
+        handle: SessionHandle,
+        mut up: Pipe,
+        mut replay: Vec<u8>,
+        mut tracker: Option<Tracker>,
+        adopted: bool,
+    ) {
+        let cfg = &self.config;
+        let session = handle.session().clone();
+        let key = session.key();
         let balance_key = match key {
             SessionKey::Agent(id) => BalanceKey::Agent(id),
             SessionKey::Source(ip) => BalanceKey::Source(ip),
         };
-        // The frame a new manager must see first, so that it registers the agent's reply
-        // socket: the startup message, or (with keys) the latest keepalive.
-        let mut replay = up.buf[HEADER_LEN..first_len].to_vec();
         let mut fed: Vec<SocketAddr> = Vec::new();
         let mut down = Pipe::default();
         let mut last_backend = None;
@@ -647,8 +774,22 @@ impl AgentRelay {
             tune(&manager, cfg.tcp_keepalive);
             session.set_backend(Some(addr));
             let moved_from = last_backend.replace(addr);
-            let mut awaiting_reply = moved_from.is_none();
-            if let Some(from) = moved_from {
+            let mut awaiting_reply = moved_from.is_none() && !adopted;
+            if moved_from.is_none() && adopted {
+                if let Err(e) = write_frame(&manager, &replay).await {
+                    tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
+                        "manager failed while taking over the agent; trying another");
+                    self.balancer
+                        .load()
+                        .report_failure(connected.index, Instant::now());
+                    last_backend = None;
+                    continue;
+                }
+                awaiting_reply = true;
+                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %addr,
+                    "agent taken over from the previous process");
+            } else if let Some(from) = moved_from {
                 // Before any newer frame, the new manager gets the control frame that
                 // registers the agent (never twice: a duplicate may close the connection).
                 if !fed.contains(&addr) {
@@ -683,6 +824,19 @@ impl AgentRelay {
                     awaiting_reply,
                 )
                 .await;
+            if matches!(end, End::HandedOver) {
+                // A planned hand-over: complete the frame being written, deliver what the
+                // agent is owed, close the manager connection (FIN) before the next process
+                // opens its own, then pass the agent's socket on.
+                if finish_head(&mut up, &manager).await.is_err() {
+                    up.drop_partial_head();
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), flush(&mut down, &agent)).await;
+                drop(manager);
+                drop(connected.guard);
+                return self.hand_over(agent, peer, handle, up, replay);
+            }
             if !(cfg.failover && (end.manager_failed() || matches!(end, End::Moved))) {
                 drop(manager);
                 break end;
@@ -867,6 +1021,7 @@ impl AgentRelay {
                 end = &mut down_f => return end,
                 _ = session.closing() => return End::Closed,
                 _ = session.move_requested(), if cfg.failover => return End::Moved,
+                _ = self.handover.cancelled() => return End::HandedOver,
                 _ = &mut reply_timer, if reply_armed => {
                     reply_armed = false;
                     if session.stats().frames_down.load(Ordering::Relaxed) == replies_before {
@@ -893,6 +1048,20 @@ async fn write_frame(manager: &TcpStream, payload: &[u8]) -> io::Result<()> {
         match manager.try_write(&frame[at..]) {
             Ok(n) => at += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => manager.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes every whole frame a pipe holds (a hand-over delivers what the agent is owed).
+async fn flush(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
+    while pipe.ready > 0 {
+        match dst.try_write(&pipe.buf[..pipe.ready]) {
+            Ok(n) => {
+                pipe.consume(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
             Err(e) => return Err(e),
         }
     }
