@@ -160,23 +160,44 @@ pub async fn run(agents: usize) -> Result<(), DemoError> {
     }
     println!("   {same} of {agents} agents landed on the manager they had before");
     println!();
-    println!("4. manager-a dies; its agents reconnect and the proxy sends them to manager-b:");
+    println!("4. manager-a dies. Its agents stay connected: the proxy moves each one to manager-b");
+    println!("   at a message boundary, and the agent's next message arrives there:");
     a.stop().await;
     for (id, conn, manager) in conns.iter_mut() {
-        if manager == "manager-a" {
-            // The agent sees its connection close, as with any manager failure, and reconnects.
-            let closed = tokio::time::timeout(Duration::from_secs(5), conn.next()).await;
-            if !matches!(closed, Ok(None) | Ok(Some(Err(_)))) {
-                return Err(DemoError::Unexpected(format!(
-                    "agent {id}: connection to the dead manager stayed open"
-                )));
-            }
-            let (again, now) = connect_agent(proxy, *id, 7).await?;
-            println!("   agent {id}: manager-a -> {now}");
-            *conn = again;
-            *manager = now;
+        if manager != "manager-a" {
+            continue;
         }
+        // The agent notices nothing but one extra ACK (manager-b answering the startup
+        // message the proxy replayed to register the agent there).
+        let ack = tokio::time::timeout(Duration::from_secs(5), conn.next())
+            .await
+            .map_err(|_| {
+                DemoError::Unexpected(format!("agent {id}: no answer from the new manager"))
+            })?
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                DemoError::Unexpected(format!("agent {id}: its connection was closed"))
+            })?;
+        let now = String::from_utf8_lossy(&ack)
+            .rsplit(' ')
+            .next()
+            .unwrap_or("?")
+            .to_owned();
+        let before = b.frames_from(id.as_str()).len();
+        conn.send(Bytes::from(agent_payload(Some(*id), 8, 200)))
+            .await
+            .map_err(|e| DemoError::Unexpected(format!("agent {id}: {e}")))?;
+        wait(|| b.frames_from(id.as_str()).len() > before).await;
+        println!("   agent {id}: manager-a -> {now}, same TCP connection, next event delivered");
+        *manager = now;
     }
+    println!(
+        "   agents moved without a disconnect: {}",
+        relay
+            .stats()
+            .failovers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
     println!();
     println!(
         "Done: {} frames relayed agent->manager, {} manager->agent, {} sessions live.",

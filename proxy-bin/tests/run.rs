@@ -191,4 +191,8 @@ fn the_demo_runs_and_shows_where_agents_went() {
         "{text}"
     );
     assert!(text.contains("agent 001 -> manager-"), "{text}");
+    assert!(
+        text.contains("same TCP connection, next event delivered"),
+        "{text}"
+    );
 }
