@@ -3,6 +3,8 @@
 //!
 //! ```toml
 //! drain_timeout = "30s"
+//! admin = "127.0.0.1:9514"  # admin HTTP API ("none" disables it)
+//! admin_token_file = "/etc/wazuh-proxy/admin.token"  # optional bearer token
 //!
 //! [[listener]]
 //! name = "agents"
@@ -17,7 +19,7 @@
 //! ```
 
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,6 +102,8 @@ impl Serialize for Dur {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     drain_timeout: Option<Dur>,
+    admin: Option<Spanned<String>>,
+    admin_token_file: Option<Spanned<PathBuf>>,
     #[serde(default)]
     listener: Vec<Spanned<FileListener>>,
 }
@@ -180,11 +184,47 @@ pub struct Listener {
     pub keys: Option<(PathBuf, Duration)>,
 }
 
+/// Where the admin HTTP API listens and who may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Address of the admin API; `None` disables it.
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token every admin request must carry.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        AdminSettings {
+            listen: Some(DEFAULT_ADMIN),
+            token_file: None,
+        }
+    }
+}
+
+/// Default address of the admin API: loopback only.
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9514);
+
+/// Parses an admin address: `host:port`, or `none` to disable the admin API.
+///
+/// # Errors
+/// When the text is neither `none` nor one resolvable address.
+pub fn parse_admin(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    resolve_one(text)
+        .map(Some)
+        .map_err(|e| format!("admin: {e} (or \"none\" to disable the admin API)"))
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// How long sessions may run on after SIGTERM before they are closed.
     pub drain_timeout: Duration,
+    /// The admin HTTP API.
+    pub admin: AdminSettings,
     /// The listeners.
     pub listeners: Vec<Listener>,
 }
@@ -215,6 +255,16 @@ impl Config {
             toml::from_str(text).map_err(|e| src.error(e.span(), e.message()))?;
         if file.listener.is_empty() {
             return Err(src.error(None, "no [[listener]] defined"));
+        }
+        let mut admin = AdminSettings::default();
+        if let Some(a) = &file.admin {
+            admin.listen = parse_admin(a.get_ref()).map_err(|e| src.error(Some(a.span()), e))?;
+        }
+        if let Some(t) = &file.admin_token_file {
+            if t.get_ref().as_os_str().is_empty() {
+                return Err(src.error(Some(t.span()), "admin_token_file is empty"));
+            }
+            admin.token_file = Some(t.get_ref().clone());
         }
         let mut listeners = Vec::new();
         for (i, l) in file.listener.into_iter().enumerate() {
@@ -344,6 +394,7 @@ impl Config {
         }
         Ok(Config {
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0),
+            admin,
             listeners,
         })
     }
@@ -372,6 +423,7 @@ impl Config {
             .map_err(|e| src.error(None, e))?;
         Ok(Config {
             drain_timeout: DEFAULT_DRAIN,
+            admin: AdminSettings::default(),
             listeners: vec![Listener {
                 name: "agents".into(),
                 listen,
@@ -390,6 +442,17 @@ impl Config {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         let mut out = String::new();
         let _ = writeln!(out, "drain_timeout = {:?}", d(self.drain_timeout));
+        match self.admin.listen {
+            Some(a) => {
+                let _ = writeln!(out, "admin = \"{a}\"");
+            }
+            None => {
+                let _ = writeln!(out, "admin = \"none\"");
+            }
+        }
+        if let Some(t) = &self.admin.token_file {
+            let _ = writeln!(out, "admin_token_file = {:?}", t.display().to_string());
+        }
         for l in &self.listeners {
             let a = &l.agent;
             let _ = writeln!(out, "\n[[listener]]");
@@ -535,6 +598,26 @@ backends = [{ address = "127.0.0.1:11515" }]
         let e = err(&GOOD.replace("1515\"", "1514\""));
         assert!(e.contains("used by two listeners"), "{e}");
         assert!(err("").contains("no [[listener]]"));
+    }
+
+    #[test]
+    fn admin_settings() {
+        let c = Config::parse(GOOD, "good.toml").unwrap();
+        assert_eq!(c.admin, AdminSettings::default());
+        assert_eq!(c.admin.listen, Some(DEFAULT_ADMIN));
+        let text = format!("admin = \"none\"\n{GOOD}");
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(c.admin.listen, None);
+        assert_eq!(Config::parse(&c.to_toml(), "e").unwrap().admin, c.admin);
+        let text = format!("admin = \"127.0.0.1:9600\"\nadmin_token_file = \"/etc/t\"\n{GOOD}");
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(c.admin.listen, Some("127.0.0.1:9600".parse().unwrap()));
+        assert_eq!(c.admin.token_file, Some(PathBuf::from("/etc/t")));
+        assert_eq!(Config::parse(&c.to_toml(), "e").unwrap().admin, c.admin);
+        let e = err(&format!("\nadmin = \"nowhere\"\n{GOOD}"));
+        assert!(e.starts_with("x.toml:2:") && e.contains("none"), "{e}");
+        let e = err(&format!("admin_token_file = \"\"\n{GOOD}"));
+        assert!(e.starts_with("x.toml:1:"), "{e}");
     }
 
     #[test]

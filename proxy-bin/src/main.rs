@@ -1,5 +1,6 @@
 //! `wazuh-proxy`: a load balancer that understands the Wazuh agent protocol.
 
+mod admin;
 mod config;
 mod demo;
 mod inspect;
@@ -42,6 +43,12 @@ enum Command {
     },
     /// Decrypt captured 1514 traffic with client.keys and print one JSON object per message.
     Inspect(inspect::InspectArgs),
+    /// Ask a running proxy whether it is healthy (exit 0) or not (exit 1): for keepalived.
+    Health(admin::client::HealthArgs),
+    /// List the live agent sessions of a running proxy.
+    Sessions(admin::client::SessionsArgs),
+    /// List the backends of a running proxy and their state.
+    Backends(admin::client::BackendsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +65,12 @@ struct RunArgs {
     /// Quick form: how agents are spread.
     #[arg(long, default_value = "agent-id", value_parser = parse_policy)]
     balance: Policy,
+    /// Admin HTTP API address, or "none" (default: the config's `admin`, else 127.0.0.1:9514).
+    #[arg(long, value_name = "ADDR|none")]
+    admin: Option<String>,
+    /// File holding the bearer token every admin API request must carry.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -96,10 +109,19 @@ fn main() -> ExitCode {
                     return fail("run needs --config FILE, or --listen ADDR with --backend ADDR")
                 }
             };
-            let config = match config {
+            let mut config = match config {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
+            if let Some(admin) = &args.admin {
+                match config::parse_admin(admin) {
+                    Ok(listen) => config.admin.listen = listen,
+                    Err(e) => return fail(format!("--{e}")),
+                }
+            }
+            if let Some(token) = args.admin_token_file {
+                config.admin.token_file = Some(token);
+            }
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
@@ -133,5 +155,8 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Command::Health(args) => admin::client::health(&args),
+        Command::Sessions(args) => admin::client::sessions(&args),
+        Command::Backends(args) => admin::client::backends(&args),
     }
 }

@@ -44,10 +44,14 @@ pub enum StartError {
         /// The cause.
         source: wazuh_proxy_core::balance::BalanceError,
     },
+    /// The admin API could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// A listener that is bound and serving.
-enum Running {
+#[derive(Debug, Clone)]
+pub(crate) enum Running {
     Agent(Arc<AgentRelay>),
     Tcp(Arc<TcpRelay>),
     Udp(Arc<UdpRelay>),
@@ -96,6 +100,16 @@ impl Proxy {
             tracker,
             drain_timeout: config.drain_timeout,
         })
+    }
+
+    /// The bound listeners, in configuration order.
+    pub(crate) fn running(&self) -> &[Running] {
+        &self.running
+    }
+
+    /// Cancelled once the proxy stops accepting new connections (the drain has begun).
+    pub(crate) fn stop_accepting(&self) -> CancellationToken {
+        self.stop_accepting.clone()
     }
 
     /// Stops accepting, lets sessions finish for up to the drain timeout, then closes the rest.
@@ -225,10 +239,14 @@ pub async fn shutdown_signal() {
 /// When a listener cannot start.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let proxy = Proxy::start(&config).await?;
+    let admin = crate::admin::AdminServer::start(&config, &proxy).await?;
     shutdown_signal().await;
     tokio::select! {
         _ = proxy.drain() => {}
         _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),
+    }
+    if let Some(admin) = admin {
+        admin.stop().await;
     }
     Ok(())
 }

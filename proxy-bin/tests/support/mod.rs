@@ -32,8 +32,14 @@ impl ProxyProcess {
             ready.port()
         ));
         let file = std::fs::File::create(&log).unwrap();
+        // Tests that do not talk to the admin API leave its default port alone, so several
+        // proxies can run at once.
+        let mut args: Vec<&str> = args.to_vec();
+        if args.first() == Some(&"run") && !args.contains(&"--admin") {
+            args.extend(["--admin", "none"]);
+        }
         let child = bin()
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
