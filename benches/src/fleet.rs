@@ -1,0 +1,254 @@
+//! The load modes: many agents at once, against a proxy or a manager.
+//!
+//! - [`run_agents`]: throughput (rate or flat out), latency (with the manager's echo) and idle
+//!   (keepalives only, with the resident memory of a watched process before and after).
+//! - [`connect_storm`]: N agents handshaking at the same instant.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use wazuh_proxy_core::envelope::Cipher;
+
+use crate::agent::{Agent, AgentConfig, Load};
+use crate::fleetkeys;
+use crate::stats::FleetStats;
+use crate::FleetError;
+
+/// Pre-sealed pools are sized to stay under this many bytes for the whole fleet.
+const POOL_BUDGET: usize = 64 << 20;
+
+/// Options shared by every mode.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Proxy or manager address.
+    pub target: SocketAddr,
+    /// Number of agents.
+    pub agents: usize,
+    /// Cipher of every agent.
+    pub cipher: Cipher,
+    /// Event text length.
+    pub event_size: usize,
+    /// How events are sent ([`Load::FlatOut`] with `pool == usize::MAX`: sized automatically).
+    pub load: Load,
+    /// How long to send.
+    pub duration: Duration,
+    /// The shared keys file (written if absent).
+    pub keys: PathBuf,
+    /// Keepalive period.
+    pub notify_time: Duration,
+    /// Sleep between handshake attempts.
+    pub retry_interval: Duration,
+    /// Attempts per round.
+    pub max_retries: u32,
+    /// Wait for the startup ACK.
+    pub recv_timeout: Duration,
+    /// Record echo round trips.
+    pub echo: bool,
+    /// Loopback source addresses to spread agents over.
+    pub sources: Vec<IpAddr>,
+    /// Handshakes in flight at once (0: all at once).
+    pub ramp: usize,
+    /// Wait for the other side to close after the shutdown message.
+    pub drain: Duration,
+    /// Connection log lines to print at most.
+    pub log_lines: u64,
+}
+
+/// The result of a run: the summary line and whether it went as expected.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Extra report lines, then the `key=value` summary line.
+    pub report: String,
+    /// False on failures that were not expected.
+    pub ok: bool,
+}
+
+fn config(o: &FleetOptions, load: Load) -> AgentConfig {
+    AgentConfig {
+        target: o.target,
+        cipher: o.cipher,
+        event_size: o.event_size,
+        load,
+        deadline: Instant::now() + o.duration,
+        drain: o.drain,
+        notify_time: o.notify_time,
+        retry_interval: o.retry_interval,
+        max_retries: o.max_retries,
+        recv_timeout: o.recv_timeout,
+        connect_timeout: Duration::from_secs(10),
+        echo: o.echo,
+        sources: o.sources.clone(),
+        log_budget: AtomicU64::new(o.log_lines),
+    }
+}
+
+fn build(o: &FleetOptions, load: Load) -> Result<Vec<Agent>, FleetError> {
+    let keys = fleetkeys::load_or_create(&o.keys, o.agents)?;
+    keys.into_iter()
+        .enumerate()
+        .map(|(i, k)| Agent::new(i, k, o.cipher, load, o.event_size, &o.sources))
+        .collect()
+}
+
+fn resolve_load(o: &FleetOptions) -> Load {
+    match o.load {
+        Load::FlatOut { pool } if pool == usize::MAX => {
+            let per = POOL_BUDGET / (o.agents.max(1) * (o.event_size + 128));
+            Load::FlatOut {
+                pool: per.clamp(4, 256),
+            }
+        }
+        l => l,
+    }
+}
+
+/// Resident memory of process `pid` in kB (`VmRSS` of `/proc/PID/status`).
+///
+/// # Errors
+/// [`FleetError::Io`] when the file cannot be read, [`FleetError::Protocol`] without `VmRSS`.
+pub fn rss_kb(pid: u32) -> Result<u64, FleetError> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|e| FleetError::io(path.clone(), e))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| FleetError::Protocol(format!("{path}: no VmRSS line")))
+}
+
+/// Runs `o.agents` agents until the duration ends and they have drained.
+///
+/// With `rss_pid`, reads that process's resident memory before the first connection and once
+/// every agent is connected (plus two seconds to settle), and reports the difference per agent.
+///
+/// # Errors
+/// Keys that cannot be read or written, or events that cannot be sealed.
+pub async fn run_agents(
+    o: &FleetOptions,
+    mode: &str,
+    rss_pid: Option<u32>,
+    expect_reconnects: bool,
+) -> Result<Outcome, FleetError> {
+    let load = resolve_load(o);
+    let agents = build(o, load)?;
+    if let Load::FlatOut { pool } = load {
+        eprintln!(
+            "wazuh-fleet: {} agents, {pool} pre-sealed events each",
+            agents.len()
+        );
+    }
+    let rss_before = rss_pid.map(rss_kb).transpose()?;
+    let stats = Arc::new(FleetStats::new());
+    let cfg = Arc::new(config(o, load));
+    let gate = (o.ramp > 0).then(|| Arc::new(Semaphore::new(o.ramp)));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for a in agents {
+        tasks.spawn(a.run(Arc::clone(&cfg), Arc::clone(&stats), gate.clone()));
+    }
+    let mut extra = String::new();
+    if let (Some(pid), Some(before)) = (rss_pid, rss_before) {
+        let n = o.agents as u64;
+        while stats.connects.load(Relaxed) < n && Instant::now() < cfg.deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let connected = stats.connects.load(Relaxed);
+        let ramp = start.elapsed();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kb(pid)?;
+        let per = (after.saturating_sub(before) * 1024) as f64 / connected.max(1) as f64;
+        extra = format!(
+            " rss_pid={pid} rss_before_kb={before} rss_after_kb={after} connected={connected} \
+             ramp_s={:.2} rss_per_agent_bytes={per:.0}",
+            ramp.as_secs_f64()
+        );
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed();
+    let mut report = stats.summary(mode, o.agents, elapsed);
+    report.push_str(&extra);
+    let failed = stats.errors.load(Relaxed) > 0
+        || (!expect_reconnects && stats.lost_connections.load(Relaxed) > 0)
+        || (o.echo && stats.echoes.load(Relaxed) == 0);
+    Ok(Outcome {
+        report,
+        ok: !failed,
+    })
+}
+
+/// Opens `o.agents` connections at the same instant, each sending its (pre-sealed) startup
+/// and waiting for the ACK; reports when the last one was acknowledged and the rate.
+///
+/// Connections stay open until every agent is done (or the duration ends), then close.
+///
+/// # Errors
+/// Keys that cannot be read or written.
+pub async fn connect_storm(o: &FleetOptions) -> Result<Outcome, FleetError> {
+    let mut agents = build(o, Load::Idle)?;
+    for a in &mut agents {
+        a.prepare_startup()?;
+    }
+    let stats = Arc::new(FleetStats::new());
+    let cfg = Arc::new(config(o, Load::Idle));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let remaining = Arc::new(AtomicU64::new(o.agents as u64));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut a in agents {
+        let (cfg, stats, done, remaining) = (
+            Arc::clone(&cfg),
+            Arc::clone(&stats),
+            Arc::clone(&done),
+            Arc::clone(&remaining),
+        );
+        tasks.spawn(async move {
+            let stream = a.connect(&cfg, &stats, None).await;
+            let took = start.elapsed();
+            match &stream {
+                Some(_) => {
+                    stats.connects.fetch_add(1, Relaxed);
+                    stats.record_rtt(took);
+                }
+                None => {
+                    stats.errors.fetch_add(1, Relaxed);
+                }
+            }
+            let notified = done.notified();
+            if remaining.fetch_sub(1, Relaxed) == 1 {
+                done.notify_waiters();
+            } else {
+                let _ = tokio::time::timeout_at(cfg.deadline, notified).await;
+            }
+            drop(stream);
+            took
+        });
+    }
+    let mut last = Duration::ZERO;
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(t) = r {
+            last = last.max(t);
+        }
+    }
+    let n = stats.connects.load(Relaxed);
+    let errors = stats.errors.load(Relaxed);
+    let (_, p50, p99, _) = stats.latency();
+    let secs = last.as_secs_f64().max(1e-9);
+    let report = format!(
+        "summary mode=connect-storm agents={} acked={n} errors={errors} failed_attempts={} \
+         all_acked_ms={:.1} connect_p50_ms={:.1} connect_p99_ms={:.1} conns_per_s={:.0}",
+        o.agents,
+        stats.failed_attempts.load(Relaxed),
+        secs * 1e3,
+        p50 as f64 / 1e3,
+        p99 as f64 / 1e3,
+        n as f64 / secs,
+    );
+    Ok(Outcome {
+        report,
+        ok: errors == 0,
+    })
+}
