@@ -1,0 +1,434 @@
+#!/usr/bin/env bash
+# Compares wazuh-proxy with nginx (stream) and HAProxy (mode tcp) on the same agent workloads,
+# plus a direct run without any proxy, on loopback only.
+#
+#   benches/compare.sh [--quick] [--rounds N] [--out FILE] [--no-install] [--no-build]
+#
+# Layout: the proxy under test is pinned to CPU 0 (taskset -c 0); the simulated agents
+# (wazuh-fleet) and the two stand-in managers behind the proxy share CPU 1. Each workload runs
+# through every proxy in turn, round after round (A/B/C/D, A/B/C/D...), so that drifting
+# background load hits them alike; medians over the rounds are reported with the ratio
+# wazuh-proxy / nginx.
+#
+# Workloads (full / --quick):
+#   throughput   100 and 1000 agents x 256 B and 4 KB events, flat out, 8 s / 3 s each
+#   latency      100 agents x 10 events/s, event -> manager echo round trip p50/p99
+#   idle memory  10,000 / 2,000 idle agents (fewer if `ulimit -n` cannot give a proxy two
+#                descriptors per agent): the proxy's VmRSS growth per connected agent;
+#                full mode also tries 50,000 agents (one round) when descriptors allow
+#   storm        10,000 / 2,000 agents handshaking at the same instant: time until the last
+#                startup is acknowledged, and connections per second
+#
+# Every load loop is bounded in time and everything started here is stopped on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+QUICK=0
+ROUNDS=""
+OUT=""
+INSTALL=1
+BUILD=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        --no-install) INSTALL=0 ;;
+        --no-build) BUILD=0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+if [ "$QUICK" = 1 ]; then
+    ROUNDS=${ROUNDS:-1}; TP_SECS=3; LAT_SECS=4; IDLE_AGENTS=2000; STORM_AGENTS=2000; BIG_IDLE=0
+else
+    ROUNDS=${ROUNDS:-3}; TP_SECS=8; LAT_SECS=8; IDLE_AGENTS=10000; STORM_AGENTS=10000; BIG_IDLE=50000
+fi
+KINDS="wazuh nginx haproxy direct"
+LISTEN_PORT=15140
+M1=127.0.0.1:15601
+M2=127.0.0.1:15602
+NGINX_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
+
+WORK=$(mktemp -d /tmp/wazuh-compare.XXXXXX)
+RESULTS=$WORK/results.tsv
+OUT=${OUT:-$WORK/results.md}
+: > "$RESULTS"
+PIDS=()
+
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------------------
+# Tools
+
+if [ "$INSTALL" = 1 ]; then
+    if ! command -v nginx >/dev/null || [ ! -f "$NGINX_MODULE" ] || ! command -v haproxy >/dev/null; then
+        log "installing nginx, libnginx-mod-stream and haproxy"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y nginx libnginx-mod-stream haproxy
+    fi
+fi
+for tool in nginx haproxy taskset ss python3; do
+    command -v "$tool" >/dev/null || { echo "compare.sh: $tool is missing" >&2; exit 1; }
+done
+[ -f "$NGINX_MODULE" ] || { echo "compare.sh: $NGINX_MODULE is missing (libnginx-mod-stream)" >&2; exit 1; }
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "$BUILD" = 1 ]; then
+    log "building wazuh-proxy and wazuh-fleet (release)"
+    (cd "$ROOT" && cargo build --release -p wazuh-proxy --bin wazuh-proxy -p wazuh-proxy-benches --bin wazuh-fleet)
+fi
+PROXY_BIN=$TARGET_DIR/release/wazuh-proxy
+FLEET_BIN=$TARGET_DIR/release/wazuh-fleet
+[ -x "$PROXY_BIN" ] && [ -x "$FLEET_BIN" ] || { echo "compare.sh: binaries missing under $TARGET_DIR/release" >&2; exit 1; }
+
+# Descriptors: each idle agent costs one in the fleet, two in the proxy, one in a manager.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+# Best effort: more ephemeral ports and quick reuse of TIME_WAIT ports for the storms.
+PORT_RANGE_OLD=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null | tr '\t' ' ' || true)
+echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || true
+PORT_RANGE=$(tr '\t' ' ' < /proc/sys/net/ipv4/ip_local_port_range)
+log "nofile=$NOFILE ports=$PORT_RANGE (was $PORT_RANGE_OLD) somaxconn=$(cat /proc/sys/net/core/somaxconn)"
+
+# A proxy holds two descriptors per agent (agent side and manager side).
+MAX_AGENTS=$(( (NOFILE - 200) / 2 ))
+if [ "$IDLE_AGENTS" -gt "$MAX_AGENTS" ]; then
+    log "ulimit -n $NOFILE (cannot be raised here) caps agents through a proxy at $MAX_AGENTS"
+    IDLE_AGENTS=$MAX_AGENTS
+fi
+[ "$STORM_AGENTS" -gt "$MAX_AGENTS" ] && STORM_AGENTS=$MAX_AGENTS
+PROXY_MAXCONN=$(( MAX_AGENTS + 50 ))
+
+KEYS=$WORK/client.keys
+"$FLEET_BIN" keygen --agents $(( BIG_IDLE > IDLE_AGENTS ? BIG_IDLE : IDLE_AGENTS )) --out "$KEYS" >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# Proxies
+
+write_configs() {
+    cat > "$WORK/nginx.conf" <<EOF
+load_module $NGINX_MODULE;
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile $NOFILE;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections $(( NOFILE - 50 )); multi_accept on; }
+stream {
+    upstream managers {
+        hash \$remote_addr consistent;
+        server $M1;
+        server $M2;
+    }
+    server {
+        listen 127.0.0.1:$LISTEN_PORT backlog=65535;
+        proxy_pass managers;
+        proxy_timeout 10m;
+    }
+}
+EOF
+    cat > "$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn $PROXY_MAXCONN
+    log stderr format raw local0 warning
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+    maxconn $PROXY_MAXCONN
+frontend agents
+    bind 127.0.0.1:$LISTEN_PORT backlog 65535
+    default_backend managers
+backend managers
+    balance source
+    server m1 $M1
+    server m2 $M2
+EOF
+}
+
+wait_listen() {
+    local port=$1
+    for _ in $(seq 100); do
+        ss -ltnH "sport = :$port" | grep -q . && return 0
+        sleep 0.05
+    done
+    echo "compare.sh: nothing listens on port $port" >&2
+    return 1
+}
+
+# start_proxy KIND: sets PROXY_PID (the process whose memory is measured) and TARGET.
+start_proxy() {
+    local kind=$1
+    PROXY_PID=""
+    PROXY_MAIN=""
+    case "$kind" in
+        wazuh)
+            RUST_LOG=warn taskset -c 0 "$PROXY_BIN" run --listen 127.0.0.1:$LISTEN_PORT \
+                --backend $M1 --backend $M2 --balance agent-id 2>>"$WORK/wazuh-proxy.log" &
+            PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
+        nginx)
+            taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
+            PROXY_MAIN=$! ;;
+        haproxy)
+            taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db 2>>"$WORK/haproxy.log" &
+            PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
+        direct)
+            TARGET=$M1; return 0 ;;
+    esac
+    PIDS+=("$PROXY_MAIN")
+    TARGET=127.0.0.1:$LISTEN_PORT
+    wait_listen $LISTEN_PORT
+    if [ "$kind" = nginx ]; then
+        # The worker does the work (and holds the memory), not the master.
+        for _ in $(seq 50); do
+            PROXY_PID=$(pgrep -P "$PROXY_MAIN" | head -1 || true)
+            [ -n "$PROXY_PID" ] && break
+            sleep 0.05
+        done
+    fi
+}
+
+stop_proxy() {
+    [ -n "${PROXY_MAIN:-}" ] && stop_pid "$PROXY_MAIN"
+    PIDS=("${PIDS[@]/$PROXY_MAIN}")
+    PROXY_MAIN=""
+    # Let closing connections leave the port before the next run binds it.
+    for _ in $(seq 50); do ss -ltnH "sport = :$LISTEN_PORT" | grep -q . || break; sleep 0.1; done
+}
+
+MANAGER_PIDS=()
+start_managers() {
+    local i=0 addr
+    MANAGER_PIDS=()
+    for addr in $M1 $M2; do
+        i=$((i + 1))
+        taskset -c 1 "$FLEET_BIN" manager --listen "$addr" --keys "$KEYS" --name "m$i" "$@" \
+            > "$WORK/manager-$i.out" 2>>"$WORK/manager-$i.err" &
+        MANAGER_PIDS+=($!)
+        PIDS+=($!)
+    done
+    wait_listen 15601
+    wait_listen 15602
+}
+
+# stop_managers: prints the two summary lines.
+stop_managers() {
+    local pid
+    for pid in "${MANAGER_PIDS[@]}"; do stop_pid "$pid"; PIDS=("${PIDS[@]/$pid}"); done
+    grep -h '^manager-summary' "$WORK/manager-1.out" "$WORK/manager-2.out" || true
+}
+
+field() { # field KEY LINE...
+    local key=$1; shift
+    printf '%s\n' "$@" | grep -o "\b$key=[^ ]*" | head -1 | cut -d= -f2
+}
+sum_field() { # sum_field KEY: sums KEY over stdin lines
+    grep -o "\b$1=[^ ]*" | cut -d= -f2 | awk '{s+=$1} END {print s+0}'
+}
+
+record() { # record WORKLOAD KIND ROUND METRIC VALUE
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$(cut -d' ' -f1 /proc/loadavg)" >> "$RESULTS"
+}
+
+busy_note() {
+    local n
+    n=$(pgrep -c -x 'rustc|cargo|cc1|ld' 2>/dev/null || true)
+    [ "${n:-0}" -gt 0 ] && echo "busy($n)" || echo quiet
+}
+
+# run_case WORKLOAD KIND ROUND -- manager args -- fleet args
+run_case() {
+    local workload=$1 kind=$2 round=$3; shift 3
+    local margs=() fargs=()
+    shift # --
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do margs+=("$1"); shift; done
+    shift # --
+    fargs=("$@")
+    start_managers "${margs[@]}"
+    if ! start_proxy "$kind"; then
+        stop_proxy
+        stop_managers > /dev/null
+        echo "$workload $kind round=$round: the proxy did not start (see $WORK/$kind.log)" >> "$WORK/runs.log"
+        LAST_OUT="" LAST_MSUM="" LAST_RC=99 LAST_BUSY=$(busy_note)
+        return 0
+    fi
+    local busy out rc=0
+    busy=$(busy_note)
+    local f=()
+    for a in "${fargs[@]}"; do f+=("${a//@PID@/${PROXY_PID:-0}}"); done
+    out=$(taskset -c 1 "$FLEET_BIN" "${f[0]}" --target "$TARGET" --keys "$KEYS" "${f[@]:1}" 2>>"$WORK/fleet.err") || rc=$?
+    stop_proxy
+    local msum
+    msum=$(stop_managers)
+    echo "$workload $kind round=$round rc=$rc $busy | $out" >> "$WORK/runs.log"
+    printf '%s\n' "$msum" | sed "s/^/    /" >> "$WORK/runs.log"
+    LAST_OUT=$out
+    LAST_MSUM=$msum
+    LAST_RC=$rc
+    LAST_BUSY=$busy
+}
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+
+write_configs
+log "work dir $WORK; rounds=$ROUNDS quick=$QUICK; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+START=$(date +%s)
+
+for agents in 100 1000; do
+    for size in 256 4096; do
+        w="throughput_${agents}x${size}"
+        for round in $(seq "$ROUNDS"); do
+            for kind in $KINDS; do
+                run_case "$w" "$kind" "$round" -- --sample 16 -- \
+                    agents --agents $agents --event-size $size --flat-out --duration $TP_SECS \
+                    --drain 20 --ramp 256
+                sent_frames=$(field frames "$LAST_OUT")
+                got_frames=$(printf '%s\n' "$LAST_MSUM" | sum_field frames)
+                record "$w" "$kind" "$round" events_per_s "$(field events_per_s "$LAST_OUT")"
+                record "$w" "$kind" "$round" mb_per_s "$(field mb_per_s "$LAST_OUT")"
+                record "$w" "$kind" "$round" missing_frames "$(( ${sent_frames:-0} - ${got_frames:-0} ))"
+                record "$w" "$kind" "$round" busy "$LAST_BUSY"
+                log "$w $kind round $round: $(field events_per_s "$LAST_OUT") ev/s $(field mb_per_s "$LAST_OUT") MB/s, frames sent $sent_frames received $got_frames, rc=$LAST_RC $LAST_BUSY"
+            done
+        done
+    done
+done
+
+w=latency_100x10eps
+for round in $(seq "$ROUNDS"); do
+    for kind in $KINDS; do
+        run_case "$w" "$kind" "$round" -- --echo -- \
+            latency --agents 100 --rate 10 --event-size 256 --duration $LAT_SECS
+        record "$w" "$kind" "$round" rtt_p50_us "$(field rtt_p50_us "$LAST_OUT")"
+        record "$w" "$kind" "$round" rtt_p99_us "$(field rtt_p99_us "$LAST_OUT")"
+        record "$w" "$kind" "$round" lost "$(printf '%s\n' "$LAST_MSUM" | sum_field lost)"
+        log "$w $kind round $round: p50 $(field rtt_p50_us "$LAST_OUT") us p99 $(field rtt_p99_us "$LAST_OUT") us rc=$LAST_RC $LAST_BUSY"
+    done
+done
+
+idle_case() { # idle_case AGENTS ROUNDS SOURCES
+    local n=$1 rounds=$2 sources=$3 w="idle_${1}"
+    for round in $(seq "$rounds"); do
+        for kind in wazuh nginx haproxy; do
+            run_case "$w" "$kind" "$round" -- -- \
+                idle --agents "$n" --duration $(( 8 + n / 2000 )) --ramp 512 --rss-pid @PID@ \
+                --source-ips "$sources" --recv-timeout 20
+            record "$w" "$kind" "$round" rss_per_agent_bytes "$(field rss_per_agent_bytes "$LAST_OUT")"
+            record "$w" "$kind" "$round" connected "$(field connected "$LAST_OUT")"
+            record "$w" "$kind" "$round" rss_before_kb "$(field rss_before_kb "$LAST_OUT")"
+            log "$w $kind round $round: $(field rss_per_agent_bytes "$LAST_OUT") B/agent, connected $(field connected "$LAST_OUT")/$n, rc=$LAST_RC $LAST_BUSY"
+        done
+    done
+}
+idle_case "$IDLE_AGENTS" "$(( ROUNDS < 2 ? ROUNDS : 2 ))" 0
+
+w=storm_${STORM_AGENTS}
+for round in $(seq "$ROUNDS"); do
+    for kind in $KINDS; do
+        run_case "$w" "$kind" "$round" -- -- \
+            connect-storm --agents "$STORM_AGENTS" --ramp 0 --duration 30 --reconnect-interval 1 \
+            --recv-timeout 20
+        record "$w" "$kind" "$round" all_acked_ms "$(field all_acked_ms "$LAST_OUT")"
+        record "$w" "$kind" "$round" conns_per_s "$(field conns_per_s "$LAST_OUT")"
+        record "$w" "$kind" "$round" acked "$(field acked "$LAST_OUT")"
+        log "$w $kind round $round: all acked in $(field all_acked_ms "$LAST_OUT") ms ($(field acked "$LAST_OUT") acked), rc=$LAST_RC $LAST_BUSY"
+    done
+done
+
+if [ "$BIG_IDLE" -gt 0 ]; then
+    # 50,000 agents from one source address would exhaust its ephemeral ports towards one
+    # listener: spread them over 8 loopback addresses. Each proxy needs 2 descriptors per agent.
+    if [ "$MAX_AGENTS" -ge "$BIG_IDLE" ]; then
+        idle_case "$BIG_IDLE" 1 8
+    else
+        log "skipping $BIG_IDLE idle agents: ulimit -n is $NOFILE, enough for $MAX_AGENTS through a proxy"
+        echo "skipped idle_$BIG_IDLE: ulimit -n $NOFILE" >> "$WORK/runs.log"
+    fi
+fi
+
+END=$(date +%s)
+log "workloads took $(( END - START )) s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# ---------------------------------------------------------------------------------------------
+# Medians and ratios
+
+python3 - "$RESULTS" "$OUT" "$QUICK" "$ROUNDS" "$(( END - START ))" <<'EOF'
+import sys, statistics, collections
+path, out, quick, rounds, secs = sys.argv[1:6]
+rows = collections.defaultdict(list)
+busy = collections.defaultdict(list)
+loads = []
+for line in open(path):
+    w, kind, rnd, metric, value, load = line.rstrip("\n").split("\t")
+    loads.append(float(load))
+    if metric == "busy":
+        busy[w].append(value)
+        continue
+    try:
+        rows[(w, metric, kind)].append(float(value))
+    except ValueError:
+        pass
+shown = [
+    ("events_per_s", "events/s", True), ("mb_per_s", "MB/s", True),
+    ("missing_frames", "frames sent - received", None),
+    ("rtt_p50_us", "p50 µs", False), ("rtt_p99_us", "p99 µs", False),
+    ("rss_per_agent_bytes", "RSS bytes / idle agent", False), ("connected", "agents connected", None),
+    ("all_acked_ms", "ms until all acked", False), ("conns_per_s", "connections/s", True),
+]
+kinds = ["wazuh", "nginx", "haproxy", "direct"]
+workloads = []
+for (w, _, _) in rows:
+    if w not in workloads:
+        workloads.append(w)
+lines = ["| workload | metric | wazuh-proxy | nginx | HAProxy | direct | wazuh / nginx | wazuh / HAProxy |",
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def fmt(v):
+    if v is None: return "n/a"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+for w in workloads:
+    for metric, label, _ in shown:
+        vals = {k: rows.get((w, metric, k)) for k in kinds}
+        if not any(vals.values()): continue
+        med = {k: (statistics.median(v) if v else None) for k, v in vals.items()}
+        def ratio(a, b):
+            if a is None or b in (None, 0): return "n/a"
+            return f"{a / b:.2f}"
+        lines.append(f"| {w} | {label} | " + " | ".join(fmt(med[k]) for k in kinds)
+                     + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} |")
+noisy = sorted(w for w, v in busy.items() if any(x != "quiet" for x in v))
+text = "\n".join(lines)
+text += (f"\n\nMedians over {rounds} round(s) ({'quick' if quick == '1' else 'full'} mode), "
+         f"{secs} s of workloads; load average during runs {min(loads):.2f}..{max(loads):.2f}.\n")
+if noisy:
+    text += "Compilers were running during some throughput runs of: " + ", ".join(noisy) + ".\n"
+open(out, "w").write(text)
+print(text)
+EOF
+log "results: $OUT; per-run lines: $WORK/runs.log"
+echo "$PORT_RANGE_OLD" | grep -q . && echo "$PORT_RANGE_OLD" > /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
