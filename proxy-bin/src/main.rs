@@ -6,6 +6,7 @@ mod demo;
 mod inspect;
 mod nginx;
 mod server;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,8 +33,24 @@ enum Command {
     Run(RunArgs),
     /// Validate a config file and print the effective configuration.
     CheckConfig {
-        /// The TOML config file.
+        /// The TOML config file (or, with --nginx, an nginx.conf).
         file: PathBuf,
+        /// Read the file as an nginx configuration (its stream {} block).
+        #[arg(long)]
+        nginx: bool,
+    },
+    /// Upgrade a running proxy to the binary now installed, without refusing a connection or
+    /// disconnecting an agent (sends it SIGUSR2).
+    Upgrade {
+        /// The running proxy's process ID.
+        #[arg(long)]
+        pid: u32,
+    },
+    /// Re-read a running proxy's configuration (sends it SIGHUP).
+    Reload {
+        /// The running proxy's process ID.
+        #[arg(long)]
+        pid: u32,
     },
     /// Start two stand-in managers, the proxy and a few agents on loopback, and show where each agent goes.
     Demo {
@@ -56,6 +73,19 @@ struct RunArgs {
     /// TOML config file.
     #[arg(long, short, conflicts_with_all = ["listen", "backend"])]
     config: Option<PathBuf>,
+    /// nginx configuration to read the listeners from (its stream {} block, with includes).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "listen", "backend"])]
+    nginx_config: Option<PathBuf>,
+    /// Unix socket where this process offers its sockets to a new process on upgrade.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/wazuh-proxy/upgrade.sock"
+    )]
+    upgrade_socket: PathBuf,
+    /// Take over the sockets and agents of a running proxy (set by the upgrade itself).
+    #[arg(long, value_name = "PATH", hide = true)]
+    takeover: Option<PathBuf>,
     /// Quick form: address to accept agents on (1514/TCP).
     #[arg(long, requires = "backend")]
     listen: Option<String>,
@@ -83,6 +113,7 @@ fn init_logs() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -97,41 +128,81 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Sends a signal to a running proxy (the `kill` utility: no libc binding needed for one call).
+fn signal(pid: u32, sig: &str) -> ExitCode {
+    match std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+    {
+        Ok(s) if s.success() => ExitCode::SUCCESS,
+        Ok(s) => fail(format!("kill -{sig} {pid} failed ({s})")),
+        Err(e) => fail(format!("cannot run kill: {e}")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
             init_logs();
-            let config = match (&args.config, &args.listen) {
-                (Some(file), _) => Config::load(file),
-                (None, Some(listen)) => Config::quick(listen, &args.backend, args.balance),
+            let admin_listen = match args.admin.as_deref().map(config::parse_admin).transpose() {
+                Ok(a) => a,
+                Err(e) => return fail(format!("--{e}")),
+            };
+            let token = args.admin_token_file.clone();
+            // The admin flags override the file, on every (re)load.
+            let apply = move |mut c: Config| {
+                if let Some(listen) = admin_listen {
+                    c.admin.listen = listen;
+                }
+                if let Some(t) = &token {
+                    c.admin.token_file = Some(t.clone());
+                }
+                c
+            };
+            let reload: Option<Box<dyn Fn() -> Result<Config, config::ConfigError> + Send>> =
+                match (&args.nginx_config, &args.config) {
+                    (Some(file), _) => {
+                        let (file, apply) = (file.clone(), apply.clone());
+                        Some(Box::new(move || nginx::load(&file).map(&apply)))
+                    }
+                    (None, Some(file)) => {
+                        let (file, apply) = (file.clone(), apply.clone());
+                        Some(Box::new(move || Config::load(&file).map(&apply)))
+                    }
+                    _ => None,
+                };
+            let config = match (&reload, &args.listen) {
+                (Some(load), _) => load(),
+                (None, Some(listen)) => Config::quick(listen, &args.backend, args.balance).map(&apply),
                 (None, None) => {
-                    return fail("run needs --config FILE, or --listen ADDR with --backend ADDR")
+                    return fail("run needs --config FILE, --nginx-config FILE, or --listen ADDR with --backend ADDR")
                 }
             };
-            let mut config = match config {
+            let config = match config {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            if let Some(admin) = &args.admin {
-                match config::parse_admin(admin) {
-                    Ok(listen) => config.admin.listen = listen,
-                    Err(e) => return fail(format!("--{e}")),
-                }
-            }
-            if let Some(token) = args.admin_token_file {
-                config.admin.token_file = Some(token);
-            }
+            let options = server::RunOptions {
+                reload,
+                takeover: args.takeover.clone(),
+                upgrade_socket: args.upgrade_socket.clone(),
+            };
             let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => return fail(format!("cannot start the runtime: {e}")),
             };
-            match rt.block_on(server::run(config)) {
+            match rt.block_on(server::run(config, options)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(e),
             }
         }
-        Command::CheckConfig { file } => match Config::load(&file) {
+        Command::CheckConfig { file, nginx } => match if nginx {
+            nginx::load(&file)
+        } else {
+            Config::load(&file)
+        } {
             Ok(c) => {
                 print!("{}", c.to_toml());
                 ExitCode::SUCCESS
@@ -155,6 +226,8 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
+        Command::Upgrade { pid } => signal(pid, "USR2"),
+        Command::Reload { pid } => signal(pid, "HUP"),
         Command::Health(args) => admin::client::health(&args),
         Command::Sessions(args) => admin::client::sessions(&args),
         Command::Backends(args) => admin::client::backends(&args),

@@ -52,7 +52,6 @@
 //! and the number of files to [`MAX_FILES`].
 
 // Until `run --nginx-config` and `check-config --nginx` call it, only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};

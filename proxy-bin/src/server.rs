@@ -1,5 +1,6 @@
 //! Runs a configuration: binds every listener, serves until SIGTERM/SIGINT, then drains.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::Balancer;
+use wazuh_proxy_core::handover::InheritedListener;
 use wazuh_proxy_core::keys::KeyStore;
 use wazuh_proxy_core::net;
 use wazuh_proxy_core::relay::AgentRelay;
@@ -44,6 +46,12 @@ pub enum StartError {
         /// The cause.
         source: wazuh_proxy_core::balance::BalanceError,
     },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+    /// Taking over from a previous process failed.
+    #[error(transparent)]
+    Upgrade(#[from] crate::upgrade::UpgradeError),
     /// The admin API could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -74,9 +82,20 @@ impl Running {
     }
 }
 
+/// One bound listener.
+struct Live {
+    spec: Listener,
+    running: Running,
+    /// Stops this listener's accept loop (a child of the proxy's `stop_accepting`).
+    stop: CancellationToken,
+    /// A duplicate of the listening socket, handed to a successor on upgrade (closed when
+    /// the drain starts, so the address stops accepting).
+    socket: Option<OwnedFd>,
+}
+
 /// The proxy: every listener of a configuration, bound.
 pub struct Proxy {
-    running: Vec<Running>,
+    live: Vec<Live>,
     stop_accepting: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
@@ -88,23 +107,80 @@ impl Proxy {
     /// # Errors
     /// When an address cannot be bound.
     pub async fn start(config: &Config) -> Result<Proxy, StartError> {
+        Proxy::start_with(config, Vec::new()).await
+    }
+
+    /// Like [`Proxy::start`], serving on sockets inherited from a previous process where the
+    /// name, address and kind match (the others are bound anew).
+    ///
+    /// # Errors
+    /// When an address cannot be bound.
+    pub async fn start_with(
+        config: &Config,
+        mut inherited: Vec<InheritedListener>,
+    ) -> Result<Proxy, StartError> {
         let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let mut running = Vec::new();
+        let mut live = Vec::new();
         for l in &config.listeners {
-            running.push(start_listener(l, &stop_accepting, &tracker).await?);
+            let udp = l.kind == ListenerKind::Udp;
+            let socket = inherited
+                .iter()
+                .position(|i| i.name == l.name && i.addr == l.listen && i.udp == udp)
+                .map(|at| inherited.swap_remove(at).socket);
+            live.push(start_listener(l, stop_accepting.child_token(), &tracker, socket).await?);
         }
         Ok(Proxy {
-            running,
+            live,
             stop_accepting,
             tracker,
             drain_timeout: config.drain_timeout,
         })
     }
 
-    /// The bound listeners, in configuration order.
-    pub(crate) fn running(&self) -> &[Running] {
-        &self.running
+    /// The bound listeners, in configuration order, with their configuration.
+    pub(crate) fn listeners(&self) -> Vec<(Listener, Running)> {
+        self.live
+            .iter()
+            .map(|l| (l.spec.clone(), l.running.clone()))
+            .collect()
+    }
+
+    /// The agent relays.
+    pub(crate) fn agent_relays(&self) -> Vec<Arc<AgentRelay>> {
+        self.live
+            .iter()
+            .filter_map(|l| match &l.running {
+                Running::Agent(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every listening socket, for a successor process.
+    pub(crate) fn listener_sockets(&self) -> Vec<(String, std::net::SocketAddr, bool, &OwnedFd)> {
+        self.live
+            .iter()
+            .filter_map(|l| {
+                let socket = l.socket.as_ref()?;
+                Some((
+                    l.spec.name.clone(),
+                    l.spec.listen,
+                    l.spec.kind == ListenerKind::Udp,
+                    socket,
+                ))
+            })
+            .collect()
+    }
+
+    /// The task tracker every connection runs on.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// The drain timeout in force.
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
     }
 
     /// Cancelled once the proxy stops accepting new connections (the drain has begun).
@@ -112,23 +188,120 @@ impl Proxy {
         self.stop_accepting.clone()
     }
 
+    /// Applies a new configuration without dropping anything established: listeners that
+    /// stay (same name, address and kind) get the new backend set (passive-health state
+    /// carried over); new ones are bound; removed ones stop accepting while their sessions
+    /// run on. If a new listener cannot be bound, nothing changes.
+    ///
+    /// # Errors
+    /// When a new listener cannot start; the running configuration is then untouched.
+    pub async fn reload(&mut self, config: &Config) -> Result<(), StartError> {
+        let same = |l: &Listener, o: &Listener| {
+            l.name == o.name && l.kind == o.kind && l.listen == o.listen
+        };
+        // 1. Bind what is new first: a failure leaves everything as it was.
+        let mut added = Vec::new();
+        for l in &config.listeners {
+            if self.live.iter().any(|x| same(&x.spec, l)) {
+                continue;
+            }
+            // A listener moving to another address or kind: its old socket may hold the
+            // address; it is released below, so retry the bind after.
+            match start_listener(l, self.stop_accepting.child_token(), &self.tracker, None).await {
+                Ok(live) => added.push(live),
+                Err(e) => {
+                    for a in &added {
+                        a.stop.cancel();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // 2. Update the listeners that stay; stop the ones that are gone.
+        let mut kept = Vec::new();
+        for x in self.live.drain(..) {
+            match config.listeners.iter().find(|l| same(&x.spec, l)) {
+                Some(l) => {
+                    let balancer =
+                        Balancer::new(l.balance, l.backends.clone()).map_err(|source| {
+                            StartError::Backends {
+                                name: l.name.clone(),
+                                source,
+                            }
+                        })?;
+                    match &x.running {
+                        Running::Agent(r) => r.set_balancer(balancer),
+                        Running::Tcp(r) => r.set_balancer(balancer),
+                        Running::Udp(r) => r.set_balancer(balancer),
+                    }
+                    if l.agent.first_frame_timeout != x.spec.agent.first_frame_timeout
+                        || l.agent.idle_timeout != x.spec.agent.idle_timeout
+                        || l.agent.connect_timeout != x.spec.agent.connect_timeout
+                        || l.agent.duplicate_policy != x.spec.agent.duplicate_policy
+                        || l.agent.max_payload != x.spec.agent.max_payload
+                        || l.keys != x.spec.keys
+                    {
+                        tracing::warn!(listener = %l.name,
+                            "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
+                    }
+                    tracing::info!(listener = %l.name, backends = l.backends.len(), balance = %l.balance, "reload: backends updated");
+                    let mut x = x;
+                    let agent = x.spec.agent.clone();
+                    let keys = x.spec.keys.clone();
+                    x.spec = Listener {
+                        agent,
+                        keys,
+                        ..l.clone()
+                    };
+                    kept.push(x);
+                }
+                None => {
+                    tracing::info!(listener = %x.spec.name, address = %x.spec.listen,
+                        "reload: listener removed; it stops accepting, its sessions run on");
+                    x.stop.cancel();
+                }
+            }
+        }
+        for a in &added {
+            tracing::info!(listener = %a.spec.name, address = %a.spec.listen, "reload: listener added");
+        }
+        kept.extend(added);
+        // Keep the configuration's order.
+        kept.sort_by_key(|x| {
+            config
+                .listeners
+                .iter()
+                .position(|l| l.name == x.spec.name)
+                .unwrap_or(usize::MAX)
+        });
+        self.live = kept;
+        self.drain_timeout = config.drain_timeout;
+        Ok(())
+    }
+
+    fn open_sessions(&self) -> usize {
+        self.live.iter().map(|l| l.running.open_sessions()).sum()
+    }
+
     /// Stops accepting, lets sessions finish for up to the drain timeout, then closes the rest.
-    pub async fn drain(self) {
+    pub async fn drain(&mut self) {
         self.stop_accepting.cancel();
+        for l in &mut self.live {
+            l.socket = None;
+        }
         self.tracker.close();
-        let open: usize = self.running.iter().map(Running::open_sessions).sum();
+        let open = self.open_sessions();
         tracing::info!(sessions = open, timeout = ?self.drain_timeout, "draining: no new connections; waiting for sessions to end");
         if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
             .await
             .is_err()
         {
-            let open: usize = self.running.iter().map(Running::open_sessions).sum();
             tracing::warn!(
-                sessions = open,
+                sessions = self.open_sessions(),
                 "drain timeout reached; closing the remaining sessions"
             );
-            for r in &self.running {
-                r.close_all();
+            for l in &self.live {
+                l.running.close_all();
             }
             let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
         }
@@ -138,9 +311,11 @@ impl Proxy {
 
 async fn start_listener(
     l: &Listener,
-    stop: &CancellationToken,
+    stop: CancellationToken,
     tracker: &TaskTracker,
-) -> Result<Running, StartError> {
+    inherited: Option<OwnedFd>,
+) -> Result<Live, StartError> {
+    let stop = &stop;
     let balancer =
         Balancer::new(l.balance, l.backends.clone()).map_err(|source| StartError::Backends {
             name: l.name.clone(),
@@ -153,7 +328,8 @@ async fn start_listener(
     };
     match l.kind {
         ListenerKind::Tcp => {
-            let listener = net::bind_tcp(l.listen, net::DEFAULT_BACKLOG).map_err(bind_err)?;
+            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
+            let socket = dup_fd(&listener).map_err(bind_err)?;
             let config = TcpRelayConfig {
                 connect_timeout: l.agent.connect_timeout,
                 idle_timeout: l.agent.idle_timeout,
@@ -164,10 +340,25 @@ async fn start_listener(
             tracing::info!(listener = %l.name, address = %l.listen, kind = "tcp", balance = %l.balance,
                 backends = l.backends.len(), "listening");
             tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
-            Ok(Running::Tcp(relay))
+            Ok(Live {
+                spec: l.clone(),
+                running: Running::Tcp(relay),
+                stop: stop.clone(),
+                socket: Some(socket),
+            })
         }
         ListenerKind::Udp => {
-            let socket = net::bind_udp(l.listen).map_err(bind_err)?;
+            let udp = match inherited {
+                Some(fd) => {
+                    let std_socket = std::net::UdpSocket::from(fd);
+                    std_socket
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UdpSocket::from_std(std_socket))
+                }
+                None => net::bind_udp(l.listen),
+            }
+            .map_err(bind_err)?;
+            let socket = dup_fd(&udp).map_err(bind_err)?;
             let mut config = UdpRelayConfig {
                 max_datagram: l.agent.max_payload as usize,
                 ..UdpRelayConfig::default()
@@ -178,11 +369,17 @@ async fn start_listener(
             let relay = Arc::new(UdpRelay::new(l.name.clone(), config, balancer));
             tracing::info!(listener = %l.name, address = %l.listen, kind = "udp", balance = %l.balance,
                 backends = l.backends.len(), "listening");
-            tracker.spawn(relay.clone().serve(socket, stop.clone(), tracker.clone()));
-            Ok(Running::Udp(relay))
+            tracker.spawn(relay.clone().serve(udp, stop.clone(), tracker.clone()));
+            Ok(Live {
+                spec: l.clone(),
+                running: Running::Udp(relay),
+                stop: stop.clone(),
+                socket: Some(socket),
+            })
         }
         ListenerKind::Agent => {
-            let listener = net::bind_tcp(l.listen, net::DEFAULT_BACKLOG).map_err(bind_err)?;
+            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
+            let socket = dup_fd(&listener).map_err(bind_err)?;
             let mut relay = AgentRelay::new(l.name.clone(), l.agent.clone(), balancer);
             if let Some((path, every)) = &l.keys {
                 let (store, problems) =
@@ -202,9 +399,32 @@ async fn start_listener(
             tracing::info!(listener = %l.name, address = %l.listen, kind = "agent", balance = %l.balance,
                 backends = l.backends.len(), "listening");
             tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
-            Ok(Running::Agent(relay))
+            Ok(Live {
+                spec: l.clone(),
+                running: Running::Agent(relay),
+                stop: stop.clone(),
+                socket: Some(socket),
+            })
         }
     }
+}
+
+fn tcp_listener(
+    l: &Listener,
+    inherited: Option<OwnedFd>,
+) -> std::io::Result<tokio::net::TcpListener> {
+    match inherited {
+        Some(fd) => {
+            let std_listener = std::net::TcpListener::from(fd);
+            std_listener.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(std_listener)
+        }
+        None => net::bind_tcp(l.listen, net::DEFAULT_BACKLOG),
+    }
+}
+
+fn dup_fd(socket: &impl AsFd) -> std::io::Result<OwnedFd> {
+    socket.as_fd().try_clone_to_owned()
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -233,14 +453,103 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs `config` until a shutdown signal, then drains. A second signal closes everything at once.
+/// How `run` reloads and upgrades.
+pub struct RunOptions {
+    /// Reads the configuration again (SIGHUP); `None` when it came from the command line.
+    pub reload: Option<Box<dyn Fn() -> Result<Config, crate::config::ConfigError> + Send>>,
+    /// Set in a successor process: the old process's hand-over socket.
+    pub takeover: Option<std::path::PathBuf>,
+    /// Where this process offers its sockets to a successor on SIGUSR2.
+    pub upgrade_socket: std::path::PathBuf,
+}
+
+/// Runs `config` until a shutdown signal, then drains. A second signal closes everything at
+/// once. SIGHUP reloads the configuration; SIGUSR2 upgrades to a new process.
 ///
 /// # Errors
 /// When a listener cannot start.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let proxy = Proxy::start(&config).await?;
-    let admin = crate::admin::AdminServer::start(&config, &proxy).await?;
-    shutdown_signal().await;
+pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut proxy, takeover) = match &options.takeover {
+        Some(path) => {
+            let (stream, inherited) = crate::upgrade::connect(path).await?;
+            tracing::info!(
+                listeners = inherited.len(),
+                "taking over from the previous process"
+            );
+            (Proxy::start_with(&config, inherited).await?, Some(stream))
+        }
+        None => (Proxy::start(&config).await?, None),
+    };
+    let mut admin = match takeover {
+        Some(stream) => {
+            match crate::upgrade::adopt(stream, &proxy).await {
+                Ok(n) => {
+                    tracing::info!(sessions = n, "upgrade complete: agent sessions taken over")
+                }
+                Err(e) => tracing::error!("upgrade: taking over agent sessions failed: {e}"),
+            }
+            // The previous process releases the admin address once it has handed everything
+            // over: wait for it.
+            let mut tries = 0;
+            loop {
+                match crate::admin::AdminServer::start(&config, &proxy).await {
+                    Ok(a) => break a,
+                    Err(e) if tries < 100 => {
+                        tries += 1;
+                        tracing::debug!("admin API not yet available: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        None => {
+            let admin = crate::admin::AdminServer::start(&config, &proxy).await?;
+            crate::upgrade::notify_systemd("READY=1\n");
+            admin
+        }
+    };
+    let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
+    loop {
+        tokio::select! {
+            _ = shutdown_signal() => break,
+            _ = hup.recv() => {
+                let Some(reload) = &options.reload else {
+                    tracing::warn!("SIGHUP: the configuration came from the command line; nothing to reload");
+                    continue;
+                };
+                tracing::info!("SIGHUP: reloading the configuration");
+                match reload() {
+                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+                    Ok(new) => match proxy.reload(&new).await {
+                        Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+                        Ok(()) => {
+                            if let Some(admin) = &admin {
+                                admin.refresh(&proxy);
+                            }
+                            tracing::info!("reload applied");
+                        }
+                    },
+                }
+            }
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: upgrading to a new process");
+                match crate::upgrade::hand_over(&proxy, &options.upgrade_socket).await {
+                    Ok(n) => {
+                        tracing::info!(sessions = n, "upgrade: handed over; draining what is left and exiting");
+                        // The new process serves the admin API from now on.
+                        if let Some(a) = admin.take() {
+                            a.stop().await;
+                        }
+                        break;
+                    }
+                    Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+                }
+            }
+        }
+    }
     tokio::select! {
         _ = proxy.drain() => {}
         _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),

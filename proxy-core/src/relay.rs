@@ -958,6 +958,11 @@ impl AgentRelay {
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
         }
+        if matches!(end, End::AgentClosed) {
+            // A TCP health probe (keepalived, a monitoring check) connects and leaves.
+            tracing::debug!(listener = %self.name, client = %peer, "connection closed before its first frame");
+            return;
+        }
         match key {
             Some(key) => {
                 tracing::warn!(listener = %self.name, agent = %key, client = %peer, "closing agent connection: {end}")

@@ -123,9 +123,13 @@ async fn an_upgrade_under_load_closes_no_agent_and_loses_no_frame() {
     recv(&mut late)
         .await
         .expect("a new agent during the upgrade is served");
-    let handed = handover::hand_over_sessions(&old_side, std::slice::from_ref(&old), Duration::from_secs(20))
-        .await
-        .unwrap();
+    let handed = handover::hand_over_sessions(
+        &old_side,
+        std::slice::from_ref(&old),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
     let adopted = importer.await.unwrap();
     assert_eq!(handed, AGENTS);
     assert_eq!(adopted, AGENTS);

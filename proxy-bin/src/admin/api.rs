@@ -60,6 +60,7 @@ pub(crate) fn health(shared: &Shared) -> (bool, Value) {
     }
     let listeners: Vec<Value> = shared
         .targets
+        .load()
         .iter()
         .map(|t| {
             let balancer = t.balancer();
@@ -199,7 +200,7 @@ fn session_json(listener: &str, s: &SessionInfo) -> Value {
 /// `/sessions`: every live agent session that passes `filter`, by listener then session number.
 pub(crate) fn sessions(shared: &Shared, filter: &SessionFilter) -> Value {
     let mut out = Vec::new();
-    for t in shared.targets.iter() {
+    for t in shared.targets.load().iter() {
         if let Running::Agent(relay) = &t.relay {
             out.extend(
                 relay
@@ -219,6 +220,7 @@ pub(crate) fn backends(shared: &Shared) -> Value {
     let now = Instant::now();
     let listeners: Vec<Value> = shared
         .targets
+        .load()
         .iter()
         .map(|t| {
             let balancer = t.balancer();

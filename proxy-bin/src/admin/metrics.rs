@@ -140,7 +140,8 @@ fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
 
 impl Collector for RelayCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
-        let targets: &[Target] = &self.shared.targets;
+        let loaded = self.shared.targets.load();
+        let targets: &[Target] = &loaded;
         let now = Instant::now();
         let draining = self.shared.draining();
         let per = |f: &dyn Fn(&RelayStats) -> u64| -> Vec<(Labels, C)> {

@@ -145,7 +145,7 @@ impl Target {
 /// What every request handler reads.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) targets: Arc<Vec<Target>>,
+    pub(crate) targets: arc_swap::ArcSwap<Vec<Target>>,
     /// Cancelled when the proxy stops accepting (drain): the node is then unhealthy.
     pub(crate) accepting: CancellationToken,
 }
@@ -168,6 +168,20 @@ pub struct AdminServer {
     addr: SocketAddr,
     stop: CancellationToken,
     tasks: TaskTracker,
+    shared: Arc<Shared>,
+}
+
+fn targets_of(proxy: &Proxy) -> Vec<Target> {
+    proxy
+        .listeners()
+        .into_iter()
+        .map(|(l, relay)| Target {
+            name: l.name,
+            kind: l.kind,
+            listen: l.listen,
+            relay,
+        })
+        .collect()
 }
 
 impl AdminServer {
@@ -193,19 +207,8 @@ impl AdminServer {
             tracing::warn!(address = %addr,
                 "admin API on a non-loopback address without admin_token_file: anyone who reaches it sees every session");
         }
-        let targets: Vec<Target> = config
-            .listeners
-            .iter()
-            .zip(proxy.running())
-            .map(|(l, r)| Target {
-                name: l.name.clone(),
-                kind: l.kind,
-                listen: l.listen,
-                relay: r.clone(),
-            })
-            .collect();
         let shared = Arc::new(Shared {
-            targets: Arc::new(targets),
+            targets: arc_swap::ArcSwap::from_pointee(targets_of(proxy)),
             accepting: proxy.stop_accepting(),
         });
         let mut registry = Registry::default();
@@ -222,8 +225,19 @@ impl AdminServer {
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tracing::info!(address = %addr, token = state.token.is_some(), "admin API listening");
+        let shared = state.shared.clone();
         tasks.spawn(accept_loop(listener, state, stop.clone(), tasks.clone()));
-        Ok(Some(AdminServer { addr, stop, tasks }))
+        Ok(Some(AdminServer {
+            addr,
+            stop,
+            tasks,
+            shared,
+        }))
+    }
+
+    /// Shows the listeners of `proxy` after a reload.
+    pub(crate) fn refresh(&self, proxy: &Proxy) {
+        self.shared.targets.store(Arc::new(targets_of(proxy)));
     }
 
     /// The bound address.

@@ -1,0 +1,160 @@
+//! Binary upgrade without refusing a connection or dropping an agent.
+//!
+//! SIGUSR2 (or `wazuh-proxy upgrade`, which sends it) makes the running process start its
+//! successor: the same command line plus `--takeover SOCKET`. The successor connects to that
+//! Unix socket, receives the listening sockets and starts serving on them; the old process
+//! then stops accepting and hands every agent session over at a frame boundary (see
+//! `wazuh_proxy_core::handover`), drains what is left (plain TCP and UDP listeners) and exits.
+//! Under systemd the successor tells the service manager its PID (`MAINPID=`), so the
+//! service stays up across the upgrade.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use wazuh_proxy_core::handover::{self, HandoverError, InheritedListener};
+
+use crate::server::Proxy;
+
+/// Why an upgrade did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The hand-over socket could not be created or used.
+    #[error("upgrade socket {path}: {source}")]
+    Socket {
+        /// Its path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The successor could not be started.
+    #[error("cannot start the new process: {0}")]
+    Spawn(std::io::Error),
+    /// The successor did not connect or did not get ready in time.
+    #[error("the new process did not take over within {0:?}")]
+    Timeout(Duration),
+    /// The hand-over protocol failed.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
+}
+
+/// Time allowed to the successor to connect and start serving.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// Old process: starts the successor and hands it the listeners and the agent sessions.
+/// On success the caller drains what is left and exits; on failure it keeps running.
+///
+/// # Errors
+/// [`UpgradeError`]; nothing has been handed over unless the successor said it was ready.
+pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeError> {
+    let sock_err = |source| UpgradeError::Socket {
+        path: socket.to_owned(),
+        source,
+    };
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(sock_err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(sock_err)?;
+    let mut child = successor(socket).spawn().map_err(UpgradeError::Spawn)?;
+    tracing::info!(pid = child.id(), socket = %socket.display(), "upgrade: new process started; waiting for it to take over");
+    let accepted = tokio::time::timeout(TAKEOVER_WAIT, listener.accept()).await;
+    let _ = std::fs::remove_file(socket);
+    let stream = match accepted {
+        Ok(Ok((stream, _))) => stream,
+        Ok(Err(e)) => return Err(sock_err(e)),
+        Err(_) => {
+            let _ = child.kill();
+            return Err(UpgradeError::Timeout(TAKEOVER_WAIT));
+        }
+    };
+    let sockets = proxy.listener_sockets();
+    let offered: Vec<_> = sockets
+        .iter()
+        .map(|(n, a, u, fd)| (n.clone(), *a, *u, std::os::fd::AsFd::as_fd(fd)))
+        .collect();
+    match tokio::time::timeout(TAKEOVER_WAIT, handover::offer_listeners(&stream, &offered)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = child.kill();
+            return Err(e.into());
+        }
+        Err(_) => {
+            let _ = child.kill();
+            return Err(UpgradeError::Timeout(TAKEOVER_WAIT));
+        }
+    }
+    tracing::info!("upgrade: the new process serves the listeners; handing over agent sessions");
+    proxy.stop_accepting().cancel();
+    let handed =
+        handover::hand_over_sessions(&stream, &proxy.agent_relays(), proxy.drain_timeout()).await?;
+    tracing::info!(sessions = handed, "upgrade: agent sessions handed over");
+    // The child is now the service; do not wait for it.
+    drop(child);
+    Ok(handed)
+}
+
+/// The successor's command line: this one, plus `--takeover SOCKET`.
+fn successor(socket: &Path) -> std::process::Command {
+    let mut args = std::env::args_os();
+    // argv[0], not /proc/self/exe: after a package upgrade the path holds the new binary.
+    let program = args.next().unwrap_or_else(|| "wazuh-proxy".into());
+    let mut cmd = std::process::Command::new(program);
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--takeover" {
+            skip = true;
+            continue;
+        }
+        cmd.arg(a);
+    }
+    cmd.arg("--takeover").arg(socket);
+    cmd
+}
+
+/// New process, step 1: connects to the old process and receives its listening sockets.
+///
+/// # Errors
+/// When the old process cannot be reached or the protocol fails.
+pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener>), UpgradeError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| UpgradeError::Socket {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let listeners = handover::receive_listeners(&stream).await?;
+    Ok((stream, listeners))
+}
+
+/// New process, step 2 (serving on the inherited listeners): adopts the agent sessions,
+/// then tells systemd, if it supervises this service, that this process is now the main one.
+///
+/// # Errors
+/// When the protocol fails.
+pub async fn adopt(stream: UnixStream, proxy: &Proxy) -> Result<usize, UpgradeError> {
+    let adopted = handover::adopt_sessions(&stream, &proxy.agent_relays(), proxy.tracker()).await?;
+    notify_systemd(&format!("MAINPID={}\nREADY=1\n", std::process::id()));
+    Ok(adopted)
+}
+
+/// Sends a state line to systemd's notification socket, when there is one.
+pub fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let path = PathBuf::from(path);
+    if path.as_os_str().as_encoded_bytes().first() == Some(&b'@') {
+        tracing::debug!("abstract NOTIFY_SOCKET is not supported; not notifying systemd");
+        return;
+    }
+    match std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.send_to(state.as_bytes(), &path))
+    {
+        Ok(_) => tracing::debug!("notified systemd"),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd"),
+    }
+}

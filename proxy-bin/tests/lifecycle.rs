@@ -1,0 +1,288 @@
+//! Reload (SIGHUP) and binary upgrade (SIGUSR2) under streaming agents: nothing dropped.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use wazuh_proxy_core::envelope::AgentId;
+use wazuh_proxy_core::frame::FrameCodec;
+use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
+
+type Agent = Framed<TcpStream, FrameCodec>;
+
+fn id(n: usize) -> AgentId {
+    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
+}
+
+fn temp_dir(what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn config(listen: SocketAddr, admin: &str, managers: &[SocketAddr]) -> String {
+    let backends: Vec<String> = managers
+        .iter()
+        .map(|m| format!("{{ address = \"{m}\" }}"))
+        .collect();
+    format!(
+        "drain_timeout = \"5s\"\nadmin = \"{admin}\"\n[[listener]]\nname = \"agents\"\nlisten = \"{listen}\"\nbackends = [{}]\n",
+        backends.join(", ")
+    )
+}
+
+async fn agent(addr: SocketAddr, n: usize) -> Agent {
+    let mut a = Framed::new(
+        TcpStream::connect(addr).await.unwrap(),
+        FrameCodec::default(),
+    );
+    a.send(Bytes::from(agent_payload(Some(id(n)), 0, 64)))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), a.next())
+        .await
+        .expect("ACK in time")
+        .unwrap()
+        .unwrap();
+    a
+}
+
+async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sequence numbers received per agent across managers, without the startup frame (and its
+/// replays, which register the agent with a new manager or process).
+fn received(managers: &[&Manager], n: usize) -> Vec<u64> {
+    let mut all: Vec<u64> = managers
+        .iter()
+        .flat_map(|m| m.frames_from(&id(n).to_string()))
+        .map(|f| payload_seq(&f).unwrap())
+        .filter(|s| *s != 0)
+        .collect();
+    all.sort_unstable();
+    all
+}
+
+/// Streams `frames` numbered frames from each agent, pausing between rounds.
+async fn stream(agents: &mut [Agent], first: usize, frames: u64) {
+    for seq in 1..=frames {
+        for (i, a) in agents.iter_mut().enumerate() {
+            a.send(Bytes::from(agent_payload(Some(id(first + i)), seq, 100)))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn still_open(agents: &mut [Agent]) {
+    for (i, a) in agents.iter_mut().enumerate() {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(5), a.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(_))) => continue,
+                Ok(other) => panic!("agent {} lost its connection: {other:?}", i + 1),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_backend_set_under_200_streaming_agents_without_a_disconnect() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let dir = temp_dir("reload");
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, config(listen, "none", &[m1.addr()])).unwrap();
+    let mut proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()], listen);
+    let mut agents = Vec::new();
+    for n in 1..=200 {
+        agents.push(agent(listen, n).await);
+    }
+    let streaming = {
+        let mut agents = std::mem::take(&mut agents);
+        tokio::spawn(async move {
+            stream(&mut agents, 1, 50).await;
+            agents
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    std::fs::write(&file, config(listen, "none", &[m1.addr(), m2.addr()])).unwrap();
+    proxy.signal("HUP");
+    wait_for("reload applied", 10, || {
+        proxy.logs().contains("reload applied")
+    })
+    .await;
+    let mut agents = streaming.await.unwrap();
+    // New agents use the new set.
+    let mut newcomers = Vec::new();
+    for n in 201..=260 {
+        newcomers.push(agent(listen, n).await);
+    }
+    assert!(m2.accepted() > 0, "no new agent reached the added manager");
+    // A broken configuration is refused and the running one stays.
+    std::fs::write(&file, "[[listener]]\nlisten = \"nonsense\"\n").unwrap();
+    proxy.signal("HUP");
+    wait_for("reload refused", 10, || {
+        proxy.logs().contains("reload refused")
+    })
+    .await;
+    agent(listen, 300).await;
+    // Every frame of the first 200 agents arrived once, in order, and none disconnected.
+    wait_for("all frames", 20, || {
+        (1..=200).all(|n| received(&[&m1, &m2], n).len() == 50)
+    })
+    .await;
+    for n in 1..=200 {
+        let got: Vec<u64> = m1
+            .frames_from(&id(n).to_string())
+            .iter()
+            .map(|f| payload_seq(f).unwrap())
+            .collect();
+        assert_eq!(got, (0..=50).collect::<Vec<_>>(), "agent {n}");
+    }
+    still_open(&mut agents).await;
+    assert!(proxy.wait_exit(0).is_none());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let admin = free_addr();
+    let dir = temp_dir("upgrade");
+    let file = dir.join("proxy.toml");
+    let sock = dir.join("upgrade.sock");
+    std::fs::write(&file, config(listen, "none", &[m1.addr(), m2.addr()])).unwrap();
+    let admin_arg = admin.to_string();
+    let mut old = ProxyProcess::start(
+        &[
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--upgrade-socket",
+            sock.to_str().unwrap(),
+            "--admin",
+            &admin_arg,
+        ],
+        listen,
+    );
+    const N: usize = 200;
+    let mut agents = Vec::new();
+    for n in 1..=N {
+        agents.push(agent(listen, n).await);
+    }
+    // Probe: a new connection every few ms during the whole upgrade, each must be served.
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(AtomicUsize::new(0));
+    let prober = {
+        let (stop, probes) = (stop.clone(), probes.clone());
+        tokio::spawn(async move {
+            let mut n = 1000;
+            while !stop.load(Ordering::Relaxed) {
+                drop(agent(listen, n).await);
+                probes.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let streaming = tokio::spawn(async move {
+        stream(&mut agents, 1, 100).await;
+        agents
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.signal("USR2");
+    let status = old
+        .wait_exit(30)
+        .expect("the old process did not exit after the upgrade");
+    assert!(status.success(), "{status:?}\n{}", old.logs());
+    let logs = old.logs();
+    let new_pid: u32 = logs
+        .lines()
+        .find(|l| l.contains("new process started"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in the log:\n{logs}"));
+    let kill_new = scopeguard(new_pid);
+    let mut agents = streaming.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    prober
+        .await
+        .expect("a connection was refused or not served during the upgrade");
+    assert!(probes.load(Ordering::Relaxed) > 10);
+    assert!(
+        logs.contains(&format!("agent sessions handed over sessions={N}"))
+            || logs.contains("sessions handed over"),
+        "{logs}"
+    );
+    // Every frame arrived once; every agent still has its connection, now served by the new process.
+    wait_for("all frames", 20, || {
+        (1..=N).all(|n| received(&[&m1, &m2], n).len() == 100)
+    })
+    .await;
+    for n in 1..=N {
+        assert_eq!(
+            received(&[&m1, &m2], n),
+            (1..=100).collect::<Vec<_>>(),
+            "agent {n}"
+        );
+    }
+    still_open(&mut agents).await;
+    // The new process answers the admin API.
+    let health = bin()
+        .args(["health", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
+    drop(kill_new);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Kills the new process when the test ends, however it ends.
+struct Kill(u32);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+fn scopeguard(pid: u32) -> Kill {
+    Kill(pid)
+}
