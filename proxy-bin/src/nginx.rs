@@ -51,8 +51,6 @@
 //! Files are limited to [`MAX_FILE_SIZE`] bytes, include nesting to [`MAX_INCLUDE_DEPTH`]
 //! and the number of files to [`MAX_FILES`].
 
-// Until `run --nginx-config` and `check-config --nginx` call it, only the tests do.
-
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::path::{Component, Path, PathBuf};
