@@ -123,6 +123,12 @@ struct FileListener {
     tcp_keepalive: Option<Dur>,
     keys: Option<Spanned<PathBuf>>,
     keys_reload: Option<Dur>,
+    health_check_interval: Option<Dur>,
+    health_check_timeout: Option<Dur>,
+    health_check_rise: Option<u32>,
+    health_check_fall: Option<u32>,
+    rebalance_interval: Option<Dur>,
+    rebalance_batch: Option<usize>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -182,6 +188,11 @@ pub struct Listener {
     pub agent: AgentRelayConfig,
     /// client.keys to verify agents with (kind `agent`), and how often to check it for changes.
     pub keys: Option<(PathBuf, Duration)>,
+    /// Active health checks (`None`: passive checks only).
+    pub health: Option<wazuh_proxy_core::health::HealthCheck>,
+    /// Agents moved back to their preferred manager every interval, at most this many (kind
+    /// `agent`; `None`: only on request).
+    pub rebalance: Option<(Duration, usize)>,
 }
 
 /// Where the admin HTTP API listens and who may use it.
@@ -228,6 +239,9 @@ pub struct Config {
     /// The listeners.
     pub listeners: Vec<Listener>,
 }
+
+/// Default pace of automatic rebalancing: every 5 s, at most 50 agents.
+pub const DEFAULT_REBALANCE: (Duration, usize) = (Duration::from_secs(5), 50);
 
 /// Default drain time after SIGTERM.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
@@ -370,6 +384,25 @@ impl Config {
                 )),
                 None => None,
             };
+            let defaults = wazuh_proxy_core::health::HealthCheck::default();
+            let health = match l.health_check_interval {
+                Some(Dur(d)) if d.is_zero() => None,
+                interval => Some(wazuh_proxy_core::health::HealthCheck {
+                    interval: interval.map_or(defaults.interval, |d| d.0),
+                    timeout: l.health_check_timeout.map_or(defaults.timeout, |d| d.0),
+                    rise: l.health_check_rise.unwrap_or(defaults.rise).max(1),
+                    fall: l.health_check_fall.unwrap_or(defaults.fall).max(1),
+                }),
+            };
+            let rebalance = match (kind, l.rebalance_interval, l.rebalance_batch) {
+                (ListenerKind::Agent, Some(Dur(d)), _) if d.is_zero() => None,
+                (ListenerKind::Agent, _, Some(0)) => None,
+                (ListenerKind::Agent, every, batch) => Some((
+                    every.map_or(DEFAULT_REBALANCE.0, |d| d.0),
+                    batch.unwrap_or(DEFAULT_REBALANCE.1),
+                )),
+                _ => None,
+            };
             let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
             if listeners.iter().any(|o: &Listener| o.name == name) {
                 return Err(src.error(Some(span), format!("listener name {name:?} is used twice")));
@@ -390,6 +423,8 @@ impl Config {
                 backends,
                 agent,
                 keys,
+                health,
+                rebalance,
             });
         }
         Ok(Config {
@@ -432,6 +467,8 @@ impl Config {
                 backends: list,
                 agent: AgentRelayConfig::default(),
                 keys: None,
+                health: Some(wazuh_proxy_core::health::HealthCheck::default()),
+                rebalance: Some(DEFAULT_REBALANCE),
             }],
         })
     }
@@ -476,6 +513,28 @@ impl Config {
                 "tcp_keepalive = {:?}",
                 a.tcp_keepalive.map_or("0s".into(), d)
             );
+            match &l.health {
+                Some(h) => {
+                    let _ = writeln!(out, "health_check_interval = {:?}", d(h.interval));
+                    let _ = writeln!(out, "health_check_timeout = {:?}", d(h.timeout));
+                    let _ = writeln!(out, "health_check_rise = {}", h.rise);
+                    let _ = writeln!(out, "health_check_fall = {}", h.fall);
+                }
+                None => {
+                    let _ = writeln!(out, "health_check_interval = \"0s\"");
+                }
+            }
+            if l.kind == ListenerKind::Agent {
+                match l.rebalance {
+                    Some((every, batch)) => {
+                        let _ = writeln!(out, "rebalance_interval = {:?}", d(every));
+                        let _ = writeln!(out, "rebalance_batch = {batch}");
+                    }
+                    None => {
+                        let _ = writeln!(out, "rebalance_interval = \"0s\"");
+                    }
+                }
+            }
             if let Some((path, every)) = &l.keys {
                 let _ = writeln!(out, "keys = {:?}", path.display().to_string());
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));

@@ -66,6 +66,10 @@ enum Command {
     Sessions(admin::client::SessionsArgs),
     /// List the backends of a running proxy and their state.
     Backends(admin::client::BackendsArgs),
+    /// Move agents back to their preferred managers, without disconnecting them.
+    Rebalance(admin::client::RebalanceArgs),
+    /// Move every agent off a manager before its maintenance, without disconnecting them.
+    Drain(admin::client::DrainArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -231,5 +235,7 @@ fn main() -> ExitCode {
         Command::Health(args) => admin::client::health(&args),
         Command::Sessions(args) => admin::client::sessions(&args),
         Command::Backends(args) => admin::client::backends(&args),
+        Command::Rebalance(args) => admin::client::rebalance(&args),
+        Command::Drain(args) => admin::client::drain(&args),
     }
 }

@@ -240,6 +240,8 @@ impl Proxy {
                         || l.agent.duplicate_policy != x.spec.agent.duplicate_policy
                         || l.agent.max_payload != x.spec.agent.max_payload
                         || l.keys != x.spec.keys
+                        || l.health != x.spec.health
+                        || l.rebalance != x.spec.rebalance
                     {
                         tracing::warn!(listener = %l.name,
                             "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
@@ -247,10 +249,13 @@ impl Proxy {
                     tracing::info!(listener = %l.name, backends = l.backends.len(), balance = %l.balance, "reload: backends updated");
                     let mut x = x;
                     let agent = x.spec.agent.clone();
-                    let keys = x.spec.keys.clone();
+                    let (keys, health, rebalance) =
+                        (x.spec.keys.clone(), x.spec.health, x.spec.rebalance);
                     x.spec = Listener {
                         agent,
                         keys,
+                        health,
+                        rebalance,
                         ..l.clone()
                     };
                     kept.push(x);
@@ -326,7 +331,7 @@ async fn start_listener(
         addr: l.listen,
         source,
     };
-    match l.kind {
+    let live: Result<Live, StartError> = match l.kind {
         ListenerKind::Tcp => {
             let listener = tcp_listener(l, inherited).map_err(bind_err)?;
             let socket = dup_fd(&listener).map_err(bind_err)?;
@@ -406,6 +411,44 @@ async fn start_listener(
                 socket: Some(socket),
             })
         }
+    };
+    let live = live?;
+    spawn_upkeep(&live, stop, tracker);
+    Ok(live)
+}
+
+/// Active health checks, and for agent listeners the paced rebalancing.
+fn spawn_upkeep(live: &Live, stop: &CancellationToken, tracker: &TaskTracker) {
+    let name = live.spec.name.clone();
+    if let Some(check) = live.spec.health {
+        let running = live.running.clone();
+        let balancer = move || match &running {
+            Running::Agent(r) => r.balancer(),
+            Running::Tcp(r) => r.balancer(),
+            Running::Udp(r) => r.balancer(),
+        };
+        let on_change = move |backend: std::net::SocketAddr, up: bool| {
+            tracing::info!(listener = %name, %backend, up, "active health check changed a backend's state");
+        };
+        tracker.spawn(wazuh_proxy_core::health::run(
+            balancer,
+            check,
+            stop.clone(),
+            on_change,
+        ));
+    }
+    if let (Some((every, batch)), Running::Agent(relay)) = (live.spec.rebalance, &live.running) {
+        let (relay, stop) = (relay.clone(), stop.clone());
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => { relay.rebalance(batch); }
+                }
+            }
+        });
     }
 }
 

@@ -61,8 +61,8 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
         listen,
     );
     let mut a = agent(listen, "001").await;
-    wait_for("the readiness probe's connection to end", || {
-        m.accepted() == 1
+    wait_for("the agent's first frame", || {
+        m.frames_from("001").len() == 1
     })
     .await;
     proxy.signal("TERM");

@@ -39,7 +39,7 @@ use std::hash::BuildHasher;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Deref;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -268,6 +268,10 @@ pub struct Backend {
     /// then "on trial") until a success clears it.
     failed_until: AtomicU64,
     active: Arc<AtomicU64>,
+    /// Set by active health checks after `fall` failed probes, cleared after `rise` good ones.
+    probe_down: AtomicBool,
+    probe_ok: AtomicU32,
+    probe_fail: AtomicU32,
     opened_total: AtomicU64,
     successes_total: AtomicU64,
     failures_total: AtomicU64,
@@ -286,6 +290,9 @@ impl Backend {
             window_start: AtomicU64::new(0),
             failed_until: AtomicU64::new(0),
             active: Arc::new(AtomicU64::new(0)),
+            probe_down: AtomicBool::new(false),
+            probe_ok: AtomicU32::new(0),
+            probe_fail: AtomicU32::new(0),
             opened_total: AtomicU64::new(0),
             successes_total: AtomicU64::new(0),
             failures_total: AtomicU64::new(0),
@@ -320,9 +327,17 @@ impl Backend {
         (until > ticks(self.base, now)).then(|| self.base + Duration::from_nanos(until - 1))
     }
 
-    /// Whether the server may be chosen at `now`: not `down` and not marked failed.
+    /// Whether the server may be chosen at `now`: not `down`, not marked failed, and not
+    /// failing its active health checks.
     pub fn is_available(&self, now: Instant) -> bool {
-        !self.config.down && self.failed_until.load(Ordering::Acquire) <= ticks(self.base, now)
+        !self.config.down
+            && !self.probe_down.load(Ordering::Acquire)
+            && self.failed_until.load(Ordering::Acquire) <= ticks(self.base, now)
+    }
+
+    /// Whether active health checks currently consider the server down.
+    pub fn probe_failed(&self) -> bool {
+        self.probe_down.load(Ordering::Acquire)
     }
 
     /// Connection guards ever opened (attempts included).
@@ -576,6 +591,12 @@ impl Balancer {
             let copy = |to: &AtomicU64, from: &AtomicU64| {
                 to.store(from.load(Ordering::Acquire), Ordering::Release)
             };
+            b.probe_down
+                .store(old.probe_down.load(Ordering::Acquire), Ordering::Release);
+            b.probe_ok
+                .store(old.probe_ok.load(Ordering::Acquire), Ordering::Release);
+            b.probe_fail
+                .store(old.probe_fail.load(Ordering::Acquire), Ordering::Release);
             copy(&b.opened_total, &old.opened_total);
             copy(&b.successes_total, &old.successes_total);
             copy(&b.failures_total, &old.failures_total);
@@ -829,6 +850,32 @@ impl Balancer {
             tracing::warn!(backend = %b.addr(), fails, fail_timeout = ?b.config.fail_timeout,
                 "backend marked unavailable");
         }
+    }
+
+    /// Records the result of an active health probe of backend `idx`: after `fall`
+    /// consecutive failures the backend is taken out of rotation, after `rise` consecutive
+    /// successes it returns. Returns the new state when it changed (`true` = up).
+    pub fn probe_result(&self, idx: usize, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        let b = self.backends.get(idx)?;
+        if ok {
+            b.probe_fail.store(0, Ordering::Relaxed);
+            let streak = b.probe_ok.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            if streak >= rise.max(1) && b.probe_down.swap(false, Ordering::AcqRel) {
+                tracing::info!(backend = %b.addr(), "backend passes its health checks again; back in rotation");
+                return Some(true);
+            }
+        } else {
+            b.probe_ok.store(0, Ordering::Relaxed);
+            let streak = b
+                .probe_fail
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            if streak >= fall.max(1) && !b.probe_down.swap(true, Ordering::AcqRel) {
+                tracing::warn!(backend = %b.addr(), failed_probes = streak, "backend fails its health checks; out of rotation");
+                return Some(false);
+            }
+        }
+        None
     }
 
     /// Records a success: clears the failure count and any failure mark. Unknown indexes are

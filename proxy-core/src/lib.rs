@@ -15,6 +15,7 @@ pub mod enroll;
 pub mod envelope;
 pub mod frame;
 pub mod handover;
+pub mod health;
 pub mod inspect;
 pub mod keys;
 pub mod net;

@@ -261,6 +261,77 @@ pub(crate) fn backends(shared: &Shared) -> Value {
     Value::Array(listeners)
 }
 
+/// `POST /rebalance[?limit=N]`, `POST /drain?backend=ADDR`, `POST /undrain?backend=ADDR`:
+/// move agents between managers without disconnecting them.
+pub(crate) fn act(
+    shared: &Shared,
+    path: &str,
+    query: Option<&str>,
+) -> Result<Value, (hyper::StatusCode, String)> {
+    use hyper::StatusCode;
+    let param = |name: &str| -> Option<String> {
+        query?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| v.replace("%3A", ":").replace("%3a", ":"))
+        })
+    };
+    let targets = shared.targets.load();
+    let agents = targets.iter().filter_map(|t| match &t.relay {
+        Running::Agent(r) => Some((t.name.as_str(), r)),
+        _ => None,
+    });
+    match path {
+        "/rebalance" => {
+            let limit = match param("limit") {
+                Some(l) => l
+                    .parse::<usize>()
+                    .map_err(|_| (StatusCode::BAD_REQUEST, format!("bad limit {l:?}")))?,
+                None => usize::MAX,
+            };
+            let moved: Vec<Value> = agents
+                .map(|(name, r)| json!({"listener": name, "moving": r.rebalance(limit)}))
+                .collect();
+            Ok(json!({"rebalance": moved}))
+        }
+        "/drain" | "/undrain" => {
+            let backend = param("backend").ok_or((
+                StatusCode::BAD_REQUEST,
+                "backend=ADDR is required".to_owned(),
+            ))?;
+            let addr: std::net::SocketAddr = backend.parse().map_err(|_| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("bad backend address {backend:?}"),
+                )
+            })?;
+            let mut done = Vec::new();
+            for (name, r) in agents {
+                if r.balancer().index_of(addr).is_none() {
+                    continue;
+                }
+                let result = if path == "/drain" {
+                    r.drain_backend(addr)
+                        .map(|n| json!({"listener": name, "moving": n}))
+                } else {
+                    r.undrain_backend(addr)
+                        .map(|()| json!({"listener": name, "back_in_rotation": true}))
+                };
+                done.push(
+                    result.map_err(|e| (StatusCode::CONFLICT, format!("listener {name}: {e}")))?,
+                );
+            }
+            if done.is_empty() {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("no agent listener has backend {addr}"),
+                ));
+            }
+            Ok(json!({"backend": addr.to_string(), "listeners": done}))
+        }
+        _ => Err((StatusCode::NOT_FOUND, format!("no such action {path:?}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

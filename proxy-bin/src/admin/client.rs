@@ -64,6 +64,28 @@ pub struct BackendsArgs {
     json: bool,
 }
 
+/// `wazuh-proxy rebalance`.
+#[derive(Debug, clap::Args)]
+pub struct RebalanceArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Move at most this many agents (default: every agent not on its preferred manager).
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+/// `wazuh-proxy drain`.
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// The manager to empty (host:port as configured).
+    backend: String,
+    /// Put the manager back into rotation instead (its agents return with `rebalance`).
+    #[arg(long)]
+    undo: bool,
+}
+
 /// Why a request to the admin API did not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -112,6 +134,18 @@ pub enum ClientError {
 /// # Errors
 /// [`ClientError`] when no HTTP answer arrived.
 pub fn get(conn: &Connection, path: &str) -> Result<(StatusCode, String), ClientError> {
+    request(conn, hyper::Method::GET, path)
+}
+
+/// Sends `method path` and returns the status and body.
+///
+/// # Errors
+/// [`ClientError`] when no HTTP answer arrived.
+pub fn request(
+    conn: &Connection,
+    method: hyper::Method,
+    path: &str,
+) -> Result<(StatusCode, String), ClientError> {
     let token = conn
         .admin_token_file
         .as_deref()
@@ -125,7 +159,7 @@ pub fn get(conn: &Connection, path: &str) -> Result<(StatusCode, String), Client
     rt.block_on(async {
         match tokio::time::timeout(
             conn.timeout,
-            exchange(&addr, path, token.as_ref().map(|t| t.as_str())),
+            exchange(&addr, method, path, token.as_ref().map(|t| t.as_str())),
         )
         .await
         {
@@ -140,6 +174,7 @@ pub fn get(conn: &Connection, path: &str) -> Result<(StatusCode, String), Client
 
 async fn exchange(
     addr: &str,
+    method: hyper::Method,
     path: &str,
     token: Option<&str>,
 ) -> Result<(StatusCode, String), ClientError> {
@@ -161,7 +196,9 @@ async fn exchange(
         addr: addr.to_owned(),
         why,
     };
-    let mut req = Request::get(path)
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
         .header(header::HOST, addr)
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
@@ -424,6 +461,41 @@ fn render(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+fn act(conn: &Connection, path: &str) -> ExitCode {
+    match request(conn, hyper::Method::POST, path) {
+        Ok((StatusCode::OK, body)) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("wazuh-proxy: {status}: {body}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("wazuh-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `wazuh-proxy rebalance`: moves agents back to their preferred managers, without
+/// disconnecting them.
+pub fn rebalance(args: &RebalanceArgs) -> ExitCode {
+    match args.limit {
+        Some(n) => act(&args.conn, &format!("/rebalance?limit={n}")),
+        None => act(&args.conn, "/rebalance"),
+    }
+}
+
+/// `wazuh-proxy drain BACKEND [--undo]`: moves every agent off a manager (or puts it back).
+pub fn drain(args: &DrainArgs) -> ExitCode {
+    let verb = if args.undo { "undrain" } else { "drain" };
+    act(
+        &args.conn,
+        &format!("/{verb}?backend={}", args.backend.replace(':', "%3A")),
+    )
 }
 
 #[cfg(test)]

@@ -312,16 +312,22 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
             return r;
         }
     }
+    let shared = &state.shared;
+    if req.method() == Method::POST {
+        return match api::act(shared, req.uri().path(), req.uri().query()) {
+            Ok(body) => json(StatusCode::OK, &body),
+            Err((status, e)) => json(status, &serde_json::json!({"error": e})),
+        };
+    }
     if req.method() != Method::GET {
         let mut r = json(
             StatusCode::METHOD_NOT_ALLOWED,
-            &serde_json::json!({"error": "only GET is served"}),
+            &serde_json::json!({"error": "only GET and POST are served"}),
         );
         r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            .insert(header::ALLOW, HeaderValue::from_static("GET, POST"));
         return r;
     }
-    let shared = &state.shared;
     match req.uri().path() {
         "/health" => {
             let (healthy, body) = api::health(shared);
@@ -355,7 +361,7 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
             StatusCode::NOT_FOUND,
             &serde_json::json!({
                 "error": "no such endpoint",
-                "endpoints": ["/health", "/metrics", "/sessions", "/backends"],
+                "endpoints": ["/health", "/metrics", "/sessions", "/backends", "POST /rebalance", "POST /drain?backend=ADDR", "POST /undrain?backend=ADDR"],
             }),
         ),
     }

@@ -1,0 +1,144 @@
+//! Day-to-day operations through the CLI: active health on an idle standby node, and draining
+//! a manager for maintenance without disconnecting agents.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use wazuh_proxy_core::envelope::AgentId;
+use wazuh_proxy_core::frame::FrameCodec;
+use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+
+fn write_config(what: &str, body: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-ops-{what}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, body).unwrap();
+    file
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = bin().args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_standby_whose_managers_are_dead_reports_unhealthy_and_recovers() {
+    let dead: SocketAddr = free_addr();
+    let listen = free_addr();
+    let admin = free_addr().to_string();
+    let file = write_config(
+        "standby",
+        &format!(
+            "[[listener]]\nlisten = \"{listen}\"\nhealth_check_interval = \"100ms\"\nhealth_check_fall = 2\nhealth_check_rise = 1\nbackends = [{{ address = \"{dead}\" }}]\n"
+        ),
+    );
+    let _proxy = ProxyProcess::start(
+        &["run", "--config", file.to_str().unwrap(), "--admin", &admin],
+        listen,
+    );
+    // No agent ever connects: only the active checks can tell.
+    until("unhealthy", || !cli(&["health", "--admin", &admin]).0).await;
+    let (_, why) = cli(&["health", "--admin", &admin]);
+    assert!(why.contains(&dead.to_string()), "{why}");
+    let _manager = Manager::start(dead, "back", Reply::AckFirst).await.unwrap();
+    until("healthy again", || cli(&["health", "--admin", &admin]).0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_rebalance_from_the_cli_disconnect_no_agent() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let admin = free_addr().to_string();
+    let file = write_config(
+        "drain",
+        &format!(
+            "[[listener]]\nlisten = \"{listen}\"\nrebalance_interval = \"0s\"\nbackends = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n",
+            m1.addr(),
+            m2.addr()
+        ),
+    );
+    let _proxy = ProxyProcess::start(
+        &["run", "--config", file.to_str().unwrap(), "--admin", &admin],
+        listen,
+    );
+    let mut agents = Vec::new();
+    for n in 1..=40 {
+        let id = AgentId::parse(format!("{n:03}").as_bytes()).unwrap();
+        let mut a = Framed::new(
+            TcpStream::connect(listen).await.unwrap(),
+            FrameCodec::default(),
+        );
+        a.send(Bytes::from(agent_payload(Some(id), 0, 64)))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        agents.push(a);
+    }
+    until("sessions on both managers", || {
+        m1.open_connections() > 0 && m2.open_connections() > 0
+    })
+    .await;
+    let on_m1 = m1.open_connections();
+    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--admin", &admin]);
+    assert!(ok, "{out}");
+    until("m1 emptied", || m1.open_connections() == 0).await;
+    assert_eq!(m2.open_connections(), 40);
+    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["rebalance", "--admin", &admin]);
+    assert!(ok, "{out}");
+    until("agents back on m1", || m1.open_connections() == on_m1).await;
+    // No agent lost its connection: each can still talk and gets its frame through.
+    for (i, a) in agents.iter_mut().enumerate() {
+        let id = AgentId::parse(format!("{:03}", i + 1).as_bytes()).unwrap();
+        a.send(Bytes::from(agent_payload(Some(id), 1, 64)))
+            .await
+            .unwrap();
+        if let Ok(Some(other)) = tokio::time::timeout(Duration::from_millis(5), a.next()).await {
+            assert!(other.is_ok(), "agent {id} lost its connection");
+        }
+    }
+    until("last frames", || {
+        (1..=40).all(|n| {
+            let key = format!("{n:03}");
+            m1.frames_from(&key)
+                .iter()
+                .chain(m2.frames_from(&key).iter())
+                .any(|f| wazuh_proxy_core::sim::payload_seq(f) == Some(1))
+        })
+    })
+    .await;
+}
