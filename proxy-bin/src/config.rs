@@ -129,6 +129,12 @@ struct FileListener {
     health_check_fall: Option<u32>,
     rebalance_interval: Option<Dur>,
     rebalance_batch: Option<usize>,
+    failover: Option<bool>,
+    hold_timeout: Option<Dur>,
+    reply_timeout: Option<Dur>,
+    max_connections_per_source: Option<u32>,
+    connection_rate_per_source: Option<f64>,
+    connection_burst_per_source: Option<f64>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -384,6 +390,24 @@ impl Config {
                 )),
                 None => None,
             };
+            if let Some(f) = l.failover {
+                agent.failover = f;
+            }
+            if let Some(Dur(d)) = l.hold_timeout {
+                agent.hold_timeout = d;
+            }
+            if let Some(Dur(d)) = l.reply_timeout {
+                agent.reply_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let Some(n) = l.max_connections_per_source {
+                agent.source_limits.max_open = n;
+            }
+            if let Some(r) = l.connection_rate_per_source {
+                agent.source_limits.rate = r.max(0.0);
+            }
+            if let Some(b) = l.connection_burst_per_source {
+                agent.source_limits.burst = b.max(1.0);
+            }
             let defaults = wazuh_proxy_core::health::HealthCheck::default();
             let health = match l.health_check_interval {
                 Some(Dur(d)) if d.is_zero() => None,
@@ -501,6 +525,28 @@ impl Config {
                 let _ = writeln!(out, "duplicate = \"{}\"", a.duplicate_policy);
                 let _ = writeln!(out, "first_frame_timeout = {:?}", d(a.first_frame_timeout));
                 let _ = writeln!(out, "max_payload = {}", a.max_payload);
+                let _ = writeln!(out, "failover = {}", a.failover);
+                let _ = writeln!(out, "hold_timeout = {:?}", d(a.hold_timeout));
+                let _ = writeln!(
+                    out,
+                    "reply_timeout = {:?}",
+                    a.reply_timeout.map_or("0s".into(), d)
+                );
+                let _ = writeln!(
+                    out,
+                    "max_connections_per_source = {}",
+                    a.source_limits.max_open
+                );
+                let _ = writeln!(
+                    out,
+                    "connection_rate_per_source = {:?}",
+                    a.source_limits.rate
+                );
+                let _ = writeln!(
+                    out,
+                    "connection_burst_per_source = {:?}",
+                    a.source_limits.burst
+                );
             }
             let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
             let _ = writeln!(

@@ -18,6 +18,7 @@ pub mod handover;
 pub mod health;
 pub mod inspect;
 pub mod keys;
+pub mod limits;
 pub mod net;
 pub mod relay;
 pub mod session;

@@ -86,6 +86,8 @@ pub struct AgentRelayConfig {
     /// A manager that sends nothing back for this long after being handed an agent's startup
     /// (or replayed keepalive) is treated as failed (default 20 s). `None` disables it.
     pub reply_timeout: Option<Duration>,
+    /// Per-source limits on open connections and on how fast new ones come.
+    pub source_limits: crate::limits::SourceLimits,
 }
 
 impl Default for AgentRelayConfig {
@@ -101,6 +103,7 @@ impl Default for AgentRelayConfig {
             failover: true,
             hold_timeout: Duration::from_secs(30),
             reply_timeout: Some(Duration::from_secs(20)),
+            source_limits: crate::limits::SourceLimits::default(),
         }
     }
 }
@@ -344,6 +347,9 @@ pub struct AgentRelay {
     hard_stop: CancellationToken,
     keys: Option<KeyStore>,
     handover: CancellationToken,
+    admission: crate::limits::Admission,
+    refusals_logged: std::sync::atomic::AtomicU64,
+    started: Instant,
     handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
 }
 
@@ -359,6 +365,7 @@ impl fmt::Debug for AgentRelay {
 impl AgentRelay {
     /// A relay named `name` (used in logs) sending agents to `balancer`'s managers.
     pub fn new(name: impl Into<String>, config: AgentRelayConfig, balancer: Balancer) -> Self {
+        let limits = config.source_limits;
         let hard_stop = CancellationToken::new();
         AgentRelay {
             name: name.into(),
@@ -369,6 +376,9 @@ impl AgentRelay {
             hard_stop,
             keys: None,
             handover: CancellationToken::new(),
+            admission: crate::limits::Admission::new(limits),
+            refusals_logged: std::sync::atomic::AtomicU64::new(u64::MAX),
+            started: Instant::now(),
             handover_to: std::sync::Mutex::new(None),
         }
     }
@@ -645,6 +655,19 @@ impl AgentRelay {
     /// Runs one agent connection to its end.
     pub async fn handle(self: Arc<Self>, agent: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _admitted = match self.admission.admit(peer.ip(), Instant::now()) {
+            Ok(a) => a,
+            Err(why) => {
+                self.stats.reject(Rejection::SourceLimit);
+                // One line per second at most: a flood must not become a log flood.
+                let now = self.started.elapsed().as_secs();
+                if self.refusals_logged.swap(now, Ordering::Relaxed) != now {
+                    tracing::warn!(listener = %self.name, client = %peer,
+                        refused_total = self.stats.rejected(Rejection::SourceLimit), "refusing connection: {why}");
+                }
+                return;
+            }
+        };
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         self.run(agent, peer).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);

@@ -37,11 +37,13 @@ pub enum Rejection {
     Unverified,
     /// A manager failed in the middle of a frame; the partial frame was dropped, never forwarded.
     ManagerPartialFrame,
+    /// The source address reached its connection limit or opened connections too fast.
+    SourceLimit,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 14] = [
+    pub const ALL: [Rejection; 15] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -56,6 +58,7 @@ impl Rejection {
         Rejection::SourceNotAllowed,
         Rejection::Unverified,
         Rejection::ManagerPartialFrame,
+        Rejection::SourceLimit,
     ];
 
     /// The metric label.
@@ -75,6 +78,7 @@ impl Rejection {
             Rejection::SourceNotAllowed => "source_not_allowed",
             Rejection::Unverified => "unverified",
             Rejection::ManagerPartialFrame => "manager_partial_frame",
+            Rejection::SourceLimit => "source_limit",
         }
     }
 

@@ -394,3 +394,49 @@ async fn id_less_agents_are_known_by_source_address() {
     assert!(relay.relay.sessions().by_key(&key).is_some());
     assert_eq!(m.frames_from("ip:127.0.0.1").len(), 1);
 }
+
+#[tokio::test]
+async fn a_flood_from_one_source_is_capped_without_touching_others() {
+    use wazuh_proxy_core::limits::SourceLimits;
+    let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
+        .await
+        .unwrap();
+    let cfg = AgentRelayConfig {
+        source_limits: SourceLimits {
+            max_open: 50,
+            rate: 0.0,
+            burst: 0.0,
+        },
+        ..Default::default()
+    };
+    let relay = TestRelay::start(&[m.addr()], Policy::AgentId, cfg).await;
+    // A bystander from another loopback address.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut good = tokio_util::codec::Framed::new(
+        sock.connect(relay.addr).await.unwrap(),
+        FrameCodec::default(),
+    );
+    send(&mut good, agent_payload(Some(id(1)), 0, 64)).await;
+    recv(&mut good).await.expect("bystander ACK");
+    let mut flood = Vec::new();
+    for _ in 0..120 {
+        flood.push(TcpStream::connect(relay.addr).await.unwrap());
+    }
+    wait_for("70 refusals", 5, || {
+        relay.relay.stats().rejected(Rejection::SourceLimit) == 70
+    })
+    .await;
+    let mut closed = 0;
+    for s in flood.iter_mut() {
+        if closed_within(s, 0).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 70,
+        "only {closed} of the excess connections closed"
+    );
+    send(&mut good, agent_payload(Some(id(1)), 1, 64)).await;
+    wait_for("bystander frame", 5, || m.frames_from("001").len() == 2).await;
+}
