@@ -129,6 +129,13 @@ struct FileListener {
     health_check_fall: Option<u32>,
     rebalance_interval: Option<Dur>,
     rebalance_batch: Option<usize>,
+    tls_cert: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
+    tls_dir: Option<PathBuf>,
+    backend_ca: Option<Spanned<PathBuf>>,
+    backend_server_name: Option<String>,
+    backend_verify: Option<Spanned<bool>>,
+    replay_ttl: Option<Dur>,
     failover: Option<bool>,
     hold_timeout: Option<Dur>,
     reply_timeout: Option<Dur>,
@@ -161,6 +168,8 @@ pub enum ListenerKind {
     Udp,
     /// Any TCP service relayed as bytes (1515 enrollment in passthrough, 55000 API).
     Tcp,
+    /// Enrollment (1515) with TLS terminated here: single-flight and lost-reply replay.
+    Enroll,
 }
 
 impl std::str::FromStr for ListenerKind {
@@ -170,8 +179,9 @@ impl std::str::FromStr for ListenerKind {
             "agent" => Ok(ListenerKind::Agent),
             "udp" => Ok(ListenerKind::Udp),
             "tcp" => Ok(ListenerKind::Tcp),
+            "enroll" => Ok(ListenerKind::Enroll),
             other => Err(format!(
-                "unknown listener kind {other:?} (expected agent, udp or tcp)"
+                "unknown listener kind {other:?} (expected agent, udp, tcp or enroll)"
             )),
         }
     }
@@ -196,6 +206,8 @@ pub struct Listener {
     pub keys: Option<(PathBuf, Duration)>,
     /// Active health checks (`None`: passive checks only).
     pub health: Option<wazuh_proxy_core::health::HealthCheck>,
+    /// TLS settings of an `enroll` listener.
+    pub enroll: Option<EnrollSettings>,
     /// Agents moved back to their preferred manager every interval, at most this many (kind
     /// `agent`; `None`: only on request).
     pub rebalance: Option<(Duration, usize)>,
@@ -235,6 +247,22 @@ pub fn parse_admin(text: &str) -> Result<Option<SocketAddr>, String> {
         .map_err(|e| format!("admin: {e} (or \"none\" to disable the admin API)"))
 }
 
+/// TLS settings of an enrollment listener in terminate mode.
+#[derive(Debug, Clone)]
+pub struct EnrollSettings {
+    /// The certificate agents see.
+    pub server_cert: wazuh_proxy_core::enroll::ServerCert,
+    /// How managers' certificates are checked.
+    pub backend_tls: wazuh_proxy_core::enroll::BackendTls,
+    /// How long an unconfirmed key reply is kept for a retry.
+    pub replay_ttl: Duration,
+    /// Where a self-signed certificate is kept.
+    pub tls_dir: PathBuf,
+}
+
+/// Where a self-signed enrollment certificate is kept by default.
+pub const DEFAULT_TLS_DIR: &str = "/var/lib/wazuh-proxy";
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -252,15 +280,37 @@ pub const DEFAULT_REBALANCE: (Duration, usize) = (Duration::from_secs(5), 50);
 /// Default drain time after SIGTERM.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 
+/// The largest configuration file read (16 MiB; real ones are a few KiB).
+pub const MAX_CONFIG_SIZE: u64 = 16 * 1024 * 1024;
+
 impl Config {
     /// Reads and validates a configuration file.
     ///
     /// # Errors
     /// [`ConfigError`] with file:line:column for anything wrong in the file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        use std::io::Read;
+        let read_err = |source: std::io::Error| ConfigError::Read {
             path: path.to_owned(),
             source,
+        };
+        let file = std::fs::File::open(path).map_err(read_err)?;
+        // A size cap read with `take`, not from metadata (pipes and devices report none): a
+        // huge or endless file is refused after MAX_CONFIG_SIZE bytes, never read whole.
+        let mut bytes = Vec::new();
+        file.take(MAX_CONFIG_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_SIZE {
+            return Err(read_err(std::io::Error::other(format!(
+                "larger than {MAX_CONFIG_SIZE} bytes"
+            ))));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text (at byte {})", e.utf8_error().valid_up_to()),
+            ))
         })?;
         Config::parse(&text, &path.display().to_string())
     }
@@ -304,10 +354,12 @@ impl Config {
                     .get_ref()
                     .parse::<Policy>()
                     .map_err(|e| src.error(Some(b.span()), e))?,
-                None if kind == ListenerKind::Tcp => Policy::Source,
+                None if matches!(kind, ListenerKind::Tcp | ListenerKind::Enroll) => Policy::Source,
                 None => Policy::AgentId,
             };
-            if kind == ListenerKind::Tcp && balance == Policy::AgentId {
+            if matches!(kind, ListenerKind::Tcp | ListenerKind::Enroll)
+                && balance == Policy::AgentId
+            {
                 let span = l.balance.as_ref().map(|b| b.span());
                 return Err(src.error(span, "balance = \"agent-id\" needs a listener that reads agent IDs (kind agent or udp)"));
             }
@@ -408,6 +460,65 @@ impl Config {
             if let Some(b) = l.connection_burst_per_source {
                 agent.source_limits.burst = b.max(1.0);
             }
+            let enroll = if kind == ListenerKind::Enroll {
+                use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
+                let tls_dir = l
+                    .tls_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_TLS_DIR));
+                let server_cert = match (&l.tls_cert, &l.tls_key) {
+                    (Some(c), Some(k)) => ServerCert::Files {
+                        cert: c.get_ref().clone(),
+                        key: k.get_ref().clone(),
+                    },
+                    (None, None) => ServerCert::self_signed(
+                        tls_dir.join("enroll-cert.pem"),
+                        tls_dir.join("enroll-key.pem"),
+                    ),
+                    (Some(s), None) | (None, Some(s)) => {
+                        return Err(src.error(Some(s.span()), "tls_cert and tls_key go together"));
+                    }
+                };
+                let verify = l.backend_verify.as_ref().map(|v| (*v.get_ref(), v.span()));
+                let backend_tls = match (&l.backend_ca, verify) {
+                    (Some(ca), None | Some((true, _))) => BackendTls::VerifyCa {
+                        ca_file: ca.get_ref().clone(),
+                        server_name: l.backend_server_name.clone(),
+                    },
+                    (None, Some((false, _))) => BackendTls::NoVerify,
+                    (Some(_), Some((false, span))) | (None, Some((true, span))) => {
+                        return Err(src.error(Some(span), "backend_verify = false cannot go with backend_ca; backend_verify = true needs backend_ca"));
+                    }
+                    (None, None) => {
+                        return Err(src.error(Some(span), "an enroll listener needs backend_ca (the managers' certificate or CA) or an explicit backend_verify = false"));
+                    }
+                };
+                Some(EnrollSettings {
+                    server_cert,
+                    backend_tls,
+                    replay_ttl: l.replay_ttl.map_or(Duration::from_secs(600), |d| d.0),
+                    tls_dir,
+                })
+            } else {
+                let stray = [
+                    (l.tls_cert.as_ref().map(|s| s.span()), "tls_cert"),
+                    (l.tls_key.as_ref().map(|s| s.span()), "tls_key"),
+                    (l.backend_ca.as_ref().map(|s| s.span()), "backend_ca"),
+                    (
+                        l.backend_verify.as_ref().map(|s| s.span()),
+                        "backend_verify",
+                    ),
+                ];
+                for (set, what) in stray {
+                    if let Some(span) = set {
+                        return Err(src.error(
+                            Some(span),
+                            format!("{what} is only used by kind = \"enroll\" listeners"),
+                        ));
+                    }
+                }
+                None
+            };
             let defaults = wazuh_proxy_core::health::HealthCheck::default();
             let health = match l.health_check_interval {
                 Some(Dur(d)) if d.is_zero() => None,
@@ -449,6 +560,7 @@ impl Config {
                 keys,
                 health,
                 rebalance,
+                enroll,
             });
         }
         Ok(Config {
@@ -493,6 +605,7 @@ impl Config {
                 keys: None,
                 health: Some(wazuh_proxy_core::health::HealthCheck::default()),
                 rebalance: Some(DEFAULT_REBALANCE),
+                enroll: None,
             }],
         })
     }
@@ -581,6 +694,33 @@ impl Config {
                     }
                 }
             }
+            if let Some(e) = &l.enroll {
+                use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
+                match &e.server_cert {
+                    ServerCert::Files { cert, key } => {
+                        let _ = writeln!(out, "tls_cert = {:?}", cert.display().to_string());
+                        let _ = writeln!(out, "tls_key = {:?}", key.display().to_string());
+                    }
+                    _ => {
+                        let _ = writeln!(out, "tls_dir = {:?}", e.tls_dir.display().to_string());
+                    }
+                }
+                match &e.backend_tls {
+                    BackendTls::VerifyCa {
+                        ca_file,
+                        server_name,
+                    } => {
+                        let _ = writeln!(out, "backend_ca = {:?}", ca_file.display().to_string());
+                        if let Some(n) = server_name {
+                            let _ = writeln!(out, "backend_server_name = {n:?}");
+                        }
+                    }
+                    _ => {
+                        let _ = writeln!(out, "backend_verify = false");
+                    }
+                }
+                let _ = writeln!(out, "replay_ttl = {:?}", d(e.replay_ttl));
+            }
             if let Some((path, every)) = &l.keys {
                 let _ = writeln!(out, "keys = {:?}", path.display().to_string());
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));
@@ -604,6 +744,7 @@ fn serde_kind(k: ListenerKind) -> &'static str {
         ListenerKind::Agent => "agent",
         ListenerKind::Udp => "udp",
         ListenerKind::Tcp => "tcp",
+        ListenerKind::Enroll => "enroll",
     }
 }
 
@@ -723,6 +864,37 @@ backends = [{ address = "127.0.0.1:11515" }]
         assert!(e.starts_with("x.toml:2:") && e.contains("none"), "{e}");
         let e = err(&format!("admin_token_file = \"\"\n{GOOD}"));
         assert!(e.starts_with("x.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn enroll_listeners_need_an_explicit_backend_tls_choice() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1515\"\nkind = \"enroll\"\nbackends = [{ address = \"127.0.0.1:11515\" }]\n";
+        let e = err(base);
+        assert!(
+            e.contains("backend_ca") && e.contains("backend_verify = false"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &format!("{base}backend_verify = false\ntls_dir = \"/tmp/x\"\n"),
+            "x.toml",
+        )
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.kind, l.balance), (ListenerKind::Enroll, Policy::Source));
+        let e = l.enroll.as_ref().unwrap();
+        assert!(matches!(
+            e.backend_tls,
+            wazuh_proxy_core::enroll::BackendTls::NoVerify
+        ));
+        assert_eq!(e.replay_ttl, Duration::from_secs(600));
+        let again = Config::parse(&c.to_toml(), "effective").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+        let e = err(&format!(
+            "{base}tls_cert = \"/a.pem\"\nbackend_verify = false\n"
+        ));
+        assert!(e.contains("tls_cert and tls_key go together"), "{e}");
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbackend_ca = \"/ca.pem\""));
+        assert!(e.contains("only used by kind = \"enroll\""), "{e}");
     }
 
     #[test]

@@ -1,10 +1,8 @@
 //! `wazuh-proxy`: a load balancer that understands the Wazuh agent protocol.
 
 mod admin;
-mod config;
 mod demo;
 mod inspect;
-mod nginx;
 mod server;
 mod upgrade;
 
@@ -12,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wazuh_proxy::{config, nginx};
 use wazuh_proxy_core::balance::Policy;
 
 use crate::config::Config;

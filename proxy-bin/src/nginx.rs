@@ -103,8 +103,37 @@ pub fn load_with(path: &Path, resolve: Resolver<'_>) -> Result<Config, ConfigErr
         depth: Vec::new(),
         prefix,
         resolve,
+        read_files: true,
     };
     let top = loader.load_file(path, 0, None)?;
+    loader.build(top)
+}
+
+/// Parses nginx configuration text without touching the filesystem: `origin` names it in
+/// errors, and an `include` is an error (there is nothing to read it from). Host names go to
+/// `resolve`, as in [`load_with`].
+///
+/// ```
+/// use wazuh_proxy::nginx::parse_str;
+/// let text = "stream { server { listen 1514; proxy_pass 10.0.0.11:1514; } }";
+/// let config = parse_str(text, "inline.conf", &|_, _| Ok(Vec::new())).unwrap();
+/// assert_eq!(config.listeners.len(), 1);
+/// let e = parse_str("include x.conf;", "inline.conf", &|_, _| Ok(Vec::new())).unwrap_err();
+/// assert!(e.to_string().starts_with("inline.conf:1:1:"), "{e}");
+/// ```
+///
+/// # Errors
+/// [`ConfigError::Invalid`] with origin:line:column for anything wrong or unsupported.
+pub fn parse_str(text: &str, origin: &str, resolve: Resolver<'_>) -> Result<Config, ConfigError> {
+    let mut loader = Loader {
+        files: vec![PathBuf::from(origin)],
+        depth: vec![0],
+        prefix: PathBuf::from("."),
+        resolve,
+        read_files: false,
+    };
+    let mut lx = Lexer::new(text, 0);
+    let top = parse_block(&mut lx, 0, None).map_err(|(p, m)| loader.err(p, m))?;
     loader.build(top)
 }
 
@@ -415,6 +444,8 @@ struct Loader<'r> {
     /// Where relative includes start (the main file's directory).
     prefix: PathBuf,
     resolve: Resolver<'r>,
+    /// Whether `include` may read files ([`parse_str`] reads none).
+    read_files: bool,
 }
 
 fn invalid_in(origin: &Path, line: usize, col: usize, message: impl Into<String>) -> ConfigError {
@@ -504,6 +535,9 @@ impl Loader<'_> {
             }
             if arg.text.is_empty() {
                 return Err(self.err(arg.pos, "empty file name in \"include\""));
+            }
+            if !self.read_files {
+                return Err(self.err(pos, "\"include\" is not available when parsing text"));
             }
             let path = self.prefix.join(&arg.text);
             let files = if arg.text.contains(['*', '?', '[']) {

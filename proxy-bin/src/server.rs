@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::Balancer;
+use wazuh_proxy_core::enroll::EnrollFront;
 use wazuh_proxy_core::handover::InheritedListener;
 use wazuh_proxy_core::keys::KeyStore;
 use wazuh_proxy_core::net;
@@ -46,6 +47,14 @@ pub enum StartError {
         /// The cause.
         source: wazuh_proxy_core::balance::BalanceError,
     },
+    /// The enrollment front could not start (certificates, TLS settings).
+    #[error("listener {name:?}: {why}")]
+    Enroll {
+        /// Listener name.
+        name: String,
+        /// What went wrong.
+        why: String,
+    },
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
@@ -63,6 +72,7 @@ pub(crate) enum Running {
     Agent(Arc<AgentRelay>),
     Tcp(Arc<TcpRelay>),
     Udp(Arc<UdpRelay>),
+    Enroll(Arc<EnrollFront>),
 }
 
 impl Running {
@@ -71,6 +81,8 @@ impl Running {
             Running::Agent(r) => r.close_all(),
             Running::Tcp(r) => r.close_all(),
             Running::Udp(r) => r.close_all(),
+            // An enrollment is one short exchange: the drain timeout bounds it.
+            Running::Enroll(_) => {}
         }
     }
     fn open_sessions(&self) -> usize {
@@ -78,6 +90,7 @@ impl Running {
             Running::Agent(r) => r.sessions().len(),
             Running::Tcp(r) => r.stats().active.load(Ordering::Relaxed).max(0) as usize,
             Running::Udp(r) => r.flows(),
+            Running::Enroll(f) => f.in_flight(),
         }
     }
 }
@@ -233,6 +246,7 @@ impl Proxy {
                         Running::Agent(r) => r.set_balancer(balancer),
                         Running::Tcp(r) => r.set_balancer(balancer),
                         Running::Udp(r) => r.set_balancer(balancer),
+                        Running::Enroll(f) => f.set_balancer(balancer),
                     }
                     if l.agent.first_frame_timeout != x.spec.agent.first_frame_timeout
                         || l.agent.idle_timeout != x.spec.agent.idle_timeout
@@ -382,6 +396,41 @@ async fn start_listener(
                 socket: Some(socket),
             })
         }
+        ListenerKind::Enroll => {
+            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
+            let socket = dup_fd(&listener).map_err(bind_err)?;
+            let settings = l.enroll.clone().ok_or_else(|| StartError::Enroll {
+                name: l.name.clone(),
+                why: "missing TLS settings".into(),
+            })?;
+            if let wazuh_proxy_core::enroll::ServerCert::SelfSigned { cert, .. } =
+                &settings.server_cert
+            {
+                if let Some(dir) = cert.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+            }
+            let mut config = wazuh_proxy_core::enroll::EnrollConfig::new(
+                settings.server_cert,
+                settings.backend_tls,
+            );
+            config.connect_timeout = l.agent.connect_timeout;
+            config.replay_ttl = settings.replay_ttl;
+            let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
+                name: l.name.clone(),
+                why: e.to_string(),
+            })?;
+            let front = Arc::new(front);
+            tracing::info!(listener = %l.name, address = %l.listen, kind = "enroll", balance = %l.balance,
+                backends = l.backends.len(), certificate_sha256 = %front.fingerprint(), "listening (TLS terminated here)");
+            tracker.spawn(front.clone().serve(listener, stop.clone(), tracker.clone()));
+            Ok(Live {
+                spec: l.clone(),
+                running: Running::Enroll(front),
+                stop: stop.clone(),
+                socket: Some(socket),
+            })
+        }
         ListenerKind::Agent => {
             let listener = tcp_listener(l, inherited).map_err(bind_err)?;
             let socket = dup_fd(&listener).map_err(bind_err)?;
@@ -426,6 +475,7 @@ fn spawn_upkeep(live: &Live, stop: &CancellationToken, tracker: &TaskTracker) {
             Running::Agent(r) => r.balancer(),
             Running::Tcp(r) => r.balancer(),
             Running::Udp(r) => r.balancer(),
+            Running::Enroll(f) => f.balancer(),
         };
         let on_change = move |backend: std::net::SocketAddr, up: bool| {
             tracing::info!(listener = %name, %backend, up, "active health check changed a backend's state");

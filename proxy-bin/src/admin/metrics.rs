@@ -47,6 +47,7 @@ pub(crate) mod names {
     pub(crate) const CLEAN_STOPS: &str = "wazuh_proxy_clean_stops";
     /// Counter: sessions that ended any other way.
     pub(crate) const LOST_SESSIONS: &str = "wazuh_proxy_lost_sessions";
+    pub(crate) const ENROLLMENTS: &str = "wazuh_proxy_enrollments";
     /// Gauge per backend, label `state` (`available`, `failed`, `down`): 1 for the current one.
     pub(crate) const BACKEND_STATE: &str = "wazuh_proxy_backend_state";
     /// Gauge per backend: 1 for a backup server.
@@ -147,7 +148,7 @@ impl Collector for RelayCollector {
         let per = |f: &dyn Fn(&RelayStats) -> u64| -> Vec<(Labels, C)> {
             targets
                 .iter()
-                .map(|t| (listener(t), C(f(t.stats()))))
+                .filter_map(|t| Some((listener(t), C(f(t.stats()?)))))
                 .collect()
         };
         let e = &mut enc;
@@ -182,9 +183,9 @@ impl Collector for RelayCollector {
             e,
             CONNECTIONS_ACTIVE,
             "Connections open now (udp: flows).",
-            targets.iter().map(|t| {
-                let active = t.stats().active.load(std::sync::atomic::Ordering::Relaxed);
-                (listener(t), G(active.max(0)))
+            targets.iter().filter_map(|t| {
+                let active = t.stats()?.active.load(std::sync::atomic::Ordering::Relaxed);
+                Some((listener(t), G(active.max(0))))
             }),
         )?;
         family(
@@ -205,10 +206,11 @@ impl Collector for RelayCollector {
         let directed = |up: &dyn Fn(&RelayStats) -> u64, down: &dyn Fn(&RelayStats) -> u64| {
             let mut v = Vec::new();
             for t in targets {
+                let Some(stats) = t.stats() else { continue };
                 for (dir, f) in [("to_manager", up), ("to_agent", down)] {
                     let mut l = listener(t);
                     l.push(("direction", dir.to_owned()));
-                    v.push((l, C(f(t.stats()))));
+                    v.push((l, C(f(stats))));
                 }
             }
             v
@@ -235,13 +237,16 @@ impl Collector for RelayCollector {
             e,
             REJECTED,
             "Connections (udp: datagrams) refused or closed, by reason.",
-            targets.iter().flat_map(|t| {
-                Rejection::ALL.iter().map(move |r| {
-                    let mut l = listener(t);
-                    l.push(("reason", r.label().to_owned()));
-                    (l, C(t.stats().rejected(*r)))
-                })
-            }),
+            targets
+                .iter()
+                .filter_map(|t| Some((t, t.stats()?)))
+                .flat_map(|(t, stats)| {
+                    Rejection::ALL.iter().map(move |r| {
+                        let mut l = listener(t);
+                        l.push(("reason", r.label().to_owned()));
+                        (l, C(stats.rejected(*r)))
+                    })
+                }),
         )?;
         family(
             e,
@@ -254,6 +259,24 @@ impl Collector for RelayCollector {
             LOST_SESSIONS,
             "Sessions that ended any other way.",
             per(&|s| load(&s.lost)),
+        )?;
+        family(
+            e,
+            ENROLLMENTS,
+            "Enrollment requests by outcome (enroll listeners).",
+            targets
+                .iter()
+                .filter_map(|t| match &t.relay {
+                    Running::Enroll(f) => Some((t, f.stats().clone())),
+                    _ => None,
+                })
+                .flat_map(|(t, stats)| {
+                    wazuh_proxy_core::enroll::Outcome::ALL.iter().map(move |o| {
+                        let mut l = listener(t);
+                        l.push(("outcome", o.label().to_owned()));
+                        (l, C(stats.count(*o)))
+                    })
+                }),
         )?;
 
         // Per backend.

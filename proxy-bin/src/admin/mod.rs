@@ -122,6 +122,7 @@ impl Target {
             ListenerKind::Agent => "agent",
             ListenerKind::Udp => "udp",
             ListenerKind::Tcp => "tcp",
+            ListenerKind::Enroll => "enroll",
         }
     }
 
@@ -130,14 +131,17 @@ impl Target {
             Running::Agent(r) => r.balancer(),
             Running::Tcp(r) => r.balancer(),
             Running::Udp(r) => r.balancer(),
+            Running::Enroll(f) => f.balancer(),
         }
     }
 
-    pub(crate) fn stats(&self) -> &wazuh_proxy_core::stats::RelayStats {
+    /// Relay counters (`None` for the enrollment front, which has its own outcomes).
+    pub(crate) fn stats(&self) -> Option<&wazuh_proxy_core::stats::RelayStats> {
         match &self.relay {
-            Running::Agent(r) => r.stats(),
-            Running::Tcp(r) => r.stats(),
-            Running::Udp(r) => r.stats(),
+            Running::Agent(r) => Some(r.stats()),
+            Running::Tcp(r) => Some(r.stats()),
+            Running::Udp(r) => Some(r.stats()),
+            Running::Enroll(_) => None,
         }
     }
 }
