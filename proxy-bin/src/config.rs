@@ -104,6 +104,7 @@ struct FileConfig {
     drain_timeout: Option<Dur>,
     admin: Option<Spanned<String>>,
     admin_token_file: Option<Spanned<PathBuf>>,
+    user: Option<Spanned<String>>,
     #[serde(default)]
     listener: Vec<Spanned<FileListener>>,
 }
@@ -272,6 +273,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// The listeners.
     pub listeners: Vec<Listener>,
+    /// Run as this user (and its groups) once the listeners are bound, when started as root.
+    pub user: Option<String>,
 }
 
 /// Default pace of automatic rebalancing: every 5 s, at most 50 agents.
@@ -563,10 +566,16 @@ impl Config {
                 enroll,
             });
         }
+        if let Some(u) = &file.user {
+            if u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace) {
+                return Err(src.error(Some(u.span()), "user must be a user name"));
+            }
+        }
         Ok(Config {
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0),
             admin,
             listeners,
+            user: file.user.map(|u| u.into_inner()),
         })
     }
 
@@ -595,6 +604,7 @@ impl Config {
         Ok(Config {
             drain_timeout: DEFAULT_DRAIN,
             admin: AdminSettings::default(),
+            user: None,
             listeners: vec![Listener {
                 name: "agents".into(),
                 listen,
@@ -626,6 +636,9 @@ impl Config {
         }
         if let Some(t) = &self.admin.token_file {
             let _ = writeln!(out, "admin_token_file = {:?}", t.display().to_string());
+        }
+        if let Some(u) = &self.user {
+            let _ = writeln!(out, "user = {u:?}");
         }
         for l in &self.listeners {
             let a = &l.agent;

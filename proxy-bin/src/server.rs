@@ -55,6 +55,14 @@ pub enum StartError {
         /// What went wrong.
         why: String,
     },
+    /// Privileges could not be dropped to the configured user.
+    #[error("cannot run as user {user:?}: {why}")]
+    Privileges {
+        /// The user.
+        user: String,
+        /// What failed.
+        why: String,
+    },
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
@@ -520,6 +528,37 @@ fn dup_fd(socket: &impl AsFd) -> std::io::Result<OwnedFd> {
     socket.as_fd().try_clone_to_owned()
 }
 
+/// Switches to `user` (its primary group and supplementary groups) after the listeners are
+/// bound, when running as root; a no-op, with a notice, when already running as that user.
+fn drop_privileges(user: &str) -> Result<(), StartError> {
+    use nix::unistd::{getuid, initgroups, setgid, setuid, User};
+    let fail = |why: String| StartError::Privileges {
+        user: user.to_owned(),
+        why,
+    };
+    let entry = User::from_name(user)
+        .map_err(|e| fail(e.to_string()))?
+        .ok_or_else(|| fail("no such user".into()))?;
+    if getuid() == entry.uid {
+        return Ok(());
+    }
+    if !getuid().is_root() {
+        return Err(fail(
+            "only root can switch users; start as root or as that user".into(),
+        ));
+    }
+    let name = std::ffi::CString::new(user).map_err(|_| fail("bad user name".into()))?;
+    initgroups(&name, entry.gid).map_err(|e| fail(format!("initgroups: {e}")))?;
+    setgid(entry.gid).map_err(|e| fail(format!("setgid: {e}")))?;
+    setuid(entry.uid).map_err(|e| fail(format!("setuid: {e}")))?;
+    tracing::info!(
+        user,
+        uid = entry.uid.as_raw(),
+        "listeners bound; running as {user}"
+    );
+    Ok(())
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -603,6 +642,9 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             admin
         }
     };
+    if let Some(user) = &config.user {
+        drop_privileges(user)?;
+    }
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     loop {

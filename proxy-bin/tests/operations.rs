@@ -142,3 +142,60 @@ async fn drain_and_rebalance_from_the_cli_disconnect_no_agent() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn started_as_root_it_runs_as_the_configured_user_once_bound() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default()
+        .to_owned();
+    if uid_line.split_whitespace().nth(1) != Some("0") {
+        eprintln!("!!!! SKIPPED: privilege drop needs the tests to run as root !!!!");
+        return;
+    }
+    let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let file = write_config(
+        "user",
+        &format!("user = \"nobody\"\n[[listener]]\nlisten = \"{listen}\"\nbackends = [{{ address = \"{}\" }}]\n", m.addr()),
+    );
+    let proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()], listen);
+    let pid = proxy.child.id();
+    let mut uid = String::new();
+    for _ in 0..100 {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        uid = s
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or_default()
+            .to_owned();
+        if uid.split_whitespace().nth(1) == Some("65534") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        uid.split_whitespace().nth(1),
+        Some("65534"),
+        "{uid}\n{}",
+        proxy.logs()
+    );
+    // Still serving.
+    let id = AgentId::parse(b"001").unwrap();
+    let mut a = Framed::new(
+        TcpStream::connect(listen).await.unwrap(),
+        FrameCodec::default(),
+    );
+    a.send(Bytes::from(agent_payload(Some(id), 0, 64)))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), a.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
