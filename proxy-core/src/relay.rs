@@ -890,6 +890,10 @@ impl AgentRelay {
                     .load()
                     .report_failure(connected.index, Instant::now());
                 self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                // A manager that broke the protocol is counted even though the agent is kept.
+                if let Some(why) = end.rejection() {
+                    self.stats.reject(why);
+                }
                 let cut = u64::from(up.drop_partial_head());
                 let at_risk = up.recently_written() + cut;
                 self.stats
