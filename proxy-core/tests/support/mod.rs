@@ -150,3 +150,312 @@ pub async fn closed_within(stream: &mut TcpStream, secs: u64) -> bool {
         }
     }
 }
+
+/// Payload of frame `seq` of agent `id` (seq 0 is the one that opens the connection).
+pub type PayloadFn = Arc<dyn Fn(wazuh_proxy_core::envelope::AgentId, u64) -> Vec<u8> + Send + Sync>;
+
+/// What one bystander sent: its ID, its payloads in order, and its still open connection.
+type Streamed = (String, Vec<Vec<u8>>, AgentConn);
+
+/// Well-behaved agents streaming frames while a test attacks the proxy: each connects, sends
+/// its first frame, waits for the manager's answer, then sends a frame every `every` until
+/// [`Bystanders::finish`], which checks that every frame reached a manager, in order.
+pub struct Bystanders {
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<Streamed>>,
+}
+
+impl Bystanders {
+    /// Starts `count` agents with IDs `first_id..first_id + count`, each connecting from its
+    /// own loopback address (127.0.1.x) so that per-source limits see one agent per address.
+    pub async fn start(
+        addr: SocketAddr,
+        first_id: usize,
+        count: usize,
+        every: Duration,
+        payload: PayloadFn,
+    ) -> Bystanders {
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(count.max(1));
+        for n in first_id..first_id + count {
+            let (stop, payload, ready) = (stop.clone(), payload.clone(), ready_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let id = wazuh_proxy_core::envelope::AgentId::parse(format!("{n:03}").as_bytes())
+                    .unwrap();
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                let local =
+                    std::net::Ipv4Addr::new(127, 0, 1 + (n / 250) as u8, (n % 250) as u8 + 1);
+                socket.bind(SocketAddr::from((local, 0))).unwrap();
+                let mut conn =
+                    Framed::new(socket.connect(addr).await.unwrap(), FrameCodec::default());
+                let mut sent = vec![payload(id, 0)];
+                send(&mut conn, sent[0].clone()).await;
+                recv(&mut conn).await.expect("a bystander's first answer");
+                let _ = ready.send(()).await;
+                let mut seq = 1;
+                while !stop.is_cancelled() {
+                    let p = payload(id, seq);
+                    send(&mut conn, p.clone()).await;
+                    sent.push(p);
+                    seq += 1;
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(every) => {}
+                    }
+                }
+                (id.to_string(), sent, conn)
+            }));
+        }
+        drop(ready_tx);
+        for _ in 0..count {
+            tokio::time::timeout(Duration::from_secs(30), ready_rx.recv())
+                .await
+                .expect("bystanders connected within 30 s");
+        }
+        Bystanders { stop, tasks }
+    }
+
+    /// Stops sending and asserts that every frame of every bystander reached `managers`, in
+    /// order, each agent's frames on one manager; returns the number of frames checked.
+    pub async fn finish(self, managers: &[&wazuh_proxy_core::sim::Manager]) -> usize {
+        self.stop.cancel();
+        let mut all = Vec::new();
+        for t in self.tasks {
+            all.push(t.await.expect("a bystander task"));
+        }
+        let expected: usize = all.iter().map(|(_, sent, _)| sent.len()).sum();
+        let got = || {
+            all.iter()
+                .map(|(id, _, _)| {
+                    managers
+                        .iter()
+                        .map(|m| m.frames_from(id).len())
+                        .sum::<usize>()
+                })
+                .sum::<usize>()
+        };
+        wait_for("every bystander frame at a manager", 30, || {
+            got() >= expected
+        })
+        .await;
+        for (id, sent, _) in &all {
+            let per: Vec<_> = managers
+                .iter()
+                .map(|m| m.frames_from(id))
+                .filter(|f| !f.is_empty())
+                .collect();
+            assert_eq!(
+                per.len(),
+                1,
+                "bystander {id} reached {} managers",
+                per.len()
+            );
+            let got: Vec<&[u8]> = per[0].iter().map(|b| &b[..]).collect();
+            let want: Vec<&[u8]> = sent.iter().map(|p| &p[..]).collect();
+            assert!(
+                got == want,
+                "bystander {id}: {} frames sent, {} arrived, or out of order",
+                want.len(),
+                got.len()
+            );
+        }
+        expected
+    }
+}
+
+/// How a [`SelectiveManager`] treats the one agent it picks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehave {
+    /// Answers the first frame, then never reads again (but keeps the connection).
+    NeverRead,
+    /// Answers the first frame with bytes that are not a frame (an HTTP response).
+    Garbage,
+    /// Answers the first frame with a zero-length frame.
+    ZeroLength,
+}
+
+/// A manager in front of a well-behaved one: every connection is passed through to `real`,
+/// except those whose first frame carries `victim`'s ID, which get `how`.
+pub struct SelectiveManager {
+    pub addr: SocketAddr,
+    pub victim_connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SelectiveManager {
+    pub async fn start(
+        real: SocketAddr,
+        victim: wazuh_proxy_core::envelope::AgentId,
+        how: Misbehave,
+    ) -> SelectiveManager {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let victim_connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = victim_connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut header = [0u8; 4];
+                    if conn.read_exact(&mut header).await.is_err() {
+                        return;
+                    }
+                    let mut payload = vec![0u8; u32::from_le_bytes(header) as usize];
+                    if conn.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let env = wazuh_proxy_core::envelope::Envelope::parse(&payload);
+                    if env.ok().and_then(|e| e.agent_id()) != Some(victim) {
+                        let Ok(mut up) = TcpStream::connect(real).await else {
+                            return;
+                        };
+                        let _ = up.write_all(&header).await;
+                        let _ = up.write_all(&payload).await;
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                        return;
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    match how {
+                        Misbehave::NeverRead => {
+                            let ack = wazuh_proxy_core::sim::ack_payload("never-reads");
+                            let _ = conn.write_all(&(ack.len() as u32).to_le_bytes()).await;
+                            let _ = conn.write_all(&ack).await;
+                            // Hold the connection without reading until the peer goes.
+                            tokio::time::sleep(Duration::from_secs(120)).await;
+                        }
+                        Misbehave::Garbage => {
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                                .await;
+                            tokio::time::sleep(Duration::from_secs(120)).await;
+                        }
+                        Misbehave::ZeroLength => {
+                            let _ = conn.write_all(&[0, 0, 0, 0]).await;
+                            tokio::time::sleep(Duration::from_secs(120)).await;
+                        }
+                    }
+                });
+            }
+        });
+        SelectiveManager {
+            addr,
+            victim_connections,
+        }
+    }
+}
+
+/// Resident memory of this process in bytes (VmRSS in /proc/self/status).
+pub fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/self/status");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("a number of kB");
+    kb * 1024
+}
+
+/// The soft limit on open files of this process (from /proc/self/limits).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let soft = line.split_whitespace().nth(3)?;
+    if soft == "unlimited" {
+        return Some(u64::MAX);
+    }
+    soft.parse().ok()
+}
+
+/// How many captured log lines contain `needle`.
+pub fn log_lines_with(needle: &str) -> usize {
+    logs().lines().filter(|l| l.contains(needle)).count()
+}
+
+/// A TLS client for the enrollment port that accepts any certificate, as agents do by default.
+pub fn enroll_connector() -> tokio_rustls::TlsConnector {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[derive(Debug)]
+    struct AnyCert;
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &provider().signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            m: &[u8],
+            c: &CertificateDer<'_>,
+            d: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &provider().signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Sends `request` over TLS to an enrollment front and returns the reply (read to the close)
+/// and the client's local address. Write errors are ignored: the front may stop reading.
+pub async fn enroll_raw(addr: SocketAddr, request: &[u8]) -> (String, SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let local = tcp.local_addr().unwrap();
+    let name = rustls::pki_types::ServerName::try_from("wazuh-proxy").unwrap();
+    let mut tls = enroll_connector().connect(name, tcp).await.unwrap();
+    let _ = tls.write_all(request).await;
+    let _ = tls.flush().await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut reply)).await;
+    (String::from_utf8_lossy(&reply).into_owned(), local)
+}
