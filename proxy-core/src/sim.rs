@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -94,7 +93,7 @@ impl Manager {
     /// # Errors
     /// When the address cannot be bound.
     pub async fn start(bind: SocketAddr, name: &str, reply: Reply) -> io::Result<Manager> {
-        let listener = TcpListener::bind(bind).await?;
+        let listener = crate::net::bind_tcp(bind, crate::net::DEFAULT_BACKLOG)?;
         let addr = listener.local_addr()?;
         let m = Manager {
             addr,
