@@ -515,3 +515,45 @@ fn every_vector_request_and_reply_parses() {
     assert_eq!(requests.len(), 19, "distinct request lines");
     assert!(keys > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_relays_tls_untouched_to_an_agent_that_does_not_verify() {
+    use wazuh_proxy_core::tcp::{TcpRelay, TcpRelayConfig};
+    let a = StandIn::start(None, Duration::ZERO).await;
+    let b = StandIn::start(None, Duration::ZERO).await;
+    let balancer = Balancer::new(
+        Policy::Source,
+        vec![BackendConfig::new(a.addr), BackendConfig::new(b.addr)],
+    )
+    .unwrap();
+    let relay = Arc::new(TcpRelay::new(
+        "enrollment",
+        TcpRelayConfig::default(),
+        balancer,
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        relay
+            .clone()
+            .serve(listener, stop.clone(), tokio_util::task::TaskTracker::new()),
+    );
+    // The agent's TLS session ends at the manager: it gets the manager's own key, and the same
+    // source address always reaches the same manager.
+    let reply = enroll(addr, "OSSEC A:'passthrough-1' V:'v4.14.7'\n").await;
+    assert_is_key(&reply, "passthrough-1");
+    let (first, other) = if a.requests() == 1 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert_eq!(
+        first.issued("passthrough-1").as_deref(),
+        Some(reply.as_str())
+    );
+    let again = enroll(addr, "OSSEC A:'passthrough-1' V:'v4.14.7'\n").await;
+    assert!(again.contains("Duplicate agent name"), "{again}");
+    assert_eq!((first.requests(), other.requests()), (2, 0));
+    stop.cancel();
+}
