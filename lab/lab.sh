@@ -5,7 +5,7 @@
 #
 #   lab/lab.sh up | down | status | smoke | chaos [--events N --seconds T]
 #   lab/lab.sh scenario NAME     (proxy-kill keepalived-kill link-flap partition restart
-#                                 manager-kill, or "all")
+#                                 upgrade manager-kill, or "all")
 #
 # Runs as root. Addresses come from 198.18.0.0/24 only (RFC 2544 benchmarking space); nothing is
 # routed to the host's interfaces. Every process the lab starts has a pid file under $RUN and
@@ -119,7 +119,7 @@ wait_port() {
 proxy_start() {
     local n=$1
     alive "proxy-$n" && return 0
-    start "proxy-$n" "$n" "$BIN/wazuh-proxy" run --config "$RUN/proxy.toml"
+    start "proxy-$n" "$n" "$BIN/wazuh-proxy" run --config "$RUN/proxy.toml" --upgrade-socket "$RUN/upgrade-$n.sock"
 }
 
 proxy_ready() { wait_port "$1" 127.0.0.1 9514; }
@@ -438,6 +438,26 @@ scenario() {
             sleep 4
             [ "$(vip_holder)" = "$master" ] && FAILOVER_MS="VIP-stayed" || FAILOVER_MS="VIP-MOVED"
             ;;
+        upgrade)
+            # SIGUSR2: the running proxy starts its successor, hands it the listeners and every
+            # agent session, and exits; agents keep their connections.
+            local old
+            old=$(cat "$RUN/proxy-$master.pid")
+            kill -USR2 "$old"
+            for ((i = 0; i < 1500; i++)); do
+                kill -0 "$old" 2>/dev/null || break
+                sleep 0.02
+            done
+            kill -0 "$old" 2>/dev/null && die "upgrade: the old process did not exit"
+            local new
+            new=$(grep -a "new process started" "$RUN/proxy-$master.log" | tail -n 1 | sed -n 's/.*pid=\([0-9]*\).*/\1/p')
+            [ -n "$new" ] && kill -0 "$new" 2>/dev/null || die "upgrade: no new process"
+            echo "$new" >"$RUN/proxy-$master.pid"
+            proxy_ready "$master"
+            say "upgrade: old process $old handed over to $new in $(($(now_ms) - t0)) ms"
+            sleep 4
+            [ "$(vip_holder)" = "$master" ] && FAILOVER_MS="VIP-stayed" || FAILOVER_MS="VIP-MOVED"
+            ;;
         manager-kill)
             stop manager-m1 TERM
             FAILOVER_MS="n/a"
@@ -463,7 +483,7 @@ watch_vip_on() {
     echo none
 }
 
-SCENARIOS=(proxy-kill keepalived-kill link-flap partition restart manager-kill)
+SCENARIOS=(proxy-kill keepalived-kill link-flap partition restart upgrade manager-kill)
 
 cmd_scenario() {
     local name=${1:?scenario NAME (or all)}
