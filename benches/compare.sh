@@ -3,6 +3,7 @@
 # plus a direct run without any proxy, on loopback only.
 #
 #   benches/compare.sh [--quick] [--rounds N] [--out FILE] [--no-install] [--no-build]
+#                      [--only throughput|latency|idle|storm]
 #
 # Layout: the proxy under test is pinned to CPU 0 (taskset -c 0); the simulated agents
 # (wazuh-fleet) and the two stand-in managers behind the proxy share CPU 1. Each workload runs
@@ -28,6 +29,7 @@ ROUNDS=""
 OUT=""
 INSTALL=1
 BUILD=1
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift ;;
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
+        --only) ONLY=$2; shift ;;
         -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -58,6 +61,8 @@ OUT=${OUT:-$WORK/results.md}
 : > "$RESULTS"
 PIDS=()
 
+want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 
 stop_pid() {
@@ -75,6 +80,9 @@ cleanup() {
     local pid
     for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
     PIDS=()
+    [ -n "${SOMAXCONN_OLD:-}" ] && echo "$SOMAXCONN_OLD" > /proc/sys/net/core/somaxconn 2>/dev/null
+    [ -n "${SYN_BACKLOG_OLD:-}" ] && echo "$SYN_BACKLOG_OLD" > /proc/sys/net/ipv4/tcp_max_syn_backlog 2>/dev/null
+    true
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -106,12 +114,18 @@ FLEET_BIN=$TARGET_DIR/release/wazuh-fleet
 # Descriptors: each idle agent costs one in the fleet, two in the proxy, one in a manager.
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 NOFILE=$(ulimit -n)
-# Best effort: more ephemeral ports and quick reuse of TIME_WAIT ports for the storms.
-PORT_RANGE_OLD=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null | tr '\t' ' ' || true)
-echo "1024 65535" > /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+# The ephemeral port range is left alone: widened below 15140 it lets a client socket take
+# the proxy's or a manager's port and the next bind fails. TIME_WAIT ports are reused quickly
+# so that storms after storms still find free ports.
 echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse 2>/dev/null || true
-PORT_RANGE=$(tr '\t' ' ' < /proc/sys/net/ipv4/ip_local_port_range)
-log "nofile=$NOFILE ports=$PORT_RANGE (was $PORT_RANGE_OLD) somaxconn=$(cat /proc/sys/net/core/somaxconn)"
+# A listen backlog is capped by somaxconn (4096 by default): with it, a storm of 10,000 SYNs
+# overflows every listener and the storm measures the 1 s SYN retransmission instead of the
+# proxy. All three proxies (and the managers) ask for a 65535 backlog.
+SOMAXCONN_OLD=$(cat /proc/sys/net/core/somaxconn)
+SYN_BACKLOG_OLD=$(cat /proc/sys/net/ipv4/tcp_max_syn_backlog)
+echo 65535 > /proc/sys/net/core/somaxconn 2>/dev/null || true
+echo 65535 > /proc/sys/net/ipv4/tcp_max_syn_backlog 2>/dev/null || true
+log "nofile=$NOFILE ports=$(tr '\t' ' ' < /proc/sys/net/ipv4/ip_local_port_range) somaxconn=$(cat /proc/sys/net/core/somaxconn) (was $SOMAXCONN_OLD) syn_backlog=$(cat /proc/sys/net/ipv4/tcp_max_syn_backlog)"
 
 # A proxy holds two descriptors per agent (agent side and manager side).
 MAX_AGENTS=$(( (NOFILE - 200) / 2 ))
@@ -255,6 +269,12 @@ record() { # record WORKLOAD KIND ROUND METRIC VALUE
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "$(cut -d' ' -f1 /proc/loadavg)" >> "$RESULTS"
 }
 
+CLK_TCK=$(getconf CLK_TCK)
+proc_cpu() { # utime + stime of a process in clock ticks (0 without a process)
+    [ -n "$1" ] && [ -r "/proc/$1/stat" ] || { echo 0; return; }
+    sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
 busy_note() {
     local n
     n=$(pgrep -c -x 'rustc|cargo|cc1|ld' 2>/dev/null || true)
@@ -281,7 +301,12 @@ run_case() {
     busy=$(busy_note)
     local f=()
     for a in "${fargs[@]}"; do f+=("${a//@PID@/${PROXY_PID:-0}}"); done
-    out=$(taskset -c 1 "$FLEET_BIN" "${f[0]}" --target "$TARGET" --keys "$KEYS" "${f[@]:1}" 2>>"$WORK/fleet.err") || rc=$?
+    local cpu0 cpu1
+    cpu0=$(proc_cpu "${PROXY_PID:-}")
+    out=$(taskset -c 1 nice -n "${FLEET_NICE:-0}" "$FLEET_BIN" "${f[0]}" --target "$TARGET" --keys "$KEYS" "${f[@]:1}" 2>>"$WORK/fleet.err") || rc=$?
+    cpu1=$(proc_cpu "${PROXY_PID:-}")
+    # CPU seconds the proxy used during the run (user + system).
+    LAST_CPU=$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / t }')
     stop_proxy
     local msum
     msum=$(stop_managers)
@@ -300,12 +325,15 @@ write_configs
 log "work dir $WORK; rounds=$ROUNDS quick=$QUICK; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 START=$(date +%s)
 
-for agents in 100 1000; do
+want throughput && for agents in 100 1000; do
     for size in 256 4096; do
         w="throughput_${agents}x${size}"
         for round in $(seq "$ROUNDS"); do
             for kind in $KINDS; do
-                run_case "$w" "$kind" "$round" -- --sample 16 -- \
+                # The agents yield CPU 1 to the managers (nice): otherwise a proxy that
+                # absorbs data quickly lets the agents starve the managers of CPU 1, and the
+                # run measures the scheduler rather than the path.
+                FLEET_NICE=19 run_case "$w" "$kind" "$round" -- --sample 16 -- \
                     agents --agents $agents --event-size $size --flat-out --duration $TP_SECS \
                     --drain 20 --ramp 256
                 sent_frames=$(field frames "$LAST_OUT")
@@ -314,6 +342,16 @@ for agents in 100 1000; do
                 record "$w" "$kind" "$round" mb_per_s "$(field mb_per_s "$LAST_OUT")"
                 record "$w" "$kind" "$round" missing_frames "$(( ${sent_frames:-0} - ${got_frames:-0} ))"
                 record "$w" "$kind" "$round" busy "$LAST_BUSY"
+                record "$w" "$kind" "$round" fairness "$(awk -v a="$(field agent_events_min "$LAST_OUT")" \
+                    -v m="$(field agent_events_median "$LAST_OUT")" 'BEGIN { if (m > 0) printf "%.2f", a / m }')"
+                record "$w" "$kind" "$round" elapsed_s "$(field elapsed_s "$LAST_OUT")"
+                if [ "$kind" != direct ]; then
+                    elapsed=$(field elapsed_s "$LAST_OUT")
+                    record "$w" "$kind" "$round" proxy_cpu_pct \
+                        "$(awk -v c="$LAST_CPU" -v e="${elapsed:-0}" 'BEGIN { if (e > 0) printf "%.1f", 100 * c / e }')"
+                    record "$w" "$kind" "$round" events_per_cpu_s \
+                        "$(awk -v c="$LAST_CPU" -v n="$(field sent "$LAST_OUT")" 'BEGIN { if (c > 0) printf "%.0f", n / c }')"
+                fi
                 log "$w $kind round $round: $(field events_per_s "$LAST_OUT") ev/s $(field mb_per_s "$LAST_OUT") MB/s, frames sent $sent_frames received $got_frames, rc=$LAST_RC $LAST_BUSY"
             done
         done
@@ -321,13 +359,15 @@ for agents in 100 1000; do
 done
 
 w=latency_100x10eps
-for round in $(seq "$ROUNDS"); do
+want latency && for round in $(seq "$ROUNDS"); do
     for kind in $KINDS; do
         run_case "$w" "$kind" "$round" -- --echo -- \
             latency --agents 100 --rate 10 --event-size 256 --duration $LAT_SECS
         record "$w" "$kind" "$round" rtt_p50_us "$(field rtt_p50_us "$LAST_OUT")"
         record "$w" "$kind" "$round" rtt_p99_us "$(field rtt_p99_us "$LAST_OUT")"
         record "$w" "$kind" "$round" lost "$(printf '%s\n' "$LAST_MSUM" | sum_field lost)"
+        [ "$kind" != direct ] && record "$w" "$kind" "$round" proxy_cpu_pct \
+            "$(awk -v c="$LAST_CPU" -v e="$LAT_SECS" 'BEGIN { printf "%.1f", 100 * c / e }')"
         log "$w $kind round $round: p50 $(field rtt_p50_us "$LAST_OUT") us p99 $(field rtt_p99_us "$LAST_OUT") us rc=$LAST_RC $LAST_BUSY"
     done
 done
@@ -346,10 +386,10 @@ idle_case() { # idle_case AGENTS ROUNDS SOURCES
         done
     done
 }
-idle_case "$IDLE_AGENTS" "$(( ROUNDS < 2 ? ROUNDS : 2 ))" 0
+want idle && idle_case "$IDLE_AGENTS" "$(( ROUNDS < 2 ? ROUNDS : 2 ))" 0
 
 w=storm_${STORM_AGENTS}
-for round in $(seq "$ROUNDS"); do
+want storm && for round in $(seq "$ROUNDS"); do
     for kind in $KINDS; do
         run_case "$w" "$kind" "$round" -- -- \
             connect-storm --agents "$STORM_AGENTS" --ramp 0 --duration 30 --reconnect-interval 1 \
@@ -357,11 +397,15 @@ for round in $(seq "$ROUNDS"); do
         record "$w" "$kind" "$round" all_acked_ms "$(field all_acked_ms "$LAST_OUT")"
         record "$w" "$kind" "$round" conns_per_s "$(field conns_per_s "$LAST_OUT")"
         record "$w" "$kind" "$round" acked "$(field acked "$LAST_OUT")"
+        if [ "$kind" != direct ]; then
+            record "$w" "$kind" "$round" proxy_cpu_us_per_conn \
+                "$(awk -v c="$LAST_CPU" -v n="$STORM_AGENTS" 'BEGIN { printf "%.0f", 1e6 * c / n }')"
+        fi
         log "$w $kind round $round: all acked in $(field all_acked_ms "$LAST_OUT") ms ($(field acked "$LAST_OUT") acked), rc=$LAST_RC $LAST_BUSY"
     done
 done
 
-if [ "$BIG_IDLE" -gt 0 ]; then
+if [ "$BIG_IDLE" -gt 0 ] && want idle; then
     # 50,000 agents from one source address would exhaust its ephemeral ports towards one
     # listener: spread them over 8 loopback addresses. Each proxy needs 2 descriptors per agent.
     if [ "$MAX_AGENTS" -ge "$BIG_IDLE" ]; then
@@ -396,10 +440,17 @@ for line in open(path):
         pass
 shown = [
     ("events_per_s", "events/s", True), ("mb_per_s", "MB/s", True),
+    ("proxy_cpu_pct", "proxy CPU % of its core", False),
+    ("events_per_cpu_s", "events per proxy CPU-second", True),
+    ("elapsed_s", "seconds incl. drain", None),
+    ("fairness", "slowest agent / median agent", True),
     ("missing_frames", "frames sent - received", None),
     ("rtt_p50_us", "p50 µs", False), ("rtt_p99_us", "p99 µs", False),
-    ("rss_per_agent_bytes", "RSS bytes / idle agent", False), ("connected", "agents connected", None),
-    ("all_acked_ms", "ms until all acked", False), ("conns_per_s", "connections/s", True),
+    ("lost", "events lost", None),
+    ("rss_per_agent_bytes", "RSS bytes / idle agent", False),
+    ("rss_before_kb", "proxy RSS before, kB", False), ("connected", "agents connected", None),
+    ("all_acked_ms", "ms until all acked", False),
+    ("proxy_cpu_us_per_conn", "proxy CPU µs per new agent", False), ("conns_per_s", "connections/s", True),
 ]
 kinds = ["wazuh", "nginx", "haproxy", "direct"]
 workloads = []
@@ -431,4 +482,3 @@ open(out, "w").write(text)
 print(text)
 EOF
 log "results: $OUT; per-run lines: $WORK/runs.log"
-echo "$PORT_RANGE_OLD" | grep -q . && echo "$PORT_RANGE_OLD" > /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true

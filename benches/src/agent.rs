@@ -248,7 +248,8 @@ impl Agent {
         }
     }
 
-    /// Runs the agent until the deadline: handshakes, sends, reconnects.
+    /// Runs the agent until the deadline: handshakes, sends, reconnects. Returns the number
+    /// of events it sent.
     ///
     /// `gate` bounds how many handshakes run at once (a ramp); it is released once connected.
     pub async fn run(
@@ -256,7 +257,7 @@ impl Agent {
         cfg: Arc<AgentConfig>,
         stats: Arc<FleetStats>,
         gate: Option<Arc<Semaphore>>,
-    ) {
+    ) -> u64 {
         let mut connected_before = false;
         loop {
             let Some(stream) = self.connect(&cfg, &stats, gate.as_deref()).await else {
@@ -268,7 +269,7 @@ impl Agent {
                         cfg.target
                     ));
                 }
-                return;
+                return self.seq;
             };
             stats.connects.fetch_add(1, Relaxed);
             stats.sent(1, 0, self.startup_len);
@@ -282,7 +283,7 @@ impl Agent {
             }
             connected_before = true;
             match self.session(stream, &cfg, &stats).await {
-                Ended::Deadline => return,
+                Ended::Deadline => return self.seq,
                 Ended::Lost(why) => {
                     stats.lost_connections.fetch_add(1, Relaxed);
                     cfg.log(format_args!(
@@ -403,7 +404,8 @@ impl Agent {
         wake: &Notify,
         pending: &Mutex<VecDeque<(u64, Instant)>>,
     ) -> Result<bool, FleetError> {
-        let write_limit = cfg.deadline + Duration::from_secs(5);
+        // Past the deadline a write may still wait while buffers drain, up to the drain time.
+        let write_limit = cfg.deadline + cfg.drain;
         let start = Instant::now();
         let mut next_ka = start + cfg.notify_time;
         let interval = match cfg.load {

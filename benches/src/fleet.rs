@@ -167,9 +167,23 @@ pub async fn run_agents(
             ramp.as_secs_f64()
         );
     }
-    while tasks.join_next().await.is_some() {}
+    let mut per_agent = Vec::with_capacity(o.agents);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(n) = r {
+            per_agent.push(n);
+        }
+    }
     let elapsed = start.elapsed();
     let mut report = stats.summary(mode, o.agents, elapsed);
+    per_agent.sort_unstable();
+    if let (Some(min), Some(max)) = (per_agent.first(), per_agent.last()) {
+        // Fairness: how evenly the path served agents that all sent as fast as they could.
+        report.push_str(&format!(
+            " send_s={:.3} agent_events_min={min} agent_events_median={} agent_events_max={max}",
+            o.duration.as_secs_f64(),
+            per_agent[per_agent.len() / 2]
+        ));
+    }
     report.push_str(&extra);
     let failed = stats.errors.load(Relaxed) > 0
         || (!expect_reconnects && stats.lost_connections.load(Relaxed) > 0)
