@@ -88,6 +88,11 @@ pub struct AgentRelayConfig {
     pub reply_timeout: Option<Duration>,
     /// Per-source limits on open connections and on how fast new ones come.
     pub source_limits: crate::limits::SourceLimits,
+    /// Connect to managers from the agent's own address (`IP_TRANSPARENT`; default false:
+    /// from the proxy's address). Managers then check and log the agent's real address,
+    /// which keys bound to an IP or a network need. Needs `CAP_NET_ADMIN`, and replies to the
+    /// agents' addresses routed back through this host (see [`Balancer::connect_from`]).
+    pub transparent: bool,
 }
 
 impl Default for AgentRelayConfig {
@@ -104,6 +109,7 @@ impl Default for AgentRelayConfig {
             hold_timeout: Duration::from_secs(30),
             reply_timeout: Some(Duration::from_secs(20)),
             source_limits: crate::limits::SourceLimits::default(),
+            transparent: false,
         }
     }
 }
@@ -956,9 +962,13 @@ impl AgentRelay {
         let cfg = &self.config;
         let deadline = Instant::now() + cfg.hold_timeout;
         let mut pause = Duration::from_millis(250);
+        let source = cfg.transparent.then(|| session.client().ip());
         loop {
             let balancer = self.balancer.load_full();
-            match balancer.connect(key, cfg.connect_timeout).await {
+            match balancer
+                .connect_from(key, cfg.connect_timeout, source)
+                .await
+            {
                 Ok(c) => {
                     if c.attempts > 1 {
                         self.stats
