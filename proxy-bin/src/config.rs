@@ -11,6 +11,7 @@
 //! listen = "0.0.0.0:1514"
 //! kind = "agent"            # agent (1514/TCP, framed) | udp (1514/UDP) | tcp (plain relay)
 //! balance = "agent-id"      # agent-id | source | least-conn | round-robin | random
+//! source = "proxy"          # managers see: proxy (its own address) | transparent (the agent's)
 //! backends = [
 //!   { address = "10.0.0.11:1514" },
 //!   { address = "10.0.0.12:1514", weight = 2 },
@@ -143,6 +144,7 @@ struct FileListener {
     max_connections_per_source: Option<u32>,
     connection_rate_per_source: Option<f64>,
     connection_burst_per_source: Option<f64>,
+    source: Option<Spanned<String>>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -463,6 +465,24 @@ impl Config {
             if let Some(b) = l.connection_burst_per_source {
                 agent.source_limits.burst = b.max(1.0);
             }
+            if let Some(s) = &l.source {
+                if kind != ListenerKind::Agent {
+                    return Err(src.error(
+                        Some(s.span()),
+                        "source is only used by kind = \"agent\" listeners",
+                    ));
+                }
+                agent.transparent = match s.get_ref().as_str() {
+                    "proxy" => false,
+                    "transparent" => true,
+                    other => {
+                        return Err(src.error(
+                            Some(s.span()),
+                            format!("unknown source {other:?} (expected proxy or transparent)"),
+                        ))
+                    }
+                };
+            }
             let enroll = if kind == ListenerKind::Enroll {
                 use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
                 let tls_dir = l
@@ -673,6 +693,12 @@ impl Config {
                     "connection_burst_per_source = {:?}",
                     a.source_limits.burst
                 );
+                let source = if a.transparent {
+                    "transparent"
+                } else {
+                    "proxy"
+                };
+                let _ = writeln!(out, "source = {source:?}");
             }
             let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
             let _ = writeln!(
@@ -908,6 +934,36 @@ backends = [{ address = "127.0.0.1:11515" }]
         assert!(e.contains("tls_cert and tls_key go together"), "{e}");
         let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbackend_ca = \"/ca.pem\""));
         assert!(e.contains("only used by kind = \"enroll\""), "{e}");
+    }
+
+    #[test]
+    fn source_address_mode() {
+        let c = Config::parse(GOOD, "good.toml").unwrap();
+        assert!(!c.listeners[0].agent.transparent);
+        assert!(c.to_toml().contains("source = \"proxy\""));
+        let text = GOOD.replace(
+            "name = \"agents\"",
+            "name = \"agents\"\nsource = \"transparent\"",
+        );
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert!(c.listeners[0].agent.transparent);
+        let shown = c.to_toml();
+        assert!(shown.contains("source = \"transparent\""), "{shown}");
+        assert!(
+            Config::parse(&shown, "e").unwrap().listeners[0]
+                .agent
+                .transparent
+        );
+        let e = err(&GOOD.replace("name = \"agents\"", "name = \"agents\"\nsource = \"agent\""));
+        assert!(
+            e.starts_with("x.toml:6:") && e.contains("expected proxy or transparent"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nsource = \"transparent\""));
+        assert!(
+            e.starts_with("x.toml:16:") && e.contains("only used by kind = \"agent\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -264,6 +264,7 @@ impl Proxy {
                         || l.keys != x.spec.keys
                         || l.health != x.spec.health
                         || l.rebalance != x.spec.rebalance
+                        || l.agent.transparent != x.spec.agent.transparent
                     {
                         tracing::warn!(listener = %l.name,
                             "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
@@ -559,6 +560,46 @@ fn drop_privileges(user: &str) -> Result<(), StartError> {
     Ok(())
 }
 
+/// `source = "transparent"` sets `IP_TRANSPARENT`, which needs `CAP_NET_ADMIN` (or
+/// `CAP_NET_RAW`); without it every connect to a manager fails, so say so once, after
+/// privileges are dropped (switching users clears the capabilities), rather than once per
+/// agent.
+fn warn_if_not_transparent_capable(config: &Config) {
+    let transparent: Vec<&str> = config
+        .listeners
+        .iter()
+        .filter(|l| l.kind == ListenerKind::Agent && l.agent.transparent)
+        .map(|l| l.name.as_str())
+        .collect();
+    if transparent.is_empty() {
+        return;
+    }
+    match std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| may_set_transparent(&s))
+    {
+        Some(true) => {}
+        Some(false) => tracing::warn!(listeners = ?transparent,
+            "source = \"transparent\" needs CAP_NET_ADMIN (or CAP_NET_RAW), which this process lacks: connections to managers will fail (run as root without `user`, or grant the capability, e.g. AmbientCapabilities=CAP_NET_ADMIN)"),
+        None => tracing::warn!(listeners = ?transparent,
+            "cannot read this process's capabilities; source = \"transparent\" needs CAP_NET_ADMIN (or CAP_NET_RAW)"),
+    }
+}
+
+/// Whether the effective capabilities in a `/proc/<pid>/status` text allow `IP_TRANSPARENT`:
+/// CAP_NET_ADMIN (bit 12) or CAP_NET_RAW (bit 13). `None` when the line is missing or
+/// malformed.
+fn may_set_transparent(status: &str) -> Option<bool> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_NET_RAW: u32 = 13;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let bits = u64::from_str_radix(hex, 16).ok()?;
+    Some(bits & (1 << CAP_NET_ADMIN | 1 << CAP_NET_RAW) != 0)
+}
+
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     #[cfg(unix)]
@@ -645,6 +686,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
+    warn_if_not_transparent_capable(&config);
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     loop {
@@ -664,6 +706,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                             if let Some(admin) = &admin {
                                 admin.refresh(&proxy);
                             }
+                            warn_if_not_transparent_capable(&new);
                             tracing::info!("reload applied");
                         }
                     },
@@ -693,4 +736,31 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
         admin.stop().await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_set_transparent;
+
+    #[test]
+    fn reads_the_network_capabilities_from_proc_status() {
+        let root = "Name:\twazuh-proxy\nCapPrm:\t000001ffffffffff\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(may_set_transparent(root), Some(true));
+        // CAP_NET_BIND_SERVICE (bit 10) alone.
+        assert_eq!(
+            may_set_transparent("CapEff:\t0000000000000400\n"),
+            Some(false)
+        );
+        assert_eq!(
+            may_set_transparent("CapEff:\t0000000000001000\n"),
+            Some(true)
+        );
+        // CAP_NET_RAW alone is enough too.
+        assert_eq!(
+            may_set_transparent("CapEff:\t0000000000002000\n"),
+            Some(true)
+        );
+        assert_eq!(may_set_transparent("CapEff:\tzz\n"), None);
+        assert_eq!(may_set_transparent("Name:\tx\n"), None);
+    }
 }
