@@ -1,0 +1,159 @@
+//! The load tools against each other on loopback: agents through the real protocol to the
+//! stand-in manager, which must see every event once, in order, with ACKs and echoes flowing.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wazuh_proxy_benches::agent::Load;
+use wazuh_proxy_benches::fleet::{self, FleetOptions};
+use wazuh_proxy_benches::fleetkeys;
+use wazuh_proxy_benches::manager::{self, ManagerConfig, ManagerState};
+use wazuh_proxy_core::envelope::Cipher;
+
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+async fn start_manager(
+    keys: &std::path::Path,
+    echo: bool,
+) -> (std::net::SocketAddr, Arc<ManagerState>) {
+    let set = Arc::new(fleetkeys::read(keys).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = ManagerState::new(ManagerConfig {
+        keys: set,
+        echo,
+        sample: 1,
+    });
+    tokio::spawn(manager::serve(listener, Arc::clone(&state)));
+    (addr, state)
+}
+
+fn options(
+    target: std::net::SocketAddr,
+    keys: &std::path::Path,
+    cipher: Cipher,
+    load: Load,
+) -> FleetOptions {
+    FleetOptions {
+        target,
+        agents: 4,
+        cipher,
+        event_size: 300,
+        load,
+        duration: Duration::from_millis(800),
+        keys: keys.to_path_buf(),
+        notify_time: Duration::from_millis(300),
+        retry_interval: Duration::from_millis(100),
+        max_retries: 3,
+        recv_timeout: Duration::from_secs(5),
+        echo: false,
+        sources: Vec::new(),
+        ramp: 0,
+        drain: Duration::from_secs(5),
+        log_lines: 10,
+    }
+}
+
+fn keys_file(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("fleet-test-{}-{name}.keys", std::process::id()));
+    fleetkeys::write(&path, 4).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn rate_events_arrive_once_in_order_with_keepalive_acks() {
+    for cipher in [Cipher::Aes, Cipher::Blowfish] {
+        let keys = keys_file(cipher.name());
+        let (addr, state) = start_manager(&keys, false).await;
+        let out = fleet::run_agents(
+            &options(addr, &keys, cipher, Load::Rate(50.0)),
+            "agents",
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        assert!(out.ok, "{}", out.report);
+        let sent = field(&out.report, "sent");
+        assert!(sent > 40, "{}", out.report);
+        assert!(
+            field(&out.report, "acks") >= 4,
+            "keepalives were acknowledged: {}",
+            out.report
+        );
+        // The manager has read everything once the agents saw it close.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (report, ok) = state.report("m", false);
+        assert!(ok, "{report}");
+        let summary = report.lines().last().unwrap();
+        assert_eq!(field(summary, "events"), sent, "{summary}");
+        assert_eq!(field(summary, "lost"), 0);
+        assert_eq!(field(summary, "startups"), 4);
+        assert_eq!(field(summary, "shutdowns"), 4);
+        assert_eq!(state.rejected.load(Relaxed), 0);
+        let _ = std::fs::remove_file(keys);
+    }
+}
+
+#[tokio::test]
+async fn flat_out_pool_counts_match_and_echo_gives_round_trips() {
+    let keys = keys_file("flat");
+    let (addr, state) = start_manager(&keys, false).await;
+    let out = fleet::run_agents(
+        &options(addr, &keys, Cipher::Aes, Load::FlatOut { pool: 8 }),
+        "agents",
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(out.ok, "{}", out.report);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (report, ok) = state.report("m", false);
+    assert!(ok, "cycled sequence numbers are not loss: {report}");
+    let summary = report.lines().last().unwrap();
+    assert_eq!(field(summary, "frames"), field(&out.report, "frames"));
+
+    let (addr, _state) = start_manager(&keys, true).await;
+    let mut o = options(addr, &keys, Cipher::Aes, Load::Rate(20.0));
+    o.echo = true;
+    let out = fleet::run_agents(&o, "latency", None, false).await.unwrap();
+    assert!(out.ok, "{}", out.report);
+    assert!(field(&out.report, "rtt_samples") > 10, "{}", out.report);
+
+    let storm = fleet::connect_storm(&options(addr, &keys, Cipher::Aes, Load::Idle))
+        .await
+        .unwrap();
+    assert!(storm.ok, "{}", storm.report);
+    assert_eq!(field(&storm.report, "acked"), 4);
+    let _ = std::fs::remove_file(keys);
+}
+
+#[tokio::test]
+async fn nothing_listening_is_a_failure_not_a_hang() {
+    let keys = keys_file("refused");
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = fleet::run_agents(
+        &options(free, &keys, Cipher::Aes, Load::Rate(10.0)),
+        "agents",
+        None,
+        false,
+    )
+    .await
+    .unwrap();
+    assert!(!out.ok, "{}", out.report);
+    assert_eq!(field(&out.report, "errors"), 4);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_file(keys);
+}
