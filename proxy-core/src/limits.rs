@@ -1,6 +1,9 @@
 //! Per-source admission limits: how many connections one address may hold open, and how fast
 //! it may open new ones.
 //!
+//! The defaults let a whole fleet behind one NAT address reconnect at once (a storm of
+//! 10,000 agents after a failover is legitimate); lower them where agents are not NATed.
+//!
 //! A flood from one address (a misbehaving host, a scan, a reconnect loop) must not exhaust
 //! the proxy's descriptors or memory for everyone else. Agents behind one NAT share an
 //! address, so the defaults are generous; lower them where agents are not NATed.
@@ -14,20 +17,20 @@ use dashmap::DashMap;
 /// Limits per source address.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SourceLimits {
-    /// Most connections one address may hold open (default 4096; 0: no limit).
+    /// Most connections one address may hold open (default 20,000; 0: no limit).
     pub max_open: u32,
-    /// New connections per second one address may open, on average (default 500; 0: no limit).
+    /// New connections per second one address may open, on average (default 10,000; 0: no limit).
     pub rate: f64,
-    /// How many new connections may come at once above the rate (default 2000).
+    /// How many new connections may come at once above the rate (default 20,000).
     pub burst: f64,
 }
 
 impl Default for SourceLimits {
     fn default() -> Self {
         SourceLimits {
-            max_open: 4096,
-            rate: 500.0,
-            burst: 2000.0,
+            max_open: 20_000,
+            rate: 10_000.0,
+            burst: 20_000.0,
         }
     }
 }

@@ -353,6 +353,7 @@ pub struct AgentRelay {
     hard_stop: CancellationToken,
     keys: Option<KeyStore>,
     handover: CancellationToken,
+    sweeper: std::sync::atomic::AtomicBool,
     admission: crate::limits::Admission,
     refusals_logged: std::sync::atomic::AtomicU64,
     started: Instant,
@@ -382,6 +383,7 @@ impl AgentRelay {
             hard_stop,
             keys: None,
             handover: CancellationToken::new(),
+            sweeper: std::sync::atomic::AtomicBool::new(false),
             admission: crate::limits::Admission::new(limits),
             refusals_logged: std::sync::atomic::AtomicU64::new(u64::MAX),
             started: Instant::now(),
@@ -523,6 +525,7 @@ impl AgentRelay {
     pub fn hand_over_all(&self, to: tokio::sync::mpsc::UnboundedSender<Handed>) {
         *self.handover_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
         self.handover.cancel();
+        self.sessions.wake_all();
     }
 
     fn hand_over(
@@ -585,6 +588,7 @@ impl AgentRelay {
                 return;
             }
         };
+        self.start_sweeper();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         let handle = match self.sessions.register(handed.key, handed.client).await {
@@ -596,22 +600,21 @@ impl AgentRelay {
             }
         };
         let tracker = match (&self.keys, handed.key) {
-            (Some(keys), SessionKey::Agent(id)) => keys.get(&id).map(Tracker::new),
+            (Some(keys), SessionKey::Agent(id)) => keys.get(&id).map(|k| Box::new(Tracker::new(k))),
             _ => None,
         };
         let mut up = Pipe::default();
         up.buf.extend_from_slice(&handed.pending);
         tune(&agent, self.config.tcp_keepalive);
-        self.carry(
+        let setup = Box::new(Setup {
             agent,
-            handed.client,
+            peer: handed.client,
             handle,
             up,
-            handed.replay,
+            replay: handed.replay,
             tracker,
-            true,
-        )
-        .await;
+        });
+        self.carry(setup, true).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -623,6 +626,7 @@ impl AgentRelay {
     /// Closes every session now (the end of a drain).
     pub fn close_all(&self) {
         self.hard_stop.cancel();
+        self.sessions.wake_all();
     }
 
     /// Accepts agents until `stop` is cancelled; each connection runs as a task of `tracker`
@@ -660,6 +664,7 @@ impl AgentRelay {
 
     /// Runs one agent connection to its end.
     pub async fn handle(self: Arc<Self>, agent: TcpStream, peer: SocketAddr) {
+        self.start_sweeper();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let _admitted = match self.admission.admit(peer.ip(), Instant::now()) {
             Ok(a) => a,
@@ -675,11 +680,17 @@ impl AgentRelay {
             }
         };
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        self.run(agent, peer).await;
+        // Boxed: the setup's state is freed once frames flow, so a long-lived session's task
+        // holds only what relaying needs.
+        if let Some(st) = Box::pin(self.setup(agent, peer)).await {
+            self.carry(st, false).await;
+        }
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
-    async fn run(&self, agent: TcpStream, peer: SocketAddr) {
+    /// The first frame, agent verification and the session: everything before frames flow.
+    /// Returns `None` when the connection was refused (already logged and counted).
+    async fn setup(&self, agent: TcpStream, peer: SocketAddr) -> Option<Box<Setup>> {
         let cfg = &self.config;
         tune(&agent, cfg.tcp_keepalive);
         let mut up = Pipe::default();
@@ -687,19 +698,19 @@ impl AgentRelay {
         // 1. The first frame names the agent.
         let first = tokio::select! {
             r = tokio::time::timeout(cfg.first_frame_timeout, first_frame(&agent, &mut up, cfg)) => r,
-            _ = self.hard_stop.cancelled() => return,
+            _ = self.hard_stop.cancelled() => return None,
         };
         let (mut key, first_len) = match first {
             Ok(Ok(found)) => found,
             Ok(Err(end)) => {
                 self.refuse(peer, None, &end);
-                return;
+                return None;
             }
             Err(_) => {
                 self.stats.reject(Rejection::FirstFrameTimeout);
                 tracing::warn!(listener = %self.name, client = %peer,
                     "closing agent connection: no complete first frame within {:?}", cfg.first_frame_timeout);
-                return;
+                return None;
             }
         };
 
@@ -710,14 +721,14 @@ impl AgentRelay {
             match verify_first(keys, &up.buf[HEADER_LEN..first_len], peer.ip()) {
                 Ok(Some(v)) => {
                     key = SessionKey::Agent(v.key.id());
-                    tracker = Some(Tracker::new(v.key));
+                    tracker = Some(Box::new(Tracker::new(v.key)));
                     info = Some(v.info);
                 }
                 Ok(None) => {}
                 Err(refusal) => {
                     self.stats.reject(refusal.rejection());
                     tracing::warn!(listener = %self.name, client = %peer, "closing agent connection: {refusal}");
-                    return;
+                    return None;
                 }
             }
         }
@@ -728,7 +739,7 @@ impl AgentRelay {
             Err(e) => {
                 self.stats.reject(Rejection::Duplicate);
                 tracing::warn!(listener = %self.name, agent = %key, client = %peer, "refusing agent connection: {e}");
-                return;
+                return None;
             }
         };
         let session = handle.session().clone();
@@ -737,8 +748,14 @@ impl AgentRelay {
         }
 
         let replay = up.buf[HEADER_LEN..first_len].to_vec();
-        self.carry(agent, peer, handle, up, replay, tracker, false)
-            .await;
+        Some(Box::new(Setup {
+            agent,
+            peer,
+            handle,
+            up,
+            replay,
+            tracker,
+        }))
     }
 
     /// Carries an agent's session to its end: a manager, then frames both ways. When the
@@ -748,16 +765,16 @@ impl AgentRelay {
     /// latest keepalive); `adopted` sessions come from a previous process and replay it at
     /// once.
     #[allow(clippy::too_many_arguments)]
-    async fn carry(
-        &self,
-        agent: TcpStream,
-        peer: SocketAddr,
-        handle: SessionHandle,
-        mut up: Pipe,
-        mut replay: Vec<u8>,
-        mut tracker: Option<Tracker>,
-        adopted: bool,
-    ) {
+    async fn carry(&self, setup: Box<Setup>, adopted: bool) {
+        // Moved out of the box: the task keeps one copy of each, not an argument and a local.
+        let Setup {
+            agent,
+            peer,
+            handle,
+            mut up,
+            mut replay,
+            mut tracker,
+        } = *setup;
         let cfg = &self.config;
         let session = handle.session().clone();
         let key = session.key();
@@ -780,18 +797,29 @@ impl AgentRelay {
                     break End::NoManager;
                 }
                 let pause = Duration::from_millis(100 << n.min(5)).min(Duration::from_secs(3));
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = session.closing() => break End::Closed,
+                // Rare waits are boxed so that the session's task keeps no room for them.
+                let closed = Box::pin(async {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => false,
+                        _ = session.closing() => true,
+                    }
+                })
+                .await;
+                if closed {
+                    break End::Closed;
                 }
             }
-            let connected = tokio::select! {
-                r = self.connect_holding(&balance_key, &session) => r,
-                _ = session.closing() => break End::Closed,
-            };
+            let connected = Box::pin(async {
+                tokio::select! {
+                    r = self.connect_holding(&balance_key, &session) => Some(r),
+                    _ = session.closing() => None,
+                }
+            })
+            .await;
             let connected = match connected {
-                Ok(c) => c,
-                Err(e) => {
+                None => break End::Closed,
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
                     self.stats.reject(Rejection::NoBackend);
                     tracing::warn!(listener = %self.name, agent = %key, client = %peer,
                         "closing agent connection: no manager reachable: {e}");
@@ -805,7 +833,7 @@ impl AgentRelay {
             let moved_from = last_backend.replace(addr);
             let mut awaiting_reply = moved_from.is_none() && !adopted;
             if moved_from.is_none() && adopted {
-                if let Err(e) = write_frame(&manager, &replay).await {
+                if let Err(e) = Box::pin(write_frame(&manager, &replay)).await {
                     tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
                         "manager failed while taking over the agent; trying another");
                     self.balancer
@@ -822,7 +850,7 @@ impl AgentRelay {
                 // Before any newer frame, the new manager gets the control frame that
                 // registers the agent (never twice: a duplicate may close the connection).
                 if !fed.contains(&addr) {
-                    if let Err(e) = write_frame(&manager, &replay).await {
+                    if let Err(e) = Box::pin(write_frame(&manager, &replay)).await {
                         tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
                             "manager failed during the hand-over; trying another");
                         self.balancer
@@ -848,7 +876,7 @@ impl AgentRelay {
                     &mut up,
                     &mut down,
                     &session,
-                    tracker.as_mut(),
+                    tracker.as_deref_mut(),
                     &mut replay,
                     awaiting_reply,
                 )
@@ -857,11 +885,14 @@ impl AgentRelay {
                 // A planned hand-over: complete the frame being written, deliver what the
                 // agent is owed, close the manager connection (FIN) before the next process
                 // opens its own, then pass the agent's socket on.
-                if finish_head(&mut up, &manager).await.is_err() {
+                if Box::pin(finish_head(&mut up, &manager)).await.is_err() {
                     up.drop_partial_head();
                 }
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), flush(&mut down, &agent)).await;
+                let _ = Box::pin(tokio::time::timeout(
+                    Duration::from_secs(2),
+                    flush(&mut down, &agent),
+                ))
+                .await;
                 drop(manager);
                 drop(connected.guard);
                 return self.hand_over(agent, peer, handle, up, replay);
@@ -872,7 +903,7 @@ impl AgentRelay {
             }
             // A planned move waits for the frame being written to end, so none is cut.
             let end = match end {
-                End::Moved => match finish_head(&mut up, &manager).await {
+                End::Moved => match Box::pin(finish_head(&mut up, &manager)).await {
                     Ok(()) => End::Moved,
                     Err(e) => End::ManagerIo(e),
                 },
@@ -921,7 +952,7 @@ impl AgentRelay {
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
         }
-        let clean = match (tracker.as_mut(), &end) {
+        let clean = match (tracker.as_deref_mut(), &end) {
             (Some(t), End::AgentClosed) => Some(t.ended_cleanly(&session)),
             (Some(_), _) => Some(false),
             (None, _) => None,
@@ -1010,74 +1041,307 @@ impl AgentRelay {
         }
     }
 
+    /// Relays frames both ways until one side ends or the session needs attention.
     #[allow(clippy::too_many_arguments)]
-    async fn relay(
-        &self,
-        agent: &TcpStream,
-        manager: &TcpStream,
-        up: &mut Pipe,
-        down: &mut Pipe,
-        session: &Session,
-        mut tracker: Option<&mut Tracker>,
-        replay: &mut Vec<u8>,
+    fn relay<'a>(
+        &'a self,
+        agent: &'a TcpStream,
+        manager: &'a TcpStream,
+        up: &'a mut Pipe,
+        down: &'a mut Pipe,
+        session: &'a Session,
+        mut tracker: Option<&'a mut Tracker>,
+        replay: &'a mut Vec<u8>,
         awaiting_reply: bool,
-    ) -> End {
-        let cfg = &self.config;
+    ) -> Relaying<'a, impl FnMut(&[u8]) -> Result<(), End> + 'a> {
         let key = session.key();
-        let stats = &*self.stats;
-        let up_check = |payload: &[u8]| {
-            let env = check_agent_frame(key, payload)?;
+        let up_check = move |payload: &[u8]| {
             if let Some(t) = tracker.as_deref_mut() {
+                let env = check_agent_frame(key, payload)?;
                 if t.observe(&env, session) {
                     // The latest keepalive is what a new manager should see first.
                     replay.clear();
                     replay.extend_from_slice(payload);
                 }
+                Ok(())
+            } else {
+                check_agent_prefix(key, payload)
             }
-            Ok(())
         };
-        let up_f = pump(up, agent, manager, Dir::Up, cfg, session, stats, up_check);
-        let down_f = pump(
-            down,
-            manager,
+        // A timeout noticed while no manager carried the session (held, or reconnecting) is
+        // stale: the hold timeout governs that time, and a new manager connection is activity.
+        let _ = session.take_expired();
+        session.touch();
+        if let (true, true, Some(t)) = (
+            awaiting_reply,
+            self.config.failover,
+            self.config.reply_timeout,
+        ) {
+            session.arm_reply(t);
+        } else {
+            session.disarm_reply();
+        }
+        let mut relaying = Relaying {
+            relay: self,
             agent,
-            Dir::Down,
-            cfg,
+            manager,
+            up,
+            down,
             session,
-            stats,
-            check_manager_frame,
-        );
-        tokio::pin!(up_f, down_f);
-        let idle = cfg.idle_timeout;
-        let tick = idle.map_or(Duration::from_secs(3600), |d| {
-            (d / 4).max(Duration::from_millis(100))
-        });
-        let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
-        let reply_deadline = cfg.reply_timeout.filter(|_| awaiting_reply && cfg.failover);
-        let reply_timer = tokio::time::sleep(reply_deadline.unwrap_or(Duration::from_secs(3600)));
-        tokio::pin!(reply_timer);
-        let mut reply_armed = reply_deadline.is_some();
-        loop {
-            tokio::select! {
-                end = &mut up_f => return end,
-                end = &mut down_f => return end,
-                _ = session.closing() => return End::Closed,
-                _ = session.move_requested(), if cfg.failover => return End::Moved,
-                _ = self.handover.cancelled() => return End::HandedOver,
-                _ = &mut reply_timer, if reply_armed => {
-                    reply_armed = false;
-                    if session.stats().frames_down.load(Ordering::Relaxed) == replies_before {
-                        return End::ManagerTimeout;
-                    }
+            up_check,
+        };
+        relaying.prime();
+        relaying
+    }
+
+    /// Notices idle sessions and unanswered handshakes (one task per listener, instead of a
+    /// timer per connection).
+    fn start_sweeper(self: &Arc<Self>) {
+        if self.sweeper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cfg = &self.config;
+        let shortest = [cfg.idle_timeout, cfg.reply_timeout.filter(|_| cfg.failover)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let tick = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(tick);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(relay) = weak.upgrade() else { return };
+                let idle = relay.config.idle_timeout;
+                for s in relay.sessions.sessions() {
+                    s.check_timeouts(idle);
                 }
-                _ = tokio::time::sleep(tick), if idle.is_some() => {
-                    if idle.is_some_and(|d| session.idle() >= d) {
-                        return End::Idle;
-                    }
+            }
+        });
+    }
+}
+
+/// The steady state of a session: both directions relayed by one hand-written future, so that
+/// an idle agent costs a few hundred bytes of task state rather than a tree of futures and
+/// timers. All state lives in the pipes: dropping this future leaves them at a known byte
+/// position (what a manager failover, a move and a hand-over rely on).
+struct Relaying<'a, F> {
+    relay: &'a AgentRelay,
+    agent: &'a TcpStream,
+    manager: &'a TcpStream,
+    up: &'a mut Pipe,
+    down: &'a mut Pipe,
+    session: &'a Session,
+    up_check: F,
+}
+
+/// Bytes asked of the kernel by the first read after an idle period: enough for a startup or
+/// keepalive message, small enough that thousands of agents waking at once (a reconnect storm)
+/// do not each allocate a full read chunk.
+const FIRST_READ: usize = 4096;
+
+/// Reads (or writes) a direction may do in one poll before yielding, so one busy agent cannot
+/// hold a worker thread.
+const POLL_BUDGET: u32 = 32;
+
+impl<F: FnMut(&[u8]) -> Result<(), End>> Relaying<'_, F> {
+    /// Takes the frames read before relaying started (the first frame, and what came with it).
+    fn prime(&mut self) {
+        let max = self.relay.config.max_payload;
+        for (pipe, up) in [(&mut *self.up, true), (&mut *self.down, false)] {
+            if pipe.ready == 0 && !pipe.buf.is_empty() {
+                let (frames, bytes) = if up {
+                    pipe.take_frames(max, &mut self.up_check)
+                } else {
+                    pipe.take_frames(max, check_manager_frame)
+                };
+                if frames > 0 {
+                    self.session.record(up, frames, bytes);
+                    self.relay.stats.record(up, frames, bytes);
                 }
             }
         }
     }
+
+    fn attention(&self) -> Option<End> {
+        let s = self.session;
+        if s.is_closing() {
+            return Some(End::Closed);
+        }
+        if self.relay.handover.is_cancelled() {
+            return Some(End::HandedOver);
+        }
+        if self.relay.config.failover && s.is_move_requested() {
+            return Some(End::Moved);
+        }
+        match s.take_expired() {
+            Some(crate::session::Expiry::Idle) => Some(End::Idle),
+            Some(crate::session::Expiry::Reply) => Some(End::ManagerTimeout),
+            None => None,
+        }
+    }
+}
+
+impl<F: FnMut(&[u8]) -> Result<(), End> + Unpin> std::future::Future for Relaying<'_, F> {
+    type Output = End;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<End> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if let Some(end) = this.attention() {
+            return Poll::Ready(end);
+        }
+        this.session.register_attention(cx.waker());
+        // Checked again: a flag set between the first check and the registration would
+        // otherwise wait for the next wake-up.
+        if let Some(end) = this.attention() {
+            return Poll::Ready(end);
+        }
+        let (relay, session) = (this.relay, this.session);
+        let up = drive(
+            this.up,
+            this.agent,
+            this.manager,
+            Dir::Up,
+            relay,
+            session,
+            &mut this.up_check,
+            cx,
+        );
+        if let Poll::Ready(end) = up {
+            return Poll::Ready(end);
+        }
+        let mut down_check = check_manager_frame;
+        drive(
+            this.down,
+            this.manager,
+            this.agent,
+            Dir::Down,
+            relay,
+            session,
+            &mut down_check,
+            cx,
+        )
+    }
+}
+
+/// Moves whole frames from `src` to `dst` until nothing more can be done without waiting
+/// (`Pending`, with the right readiness registered) or the stream ends.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    pipe: &mut Pipe,
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Dir,
+    relay: &AgentRelay,
+    session: &Session,
+    check: &mut impl FnMut(&[u8]) -> Result<(), End>,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<End> {
+    use std::task::Poll;
+    let cfg = &relay.config;
+    let up = dir == Dir::Up;
+    type IoEnd = fn(io::Error) -> End;
+    let (src_io, dst_io): (IoEnd, IoEnd) = match dir {
+        Dir::Up => (End::AgentIo, End::ManagerIo),
+        Dir::Down => (End::ManagerIo, End::AgentIo),
+    };
+    for _ in 0..POLL_BUDGET {
+        if pipe.ready > 0 {
+            match dst.try_write(&pipe.buf[..pipe.ready]) {
+                Ok(n) => {
+                    let done = pipe.consume(n);
+                    if up {
+                        pipe.note_written(done);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match dst.poll_write_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(dst_io(e)),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Err(e) => return Poll::Ready(dst_io(e)),
+            }
+            continue;
+        }
+        if let Some(end) = pipe.failed.take() {
+            return Poll::Ready(match (dir, end) {
+                (Dir::Down, End::AgentFrame(e)) => End::ManagerProtocol(e.reason()),
+                (_, end) => end,
+            });
+        }
+        // Room for a whole read, or for the rest of a large frame.
+        let want = match pipe.buf.first_chunk::<HEADER_LEN>() {
+            Some(h) => {
+                (HEADER_LEN + u32::from_le_bytes(*h) as usize).saturating_sub(pipe.buf.len())
+            }
+            None => 0,
+        };
+        // A pipe that has been idle starts small (agents mostly send small messages after a
+        // pause); one that just filled its buffer reads in full chunks.
+        let chunk = if pipe.buf.capacity() == 0 {
+            FIRST_READ.min(cfg.read_chunk)
+        } else {
+            cfg.read_chunk
+        };
+        pipe.buf
+            .reserve(want.clamp(chunk, HEADER_LEN + cfg.max_payload as usize));
+        match src.try_read_buf(&mut pipe.buf) {
+            Ok(0) => {
+                return Poll::Ready(if pipe.buf.is_empty() {
+                    if up {
+                        End::AgentClosed
+                    } else {
+                        End::ManagerClosed
+                    }
+                } else {
+                    let e = frame::truncated(&pipe.buf);
+                    if up {
+                        End::AgentFrame(e)
+                    } else {
+                        End::ManagerProtocol(e.reason())
+                    }
+                });
+            }
+            Ok(_) => {
+                let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut *check);
+                if frames > 0 {
+                    session.record(up, frames, bytes);
+                    relay.stats.record(up, frames, bytes);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if pipe.buf.is_empty() {
+                    // Idle: give the buffer back so idle agents hold no buffer memory.
+                    pipe.buf = BytesMut::new();
+                }
+                match src.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(src_io(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            Err(e) => return Poll::Ready(src_io(e)),
+        }
+    }
+    // Budget spent with work left: yield, and come back at once.
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
+/// What [`AgentRelay::setup`] hands to [`AgentRelay::carry`].
+struct Setup {
+    agent: TcpStream,
+    peer: SocketAddr,
+    handle: SessionHandle,
+    up: Pipe,
+    replay: Vec<u8>,
+    tracker: Option<Box<Tracker>>,
 }
 
 /// Writes one whole frame (payload given without its header) to a manager.
@@ -1162,7 +1426,7 @@ async fn first_frame(
             Ok(None) => {}
             Err(e) => return Err(End::AgentFrame(e)),
         }
-        up.buf.reserve(cfg.read_chunk.min(64 * 1024));
+        up.buf.reserve(FIRST_READ.min(cfg.read_chunk));
         agent.readable().await.map_err(End::AgentIo)?;
         match agent.try_read_buf(&mut up.buf) {
             Ok(0) if up.buf.is_empty() => return Err(End::AgentClosed),
@@ -1184,6 +1448,26 @@ fn check_agent_frame(key: SessionKey, payload: &[u8]) -> Result<Envelope<'_>, En
     }
 }
 
+/// The per-frame check of an agent's stream without keys: the `!ID!` prefix of the
+/// connection's agent and a cipher tag, compared in place (no parsing on the fast path).
+#[inline]
+fn check_agent_prefix(key: SessionKey, payload: &[u8]) -> Result<(), End> {
+    if let SessionKey::Agent(id) = key {
+        let id = id.as_bytes();
+        if let Some(rest) = payload
+            .strip_prefix(b"!")
+            .and_then(|p| p.strip_prefix(id))
+            .and_then(|p| p.strip_prefix(b"!"))
+        {
+            if rest.starts_with(b"#AES:") || rest.first() == Some(&b':') {
+                return Ok(());
+            }
+        }
+    }
+    // Anything else (ID-less, #ping, or wrong): the full parse says exactly what.
+    check_agent_frame(key, payload).map(drop)
+}
+
 fn check_manager_frame(payload: &[u8]) -> Result<(), End> {
     // Managers never prefix an ID; anything else than a tagged ciphertext or #pong would make
     // the agent log an error, so it is not forwarded.
@@ -1191,106 +1475,6 @@ fn check_manager_frame(payload: &[u8]) -> Result<(), End> {
         Ok(Envelope::Secure { agent_id: None, .. }) | Ok(Envelope::Pong) => Ok(()),
         Ok(_) => Err(End::ManagerProtocol("agent ID prefix on a manager frame")),
         Err(e) => Err(End::ManagerProtocol(e.reason())),
-    }
-}
-
-/// Moves whole frames from `src` to `dst` until something ends the stream.
-///
-/// Cancel-safe: all state lives in `pipe`, and every await is a readiness wait that consumes
-/// nothing, so dropping this future leaves the pipe exactly at a known byte position.
-#[allow(clippy::too_many_arguments)]
-async fn pump(
-    pipe: &mut Pipe,
-    src: &TcpStream,
-    dst: &TcpStream,
-    dir: Dir,
-    cfg: &AgentRelayConfig,
-    session: &Session,
-    stats: &RelayStats,
-    mut check: impl FnMut(&[u8]) -> Result<(), End>,
-) -> End {
-    type IoEnd = fn(io::Error) -> End;
-    let (src_io, dst_io): (IoEnd, IoEnd) = match dir {
-        Dir::Up => (End::AgentIo, End::ManagerIo),
-        Dir::Down => (End::ManagerIo, End::AgentIo),
-    };
-    let up = dir == Dir::Up;
-    // Bytes read before this pump started (the first frame, and whatever came with it).
-    if pipe.ready == 0 && !pipe.buf.is_empty() {
-        let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut check);
-        if frames > 0 {
-            session.record(up, frames, bytes);
-            stats.record(up, frames, bytes);
-        }
-    }
-    loop {
-        if pipe.ready > 0 {
-            match dst.try_write(&pipe.buf[..pipe.ready]) {
-                Ok(n) => {
-                    let done = pipe.consume(n);
-                    if up {
-                        pipe.note_written(done);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = dst.writable().await {
-                        return dst_io(e);
-                    }
-                }
-                Err(e) => return dst_io(e),
-            }
-            continue;
-        }
-        if let Some(end) = pipe.failed.take() {
-            return match (dir, end) {
-                (Dir::Down, End::AgentFrame(e)) => End::ManagerProtocol(e.reason()),
-                (_, end) => end,
-            };
-        }
-        // Room for a whole read, or for the rest of a large frame.
-        let want = match pipe.buf.first_chunk::<HEADER_LEN>() {
-            Some(h) => {
-                (HEADER_LEN + u32::from_le_bytes(*h) as usize).saturating_sub(pipe.buf.len())
-            }
-            None => 0,
-        };
-        pipe.buf
-            .reserve(want.clamp(cfg.read_chunk, HEADER_LEN + cfg.max_payload as usize));
-        match src.try_read_buf(&mut pipe.buf) {
-            Ok(0) => {
-                return if pipe.buf.is_empty() {
-                    if up {
-                        End::AgentClosed
-                    } else {
-                        End::ManagerClosed
-                    }
-                } else {
-                    let e = frame::truncated(&pipe.buf);
-                    if up {
-                        End::AgentFrame(e)
-                    } else {
-                        End::ManagerProtocol(e.reason())
-                    }
-                };
-            }
-            Ok(_) => {
-                let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut check);
-                if frames > 0 {
-                    session.record(up, frames, bytes);
-                    stats.record(up, frames, bytes);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if pipe.buf.is_empty() {
-                    // Idle: give the buffer back so idle agents hold no buffer memory.
-                    pipe.buf = BytesMut::new();
-                }
-                if let Err(e) = src.readable().await {
-                    return src_io(e);
-                }
-            }
-            Err(e) => return src_io(e),
-        }
     }
 }
 

@@ -131,6 +131,16 @@ pub struct SessionStats {
     last_frame_ms: AtomicU64,
 }
 
+/// A timeout noticed by the relay's sweeper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Expiry {
+    /// No frame either way for longer than the idle timeout.
+    Idle = 1,
+    /// The manager did not answer the handshake in time.
+    Reply = 2,
+}
+
 /// What the proxy learned about an agent from its control messages (needs client.keys).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AgentInfo {
@@ -159,7 +169,15 @@ pub struct Session {
     close: CancellationToken,
     ended: CancellationToken,
     move_flag: std::sync::atomic::AtomicBool,
-    move_wake: tokio::sync::Notify,
+    /// Woken whenever something needs the relay's attention (close, move, hand-over, a
+    /// timeout): one waker instead of a future per event keeps an idle session small.
+    attention: futures_util::task::AtomicWaker,
+    /// Timeouts noticed by the relay's sweeper ([`Expiry`] bits).
+    expired: std::sync::atomic::AtomicU8,
+    /// When a manager must have answered the handshake by (ms since the start; 0: not armed),
+    /// and the count of manager frames when it was armed.
+    reply_deadline_ms: AtomicU64,
+    reply_baseline: AtomicU64,
 }
 
 impl fmt::Debug for Session {
@@ -227,6 +245,11 @@ impl Session {
         let ms = self.started_at.elapsed().as_millis() as u64;
         self.stats.last_frame_ms.store(ms, Ordering::Relaxed);
     }
+    /// Counts now as activity (a new manager connection), for the idle timeout.
+    pub fn touch(&self) {
+        let ms = self.started_at.elapsed().as_millis() as u64;
+        self.stats.last_frame_ms.store(ms, Ordering::Relaxed);
+    }
     /// Time since the last frame either way (since the start when none arrived yet).
     pub fn idle(&self) -> Duration {
         let last = Duration::from_millis(self.stats.last_frame_ms.load(Ordering::Relaxed));
@@ -237,6 +260,7 @@ impl Session {
     /// [`closing`]: Session::closing
     pub fn request_close(&self) {
         self.close.cancel();
+        self.attention.wake();
     }
     /// Resolves once someone asked this session to close.
     pub async fn closing(&self) {
@@ -250,20 +274,65 @@ impl Session {
     /// without disconnecting the agent (drain, rebalance).
     pub fn request_move(&self) {
         self.move_flag.store(true, Ordering::Release);
-        self.move_wake.notify_one();
+        self.attention.wake();
     }
     /// Whether a move is pending.
     pub fn is_move_requested(&self) -> bool {
         self.move_flag.load(Ordering::Acquire)
     }
-    /// Resolves once a move is requested (at once if one is pending).
-    pub async fn move_requested(&self) {
-        loop {
-            let wake = self.move_wake.notified();
-            if self.is_move_requested() {
-                return;
+    /// Registers the task to wake when the session needs attention (see [`Session::wake`]).
+    pub fn register_attention(&self, waker: &std::task::Waker) {
+        self.attention.register(waker);
+    }
+    /// Wakes the relay task of this session so it looks at its flags.
+    pub fn wake(&self) {
+        self.attention.wake();
+    }
+    /// Records a timeout and wakes the relay.
+    pub fn expire(&self, why: Expiry) {
+        self.expired.fetch_or(why as u8, Ordering::AcqRel);
+        self.attention.wake();
+    }
+    /// Takes the timeout recorded, if any.
+    pub fn take_expired(&self) -> Option<Expiry> {
+        let bits = self.expired.swap(0, Ordering::AcqRel);
+        if bits & Expiry::Idle as u8 != 0 {
+            Some(Expiry::Idle)
+        } else if bits & Expiry::Reply as u8 != 0 {
+            Some(Expiry::Reply)
+        } else {
+            None
+        }
+    }
+    /// Arms the handshake deadline: a manager that sends nothing back within `timeout` is
+    /// expired with [`Expiry::Reply`] by the relay's sweeper.
+    pub fn arm_reply(&self, timeout: Duration) {
+        let at = (self.started_at.elapsed() + timeout).as_millis().max(1) as u64;
+        self.reply_baseline.store(
+            self.stats.frames_down.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.reply_deadline_ms.store(at, Ordering::Release);
+    }
+    /// Disarms the handshake deadline.
+    pub fn disarm_reply(&self) {
+        self.reply_deadline_ms.store(0, Ordering::Release);
+    }
+    /// Checks the timeouts at `idle_limit` and the handshake deadline; called by the sweeper.
+    pub fn check_timeouts(&self, idle_limit: Option<Duration>) {
+        if idle_limit.is_some_and(|d| self.idle() >= d) {
+            self.expire(Expiry::Idle);
+        }
+        let deadline = self.reply_deadline_ms.load(Ordering::Acquire);
+        if deadline != 0 {
+            if self.stats.frames_down.load(Ordering::Relaxed)
+                > self.reply_baseline.load(Ordering::Relaxed)
+            {
+                self.disarm_reply();
+            } else if self.started_at.elapsed().as_millis() as u64 >= deadline {
+                self.disarm_reply();
+                self.expire(Expiry::Reply);
             }
-            wake.await;
         }
     }
     /// Marks a pending move as done.
@@ -404,7 +473,10 @@ impl SessionRegistry {
             close: inner.root.child_token(),
             ended: CancellationToken::new(),
             move_flag: std::sync::atomic::AtomicBool::new(false),
-            move_wake: tokio::sync::Notify::new(),
+            attention: futures_util::task::AtomicWaker::new(),
+            expired: std::sync::atomic::AtomicU8::new(0),
+            reply_deadline_ms: AtomicU64::new(0),
+            reply_baseline: AtomicU64::new(0),
         });
         loop {
             let old = match inner.owners.entry(key) {
@@ -486,6 +558,14 @@ impl SessionRegistry {
     pub fn close_all(&self) {
         for s in self.inner.sessions.iter() {
             s.request_close();
+        }
+    }
+
+    /// Wakes every session's relay task so it looks at its flags (after a relay-wide event:
+    /// a hand-over, a hard stop).
+    pub fn wake_all(&self) {
+        for s in self.inner.sessions.iter() {
+            s.wake();
         }
     }
 }
