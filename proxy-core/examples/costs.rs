@@ -91,10 +91,21 @@ async fn main() {
     m1.stop().await;
     until(|| relay.stats().failovers.load(Ordering::Relaxed) == on_m1).await;
     let failover = t.elapsed();
-    until(|| relay.sessions().sessions().iter().all(|s| s.backend() == Some(m2.addr()))).await;
+    until(|| {
+        relay
+            .sessions()
+            .sessions()
+            .iter()
+            .all(|s| s.backend() == Some(m2.addr()))
+    })
+    .await;
     let connected = t.elapsed();
     until(|| m2.open_connections() == n).await;
-    eprintln!("(connect failures during the failover: {}; all connected to the survivor after {})", relay.stats().connect_failures.load(Ordering::Relaxed), ms(connected));
+    eprintln!(
+        "(connect failures during the failover: {}; all connected to the survivor after {})",
+        relay.stats().connect_failures.load(Ordering::Relaxed),
+        ms(connected)
+    );
     println!("manager failover: {on_m1} agents moved without a disconnect in {} (all re-registered with the survivor in {})", ms(failover), ms(t.elapsed()));
 
     // 2. Drain: every agent of a manager moves at a frame boundary.
