@@ -866,7 +866,10 @@ impl AgentRelay {
                 self.stats.sessions.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %addr, "agent connected");
             }
-            fed.push(addr);
+            if !fed.contains(&addr) {
+                fed.reserve_exact(1);
+                fed.push(addr);
+            }
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
 
             let end = self

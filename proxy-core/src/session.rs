@@ -166,8 +166,14 @@ pub struct Session {
     started_at: Instant,
     stats: SessionStats,
     info: Mutex<AgentInfo>,
-    close: CancellationToken,
-    ended: CancellationToken,
+    /// The registry's hard-stop token (a clone: no allocation per session).
+    root: CancellationToken,
+    /// Flags with a `Notify` each rather than a token each: a token per session would cost
+    /// an allocation and a node in the token tree.
+    close_flag: std::sync::atomic::AtomicBool,
+    close_notify: tokio::sync::Notify,
+    ended_flag: std::sync::atomic::AtomicBool,
+    ended_notify: tokio::sync::Notify,
     move_flag: std::sync::atomic::AtomicBool,
     /// Woken whenever something needs the relay's attention (close, move, hand-over, a
     /// timeout): one waker instead of a future per event keeps an idle session small.
@@ -259,16 +265,26 @@ impl Session {
     ///
     /// [`closing`]: Session::closing
     pub fn request_close(&self) {
-        self.close.cancel();
+        self.close_flag.store(true, Ordering::Release);
+        self.close_notify.notify_waiters();
         self.attention.wake();
     }
     /// Resolves once someone asked this session to close.
     pub async fn closing(&self) {
-        self.close.cancelled().await
+        loop {
+            let notified = self.close_notify.notified();
+            if self.is_closing() {
+                return;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = self.root.cancelled() => return,
+            }
+        }
     }
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
-        self.close.is_cancelled()
+        self.close_flag.load(Ordering::Acquire) || self.root.is_cancelled()
     }
     /// Asks the relay to move this session to another manager at the next frame boundary,
     /// without disconnecting the agent (drain, rebalance).
@@ -341,7 +357,13 @@ impl Session {
     }
     /// Resolves once the session's [`SessionHandle`] was dropped.
     pub async fn ended(&self) {
-        self.ended.cancelled().await
+        loop {
+            let notified = self.ended_notify.notified();
+            if self.ended_flag.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
     /// A point-in-time copy for the admin API and logs.
     pub fn snapshot(&self) -> SessionInfo {
@@ -470,8 +492,11 @@ impl SessionRegistry {
             started_at: Instant::now(),
             stats: SessionStats::default(),
             info: Mutex::default(),
-            close: inner.root.child_token(),
-            ended: CancellationToken::new(),
+            root: inner.root.clone(),
+            close_flag: std::sync::atomic::AtomicBool::new(false),
+            close_notify: tokio::sync::Notify::new(),
+            ended_flag: std::sync::atomic::AtomicBool::new(false),
+            ended_notify: tokio::sync::Notify::new(),
             move_flag: std::sync::atomic::AtomicBool::new(false),
             attention: futures_util::task::AtomicWaker::new(),
             expired: std::sync::atomic::AtomicU8::new(0),
@@ -598,7 +623,8 @@ impl Drop for SessionHandle {
         inner
             .owners
             .remove_if(&s.key, |_, owner| Arc::ptr_eq(owner, s));
-        s.ended.cancel();
+        s.ended_flag.store(true, Ordering::Release);
+        s.ended_notify.notify_waiters();
     }
 }
 
