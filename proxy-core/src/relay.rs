@@ -205,6 +205,8 @@ pub struct Pipe {
     /// A protocol failure found behind the ready frames: reported once they are written, so
     /// every good frame that preceded a bad one is delivered.
     failed: Option<End>,
+    /// Whole frames in the ready region (a frame being written counts until it is done).
+    ready_frames: u64,
     /// Frames written in the current and the previous second (see `recently_written`).
     written_now: u64,
     written_before: u64,
@@ -251,6 +253,7 @@ impl Pipe {
         }
         let bytes = (at - self.ready) as u64;
         self.ready = at;
+        self.ready_frames += frames;
         (frames, bytes)
     }
 
@@ -294,6 +297,7 @@ impl Pipe {
         self.buf.advance(rest);
         self.ready -= rest;
         self.head_left = 0;
+        self.ready_frames = self.ready_frames.saturating_sub(1);
         true
     }
 
@@ -310,6 +314,13 @@ impl Pipe {
     /// Marks `n` written bytes as gone, tracking the frame boundary; returns the number of
     /// frames that were completed.
     fn consume(&mut self, mut n: usize) -> u64 {
+        if self.head_left == 0 && n == self.ready {
+            // Everything ready went out, starting at a boundary: it ends at one too (the ready
+            // region only ever holds whole frames), so no header needs to be walked.
+            self.buf.advance(n);
+            self.ready = 0;
+            return std::mem::take(&mut self.ready_frames);
+        }
         let mut done = 0;
         self.ready -= n;
         while n > 0 {
@@ -330,6 +341,7 @@ impl Pipe {
                 done += 1;
             }
         }
+        self.ready_frames = self.ready_frames.saturating_sub(done);
         done
     }
 }
@@ -1145,6 +1157,10 @@ struct Relaying<'a, F> {
 /// do not each allocate a full read chunk.
 const FIRST_READ: usize = 4096;
 
+/// Bytes a direction may hold before it stops reading (whole frames waiting to be written and
+/// the start of the next). Above the largest frame, so a frame always fits.
+const HIGH_WATER: usize = 128 * 1024;
+
 /// Reads (or writes) a direction may do in one poll before yielding, so one busy agent cannot
 /// hold a worker thread.
 const POLL_BUDGET: u32 = 32;
@@ -1235,6 +1251,10 @@ impl<F: FnMut(&[u8]) -> Result<(), End> + Unpin> std::future::Future for Relayin
 
 /// Moves whole frames from `src` to `dst` until nothing more can be done without waiting
 /// (`Pending`, with the right readiness registered) or the stream ends.
+///
+/// Reading goes on while earlier frames wait to be written, up to [`HIGH_WATER`] bytes held:
+/// the two sockets work in parallel, and a peer that stops reading stops the other side's
+/// reads once that much is buffered (backpressure with a bounded buffer).
 #[allow(clippy::too_many_arguments)]
 fn drive(
     pipe: &mut Pipe,
@@ -1255,6 +1275,7 @@ fn drive(
         Dir::Down => (End::ManagerIo, End::AgentIo),
     };
     for _ in 0..POLL_BUDGET {
+        let mut progressed = false;
         if pipe.ready > 0 {
             match dst.try_write(&pipe.buf[..pipe.ready]) {
                 Ok(n) => {
@@ -1262,74 +1283,100 @@ fn drive(
                     if up {
                         pipe.note_written(done);
                     }
+                    progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => match dst.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Ok(())) => progressed = true,
                     Poll::Ready(Err(e)) => return Poll::Ready(dst_io(e)),
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {}
                 },
                 Err(e) => return Poll::Ready(dst_io(e)),
             }
-            continue;
         }
-        if let Some(end) = pipe.failed.take() {
-            return Poll::Ready(match (dir, end) {
-                (Dir::Down, End::AgentFrame(e)) => End::ManagerProtocol(e.reason()),
-                (_, end) => end,
+        if pipe.failed.is_some() {
+            // Every good frame before the bad one goes out first.
+            if pipe.ready > 0 {
+                if progressed {
+                    continue;
+                }
+                return Poll::Pending;
+            }
+            return Poll::Ready(match (dir, pipe.failed.take()) {
+                (Dir::Down, Some(End::AgentFrame(e))) => End::ManagerProtocol(e.reason()),
+                (_, Some(end)) => end,
+                (_, None) => End::Closed,
             });
         }
-        // Room for a whole read, or for the rest of a large frame.
-        let want = match pipe.buf.first_chunk::<HEADER_LEN>() {
-            Some(h) => {
-                (HEADER_LEN + u32::from_le_bytes(*h) as usize).saturating_sub(pipe.buf.len())
-            }
-            None => 0,
-        };
-        // A pipe that has been idle starts small (agents mostly send small messages after a
-        // pause); one that just filled its buffer reads in full chunks.
-        let chunk = if pipe.buf.capacity() == 0 {
-            FIRST_READ.min(cfg.read_chunk)
-        } else {
-            cfg.read_chunk
-        };
-        pipe.buf
-            .reserve(want.clamp(chunk, HEADER_LEN + cfg.max_payload as usize));
-        match src.try_read_buf(&mut pipe.buf) {
-            Ok(0) => {
-                return Poll::Ready(if pipe.buf.is_empty() {
-                    if up {
-                        End::AgentClosed
-                    } else {
-                        End::ManagerClosed
+        if pipe.buf.len() < HIGH_WATER {
+            // Room for a read, or for the rest of a large frame. A pipe that has been idle
+            // starts small (agents mostly send small messages after a pause); one that is
+            // streaming reads in full chunks.
+            let want = match pipe
+                .buf
+                .get(pipe.ready..)
+                .and_then(|t| t.first_chunk::<HEADER_LEN>())
+            {
+                Some(h) => (HEADER_LEN + u32::from_le_bytes(*h) as usize)
+                    .saturating_sub(pipe.buf.len() - pipe.ready),
+                None => 0,
+            };
+            let chunk = if pipe.buf.capacity() == 0 {
+                FIRST_READ.min(cfg.read_chunk)
+            } else {
+                cfg.read_chunk
+            };
+            pipe.buf
+                .reserve(want.clamp(chunk, HEADER_LEN + cfg.max_payload as usize));
+            match src.try_read_buf(&mut pipe.buf) {
+                Ok(0) => {
+                    if pipe.ready > 0 {
+                        // The source closed: deliver what is ready first, then end.
+                        if progressed {
+                            continue;
+                        }
+                        return Poll::Pending;
                     }
-                } else {
-                    let e = frame::truncated(&pipe.buf);
-                    if up {
-                        End::AgentFrame(e)
+                    return Poll::Ready(if pipe.buf.is_empty() {
+                        if up {
+                            End::AgentClosed
+                        } else {
+                            End::ManagerClosed
+                        }
                     } else {
-                        End::ManagerProtocol(e.reason())
+                        let e = frame::truncated(&pipe.buf);
+                        if up {
+                            End::AgentFrame(e)
+                        } else {
+                            End::ManagerProtocol(e.reason())
+                        }
+                    });
+                }
+                Ok(_) => {
+                    let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut *check);
+                    if frames > 0 {
+                        session.record(up, frames, bytes);
+                        relay.stats.record(up, frames, bytes);
                     }
-                });
-            }
-            Ok(_) => {
-                let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut *check);
-                if frames > 0 {
-                    session.record(up, frames, bytes);
-                    relay.stats.record(up, frames, bytes);
+                    progressed = true;
                 }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if pipe.buf.is_empty() {
-                    // Idle: give the buffer back so idle agents hold no buffer memory.
-                    pipe.buf = BytesMut::new();
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if pipe.buf.is_empty() {
+                        // Idle: give the buffer back so idle agents hold no buffer memory.
+                        pipe.buf = BytesMut::new();
+                    }
+                    match src.poll_read_ready(cx) {
+                        Poll::Ready(Ok(())) => progressed = true,
+                        Poll::Ready(Err(e)) => return Poll::Ready(src_io(e)),
+                        Poll::Pending => {}
+                    }
                 }
-                match src.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(e)) => return Poll::Ready(src_io(e)),
-                    Poll::Pending => return Poll::Pending,
-                }
+                Err(e) => return Poll::Ready(src_io(e)),
             }
-            Err(e) => return Poll::Ready(src_io(e)),
+        }
+        // (At the high-water mark the ready region is never empty: a lone incomplete frame
+        // is smaller than HIGH_WATER.)
+        if !progressed {
+            return Poll::Pending;
         }
     }
     // Budget spent with work left: yield, and come back at once.
