@@ -42,3 +42,37 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     socket.bind(&addr.into())?;
     tokio::net::UdpSocket::from_std(socket.into())
 }
+
+/// Accepts connections until `stop` is cancelled and hands each to `on_accept`.
+///
+/// An accept error (typically EMFILE: out of descriptors) is logged and retried with a
+/// backoff (5 ms doubling to 1 s) instead of spinning, and the listener is kept.
+pub async fn accept_loop(
+    listener: &tokio::net::TcpListener,
+    name: &str,
+    stop: &tokio_util::sync::CancellationToken,
+    mut on_accept: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) {
+    let mut backoff = std::time::Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = std::time::Duration::from_millis(5);
+                on_accept(stream, peer);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+    tracing::info!(listener = %name, "stopped accepting");
+}

@@ -217,29 +217,10 @@ impl TcpRelay {
         stop: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = listener.accept() => r,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(5);
-                    tracker.spawn(self.clone().handle(stream, peer));
-                }
-                Err(e) => {
-                    // Typically EMFILE: wait instead of spinning, and keep the listener.
-                    tracing::warn!(listener = %self.name, error = %e, "accept failed; retrying in {backoff:?}");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-        tracing::info!(listener = %self.name, "stopped accepting");
+        crate::net::accept_loop(&listener, &self.name, &stop, |stream, peer| {
+            tracker.spawn(self.clone().handle(stream, peer));
+        })
+        .await;
     }
 
     /// Runs one client connection to its end.

@@ -277,37 +277,19 @@ impl EnrollFront {
         stop: CancellationToken,
         tracker: TaskTracker,
     ) {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            let accepted = tokio::select! {
-                _ = stop.cancelled() => break,
-                r = listener.accept() => r,
+        crate::net::accept_loop(&listener, "enrollment", &stop, |stream, peer| {
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client = %peer, "enrollment: too many connections; closing");
+                return;
             };
-            match accepted {
-                Ok((stream, peer)) => {
-                    backoff = Duration::from_millis(5);
-                    let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(client = %peer, "enrollment: too many connections; closing");
-                        continue;
-                    };
-                    let front = self.clone();
-                    tracker.spawn(async move {
-                        front.handle(stream, peer).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "enrollment: accept failed; retrying in {backoff:?}");
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-        tracing::info!("enrollment: stopped accepting");
+            let front = self.clone();
+            tracker.spawn(async move {
+                front.handle(stream, peer).await;
+                drop(permit);
+            });
+        })
+        .await;
     }
 
     /// Runs one agent connection to its end.
