@@ -76,3 +76,20 @@ pub async fn accept_loop(
     }
     tracing::info!(listener = %name, "stopped accepting");
 }
+
+/// Sets TCP_NODELAY (data leaves in whole batches or as soon as it is read, so Nagle would only
+/// add latency) and, when `keepalive` is given, TCP keepalive with that idle time (then every
+/// 10 s, 3 probes), so that a dead peer is noticed.
+pub fn tune(stream: &tokio::net::TcpStream, keepalive: Option<std::time::Duration>) {
+    let _ = stream.set_nodelay(true);
+    if let Some(idle) = keepalive {
+        let sock = socket2::SockRef::from(stream);
+        let ka = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(std::time::Duration::from_secs(10))
+            .with_retries(3);
+        if let Err(e) = sock.set_tcp_keepalive(&ka) {
+            tracing::debug!(error = %e, "could not set TCP keepalive");
+        }
+    }
+}

@@ -53,6 +53,7 @@ use crate::envelope::{Envelope, EnvelopeError};
 use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::handover::Handed;
 use crate::keys::KeyStore;
+use crate::net::tune;
 use crate::session::{DuplicatePolicy, Session, SessionHandle, SessionKey, SessionRegistry};
 use crate::stats::{Rejection, RelayStats};
 use crate::verify::{verify_first, Tracker};
@@ -1418,21 +1419,6 @@ async fn finish_head(up: &mut Pipe, manager: &TcpStream) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
-    // Frames leave in whole batches, so Nagle would only add latency.
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = keepalive {
-        let sock = socket2::SockRef::from(stream);
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3);
-        if let Err(e) = sock.set_tcp_keepalive(&ka) {
-            tracing::debug!(error = %e, "could not set TCP keepalive");
-        }
-    }
 }
 
 /// Reads until the first whole frame is buffered and returns who it belongs to.

@@ -50,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::{BalanceKey, Balancer, ConnectError};
+use crate::net::tune;
 use crate::stats::{Rejection, RelayStats};
 
 /// Settings of a plain TCP listener.
@@ -351,22 +352,6 @@ impl TcpRelay {
                     first: first.unwrap_or(Side::Client),
                 };
             }
-        }
-    }
-}
-
-fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
-    // Bytes are written as soon as they are read; Nagle would only add latency (TLS
-    // handshakes are many small round trips).
-    let _ = stream.set_nodelay(true);
-    if let Some(idle) = keepalive {
-        let sock = socket2::SockRef::from(stream);
-        let ka = socket2::TcpKeepalive::new()
-            .with_time(idle)
-            .with_interval(Duration::from_secs(10))
-            .with_retries(3);
-        if let Err(e) = sock.set_tcp_keepalive(&ka) {
-            tracing::debug!(error = %e, "could not set TCP keepalive");
         }
     }
 }
