@@ -165,7 +165,8 @@ pub struct Session {
     started: SystemTime,
     started_at: Instant,
     stats: SessionStats,
-    info: Mutex<AgentInfo>,
+    /// Boxed, and only once something is known (with client.keys): most sessions carry none.
+    info: Mutex<Option<Box<AgentInfo>>>,
     /// The registry's hard-stop token (a clone: no allocation per session).
     root: CancellationToken,
     /// Flags with a `Notify` each rather than a token each: a token per session would cost
@@ -228,11 +229,20 @@ impl Session {
     }
     /// What is known about the agent.
     pub fn agent_info(&self) -> AgentInfo {
-        self.info.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            .cloned()
+            .unwrap_or_default()
     }
     /// Updates what is known about the agent.
     pub fn update_agent_info(&self, f: impl FnOnce(&mut AgentInfo)) {
-        f(&mut self.info.lock().unwrap_or_else(|p| p.into_inner()));
+        f(self
+            .info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Box::default));
     }
     /// Traffic counters.
     pub fn stats(&self) -> &SessionStats {
