@@ -222,11 +222,7 @@ impl Decoder {
         cipher: Cipher,
         ciphertext: &[u8],
     ) -> Result<Opened<'_>, CipherError> {
-        self.plain.clear();
-        self.plain.extend_from_slice(ciphertext);
-        let zlib = decrypt_layer(key, cipher, &mut self.plain)?;
-        inflate(&mut self.inflate, zlib, &mut self.inner)?;
-        parse_inner(&self.inner, true)
+        self.open_copy(key, cipher, ciphertext, true)
     }
 
     /// Like [`Decoder::open`] but a checksum mismatch is reported in
@@ -240,11 +236,22 @@ impl Decoder {
         cipher: Cipher,
         ciphertext: &[u8],
     ) -> Result<Opened<'_>, CipherError> {
+        self.open_copy(key, cipher, ciphertext, false)
+    }
+
+    /// Decrypts a copy of `ciphertext` in the decoder's own buffer.
+    fn open_copy(
+        &mut self,
+        key: &AgentKey,
+        cipher: Cipher,
+        ciphertext: &[u8],
+        verify: bool,
+    ) -> Result<Opened<'_>, CipherError> {
         self.plain.clear();
         self.plain.extend_from_slice(ciphertext);
         let zlib = decrypt_layer(key, cipher, &mut self.plain)?;
         inflate(&mut self.inflate, zlib, &mut self.inner)?;
-        parse_inner(&self.inner, false)
+        parse_inner(&self.inner, verify)
     }
 
     /// Like [`Decoder::open`], decrypting in the caller's buffer (which is overwritten) instead

@@ -42,7 +42,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -360,7 +359,7 @@ enum Dir {
 pub struct AgentRelay {
     name: String,
     config: AgentRelayConfig,
-    balancer: ArcSwap<Balancer>,
+    balancer: crate::balance::SharedBalancer,
     sessions: SessionRegistry,
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
@@ -391,7 +390,7 @@ impl AgentRelay {
             name: name.into(),
             sessions: SessionRegistry::with_parent(config.duplicate_policy, hard_stop.clone()),
             config,
-            balancer: ArcSwap::from_pointee(balancer),
+            balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
             hard_stop,
             keys: None,
@@ -441,9 +440,7 @@ impl AgentRelay {
     /// Replaces the backend set; new connections use it, established sessions keep theirs.
     /// Passive-health marks and connection counts of backends present in both sets carry over.
     pub fn set_balancer(&self, balancer: Balancer) {
-        let old = self.balancer.load_full();
-        self.balancer
-            .store(Arc::new(balancer.with_state_from(&old)));
+        self.balancer.replace(balancer);
     }
 
     /// Takes `backend` out of rotation and moves every agent on it to the others at a frame
@@ -831,7 +828,7 @@ impl AgentRelay {
                     tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
                         "manager failed while taking over the agent; trying another");
                     self.balancer
-                        .load()
+                        .load_full()
                         .report_failure(connected.index, Instant::now());
                     last_backend = None;
                     continue;
@@ -848,7 +845,7 @@ impl AgentRelay {
                         tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
                             "manager failed during the hand-over; trying another");
                         self.balancer
-                            .load()
+                            .load_full()
                             .report_failure(connected.index, Instant::now());
                         continue;
                     }
@@ -921,7 +918,7 @@ impl AgentRelay {
                 self.stats.moves.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.balancer
-                    .load()
+                    .load_full()
                     .report_failure(connected.index, Instant::now());
                 self.stats.failovers.fetch_add(1, Ordering::Relaxed);
                 // A manager that broke the protocol is counted even though the agent is kept.

@@ -42,7 +42,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -149,7 +148,7 @@ impl Activity {
 pub struct TcpRelay {
     name: String,
     config: TcpRelayConfig,
-    balancer: ArcSwap<Balancer>,
+    balancer: crate::balance::SharedBalancer,
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
 }
@@ -169,7 +168,7 @@ impl TcpRelay {
         TcpRelay {
             name: name.into(),
             config,
-            balancer: ArcSwap::from_pointee(balancer),
+            balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
             hard_stop: CancellationToken::new(),
         }
@@ -200,9 +199,7 @@ impl TcpRelay {
     /// Replaces the backend set; new connections use it, established ones keep theirs.
     /// Passive-health marks and connection counts of backends present in both sets carry over.
     pub fn set_balancer(&self, balancer: Balancer) {
-        let old = self.balancer.load_full();
-        self.balancer
-            .store(Arc::new(balancer.with_state_from(&old)));
+        self.balancer.replace(balancer);
     }
 
     /// Closes every connection now (the end of a drain).

@@ -53,7 +53,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use dashmap::DashMap;
 use tokio::net::UdpSocket;
@@ -217,7 +216,7 @@ struct Listener {
 pub struct UdpRelay {
     name: String,
     config: UdpRelayConfig,
-    balancer: ArcSwap<Balancer>,
+    balancer: crate::balance::SharedBalancer,
     stats: Arc<RelayStats>,
     flow_stats: UdpFlowStats,
     hard_stop: CancellationToken,
@@ -245,7 +244,7 @@ impl UdpRelay {
         UdpRelay {
             name: name.into(),
             config,
-            balancer: ArcSwap::from_pointee(balancer),
+            balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
             flow_stats: UdpFlowStats::default(),
             hard_stop: CancellationToken::new(),
@@ -290,9 +289,7 @@ impl UdpRelay {
     /// Replaces the backend set; new flows use it, open flows keep their manager.
     /// Passive-health marks and connection counts of backends present in both sets carry over.
     pub fn set_balancer(&self, balancer: Balancer) {
-        let old = self.balancer.load_full();
-        self.balancer
-            .store(Arc::new(balancer.with_state_from(&old)));
+        self.balancer.replace(balancer);
     }
 
     /// Closes every flow and stops [`UdpRelay::serve`] (the end of a drain).

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -167,7 +166,7 @@ impl EnrollStats {
 /// The enrollment front (terminate mode). Share it as `Arc<EnrollFront>`.
 pub struct EnrollFront {
     config: EnrollConfig,
-    balancer: ArcSwap<Balancer>,
+    balancer: crate::balance::SharedBalancer,
     acceptor: TlsAcceptor,
     connector: TlsConnector,
     fingerprint: String,
@@ -223,7 +222,7 @@ impl EnrollFront {
             replay: ReplayCache::new(config.replay_ttl, config.replay_capacity),
             permits: Arc::new(Semaphore::new(config.max_connections)),
             config,
-            balancer: ArcSwap::from_pointee(balancer),
+            balancer: crate::balance::SharedBalancer::new(balancer),
             acceptor: TlsAcceptor::from(server),
             connector: TlsConnector::from(client),
             fingerprint,
@@ -254,9 +253,7 @@ impl EnrollFront {
 
     /// Replaces the backend set; passive-health state of backends in both sets carries over.
     pub fn set_balancer(&self, balancer: Balancer) {
-        let old = self.balancer.load_full();
-        self.balancer
-            .store(Arc::new(balancer.with_state_from(&old)));
+        self.balancer.replace(balancer);
     }
 
     /// Key replies kept for a retry right now.
