@@ -538,15 +538,16 @@ impl AgentRelay {
         self.sessions.wake_all();
     }
 
-    fn hand_over(
-        &self,
-        agent: TcpStream,
-        peer: SocketAddr,
-        handle: SessionHandle,
-        up: Pipe,
-        replay: Vec<u8>,
-    ) {
+    fn hand_over(&self, conn: Box<Conn>) {
+        let Conn {
+            agent,
+            handle,
+            up,
+            replay,
+            ..
+        } = *conn;
         let key = handle.session().key();
+        let peer = handle.session().client();
         let sink = self
             .handover_to
             .lock()
@@ -616,15 +617,8 @@ impl AgentRelay {
         let mut up = Pipe::default();
         up.buf.extend_from_slice(&handed.pending);
         tune(&agent, self.config.tcp_keepalive);
-        let setup = Box::new(Setup {
-            agent,
-            peer: handed.client,
-            handle,
-            up,
-            replay: handed.replay,
-            tracker,
-        });
-        self.carry(setup, true).await;
+        let conn = Box::new(Conn::new(agent, handle, up, handed.replay, tracker, None));
+        self.carry(conn, true).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -653,12 +647,20 @@ impl AgentRelay {
         .await;
     }
 
-    /// Runs one agent connection to its end.
-    pub async fn handle(self: Arc<Self>, agent: TcpStream, peer: SocketAddr) {
+    /// Runs one agent connection to its end (spawn the returned future).
+    ///
+    /// The per-source limits are applied at once, before any task exists: a refused
+    /// connection is closed here. The future keeps only what relaying needs once frames flow;
+    /// the handshake's state lives in a box freed when it ends.
+    pub fn handle(
+        self: Arc<Self>,
+        agent: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.start_sweeper();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let _admitted = match self.admission.admit(peer.ip(), Instant::now()) {
-            Ok(a) => a,
+        let admitted = match self.admission.admit(peer.ip(), Instant::now()) {
+            Ok(a) => Some(a),
             Err(why) => {
                 self.stats.reject(Rejection::SourceLimit);
                 // One line per second at most: a flood must not become a log flood.
@@ -667,21 +669,31 @@ impl AgentRelay {
                     tracing::warn!(listener = %self.name, client = %peer,
                         refused_total = self.stats.rejected(Rejection::SourceLimit), "refusing connection: {why}");
                 }
-                return;
+                None
             }
         };
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
-        // Boxed: the setup's state is freed once frames flow, so a long-lived session's task
-        // holds only what relaying needs.
-        if let Some(st) = Box::pin(self.setup(agent, peer)).await {
-            self.carry(st, false).await;
+        let setup = admitted.map(|admitted| {
+            self.stats.active.fetch_add(1, Ordering::Relaxed);
+            let relay = self.clone();
+            Box::pin(async move { relay.setup(agent, peer, admitted).await })
+        });
+        async move {
+            let Some(setup) = setup else { return };
+            if let Some(conn) = setup.await {
+                self.carry(conn, false).await;
+            }
+            self.stats.active.fetch_sub(1, Ordering::Relaxed);
         }
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The first frame, agent verification and the session: everything before frames flow.
     /// Returns `None` when the connection was refused (already logged and counted).
-    async fn setup(&self, agent: TcpStream, peer: SocketAddr) -> Option<Box<Setup>> {
+    async fn setup(
+        &self,
+        agent: TcpStream,
+        peer: SocketAddr,
+        admitted: crate::limits::Admitted,
+    ) -> Option<Box<Conn>> {
         let cfg = &self.config;
         tune(&agent, cfg.tcp_keepalive);
         let mut up = Pipe::default();
@@ -739,215 +751,239 @@ impl AgentRelay {
         }
 
         let replay = up.buf[HEADER_LEN..first_len].to_vec();
-        Some(Box::new(Setup {
+        Some(Box::new(Conn::new(
             agent,
-            peer,
             handle,
             up,
             replay,
             tracker,
-        }))
+            Some(admitted),
+        )))
     }
 
     /// Carries an agent's session to its end: a manager, then frames both ways. When the
     /// manager side fails, the agent's connection stays and its stream continues on another
-    /// manager at a frame boundary. `replay` is the frame a new manager must see first so
+    /// manager at a frame boundary. `conn.replay` is the frame a new manager must see first so
     /// that it registers the agent's reply socket (its startup message, or with keys its
     /// latest keepalive); `adopted` sessions come from a previous process and replay it at
     /// once.
-    #[allow(clippy::too_many_arguments)]
-    async fn carry(&self, setup: Box<Setup>, adopted: bool) {
-        // Moved out of the box: the task keeps one copy of each, not an argument and a local.
-        let Setup {
-            agent,
-            peer,
-            handle,
-            mut up,
-            mut replay,
-            mut tracker,
-        } = *setup;
-        let cfg = &self.config;
-        let session = handle.session().clone();
-        let key = session.key();
-        let balance_key = match key {
-            SessionKey::Agent(id) => BalanceKey::Agent(id),
-            SessionKey::Source(ip) => BalanceKey::Source(ip),
-        };
-        let mut fed: Vec<SocketAddr> = Vec::new();
-        let mut down = Pipe::default();
-        let mut last_backend = None;
+    ///
+    /// Everything that lasts the whole session lives in `conn` (one allocation), and the
+    /// steps around relaying (finding a manager, handling its end) run boxed: while frames
+    /// flow, this future holds a few words, so an idle agent's task is small.
+    async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
+        let session = conn.handle.session().clone();
         // Managers that failed one after the other without answering (refusals such as
         // "Agent key already in use" last up to a minute): back off, and give up after the
         // hold timeout.
         let mut unanswered: Option<(Instant, u32)> = None;
         let end = loop {
-            if let Some((since, n)) = unanswered {
-                if since.elapsed() > cfg.hold_timeout {
-                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
-                        "closing agent connection: no manager accepted it within {:?}", cfg.hold_timeout);
-                    break End::NoManager;
-                }
-                let pause = Duration::from_millis(100 << n.min(5)).min(Duration::from_secs(3));
-                // Rare waits are boxed so that the session's task keeps no room for them.
-                let closed = Box::pin(async {
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => false,
-                        _ = session.closing() => true,
-                    }
-                })
-                .await;
-                if closed {
-                    break End::Closed;
-                }
-            }
-            let connected = Box::pin(async {
-                tokio::select! {
-                    r = self.connect_holding(&balance_key, &session) => Some(r),
-                    _ = session.closing() => None,
-                }
-            })
-            .await;
-            let connected = match connected {
-                None => break End::Closed,
-                Some(Ok(c)) => c,
-                Some(Err(e)) => {
-                    self.stats.reject(Rejection::NoBackend);
-                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
-                        "closing agent connection: no manager reachable: {e}");
-                    break End::NoManager;
-                }
-            };
-            let manager = connected.stream;
-            let addr = connected.addr;
-            tune(&manager, cfg.tcp_keepalive);
-            session.set_backend(Some(addr));
-            let moved_from = last_backend.replace(addr);
-            let mut awaiting_reply = moved_from.is_none() && !adopted;
-            if moved_from.is_none() && adopted {
-                if let Err(e) = Box::pin(write_frame(&manager, &replay)).await {
-                    tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
-                        "manager failed while taking over the agent; trying another");
-                    self.balancer
-                        .load_full()
-                        .report_failure(connected.index, Instant::now());
-                    last_backend = None;
-                    continue;
-                }
-                awaiting_reply = true;
-                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %addr,
-                    "agent taken over from the previous process");
-            } else if let Some(from) = moved_from {
-                // Before any newer frame, the new manager gets the control frame that
-                // registers the agent (never twice: a duplicate may close the connection).
-                if !fed.contains(&addr) {
-                    if let Err(e) = Box::pin(write_frame(&manager, &replay)).await {
-                        tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
-                            "manager failed during the hand-over; trying another");
-                        self.balancer
-                            .load_full()
-                            .report_failure(connected.index, Instant::now());
-                        continue;
-                    }
-                    awaiting_reply = true;
-                }
-                tracing::info!(listener = %self.name, agent = %key, client = %peer, from = %from, to = %addr,
-                    "agent moved to another manager without disconnecting");
-            } else {
-                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %peer, backend = %addr, "agent connected");
-            }
-            if !fed.contains(&addr) {
-                fed.reserve_exact(1);
-                fed.push(addr);
-            }
+            let awaiting_reply =
+                match Box::pin(self.attach(&mut conn, &session, adopted, unanswered)).await {
+                    Attach::Relay { awaiting_reply } => awaiting_reply,
+                    Attach::Retry => continue,
+                    Attach::Stop(end) => break end,
+                };
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
-
-            let end = self
-                .relay(
-                    &agent,
-                    &manager,
-                    &mut up,
-                    &mut down,
-                    &session,
-                    tracker.as_deref_mut(),
-                    &mut replay,
-                    awaiting_reply,
-                )
-                .await;
-            if matches!(end, End::HandedOver) {
-                // A planned hand-over: complete the frame being written, deliver what the
-                // agent is owed, close the manager connection (FIN) before the next process
-                // opens its own, then pass the agent's socket on.
-                if Box::pin(finish_head(&mut up, &manager)).await.is_err() {
-                    up.drop_partial_head();
+            let end = self.relay(&mut conn, &session, awaiting_reply).await;
+            let answered = session.stats().frames_down.load(Ordering::Relaxed) != replies_before;
+            match Box::pin(self.detach(&mut conn, &session, end, answered)).await {
+                Detach::Next => {
+                    // A manager that never answered (refused the agent, or died first) counts
+                    // towards the hold timeout.
+                    unanswered = if answered {
+                        None
+                    } else {
+                        Some(unanswered.map_or((Instant::now(), 0), |(t, n)| (t, n + 1)))
+                    };
                 }
-                let _ = Box::pin(tokio::time::timeout(
-                    Duration::from_secs(2),
-                    flush(&mut down, &agent),
-                ))
-                .await;
-                drop(manager);
-                drop(connected.guard);
-                return self.hand_over(agent, peer, handle, up, replay);
+                Detach::Stop(end) => break end,
+                Detach::HandOver => return self.hand_over(conn),
             }
-            if !(cfg.failover && (end.manager_failed() || matches!(end, End::Moved))) {
-                drop(manager);
-                break end;
+        };
+        self.finish(conn, &session, end);
+    }
+
+    /// Finds the session a manager (after a pause when the last ones did not answer), sends
+    /// it the control frame when it needs one, and leaves the connection in `conn.manager`.
+    async fn attach(
+        &self,
+        conn: &mut Conn,
+        session: &Session,
+        adopted: bool,
+        unanswered: Option<(Instant, u32)>,
+    ) -> Attach {
+        let cfg = &self.config;
+        let key = session.key();
+        if let Some((since, n)) = unanswered {
+            if since.elapsed() > cfg.hold_timeout {
+                tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
+                    "closing agent connection: no manager accepted it within {:?}", cfg.hold_timeout);
+                return Attach::Stop(End::NoManager);
             }
-            // A planned move waits for the frame being written to end, so none is cut.
-            let end = match end {
-                End::Moved => match Box::pin(finish_head(&mut up, &manager)).await {
-                    Ok(()) => End::Moved,
-                    Err(e) => End::ManagerIo(e),
-                },
-                other => other,
-            };
-            // The manager failed or the agent is being moved: close the old upstream first.
-            drop(manager);
-            if session.stats().frames_down.load(Ordering::Relaxed) == replies_before {
-                // It never answered (refused the agent, or died first): it did not register
-                // the agent, so a later return to it needs the control frame again.
-                fed.retain(|a| *a != addr);
-                unanswered = Some(unanswered.map_or((Instant::now(), 0), |(t, n)| (t, n + 1)));
-            } else {
-                unanswered = None;
+            let pause = Duration::from_millis(100 << n.min(5)).min(Duration::from_secs(3));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = session.closing() => return Attach::Stop(End::Closed),
             }
-            drop(connected.guard);
-            if matches!(end, End::Moved) {
-                self.stats.moves.fetch_add(1, Ordering::Relaxed);
-            } else {
+        }
+        let connected = tokio::select! {
+            r = self.connect_holding(session) => r,
+            _ = session.closing() => return Attach::Stop(End::Closed),
+        };
+        let connected = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                self.stats.reject(Rejection::NoBackend);
+                tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
+                    "closing agent connection: no manager reachable: {e}");
+                return Attach::Stop(End::NoManager);
+            }
+        };
+        tune(&connected.stream, cfg.tcp_keepalive);
+        let addr = connected.addr;
+        session.set_backend(Some(addr));
+        let moved_from = conn.last_backend.replace(addr);
+        // A new manager gets the control frame that registers the agent before any newer
+        // frame: after a hand-over from a previous process, and after a move to a manager
+        // that has not registered this agent yet (never twice: a duplicate may close the
+        // connection).
+        let replay_first = match moved_from {
+            None => adopted,
+            Some(_) => !conn.fed.contains(&addr),
+        };
+        if replay_first {
+            if let Err(e) = write_frame(&connected.stream, &conn.replay).await {
+                let during = if moved_from.is_none() {
+                    "taking over the agent"
+                } else {
+                    "the hand-over"
+                };
+                tracing::warn!(listener = %self.name, agent = %key, backend = %addr, error = %e,
+                    "manager failed during {during}; trying another");
                 self.balancer
                     .load_full()
                     .report_failure(connected.index, Instant::now());
-                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
-                // A manager that broke the protocol is counted even though the agent is kept.
-                if let Some(why) = end.rejection() {
-                    self.stats.reject(why);
+                if moved_from.is_none() {
+                    conn.last_backend = None;
                 }
-                let cut = u64::from(up.drop_partial_head());
-                let at_risk = up.recently_written() + cut;
-                self.stats
-                    .frames_at_risk
-                    .fetch_add(at_risk, Ordering::Relaxed);
-                session
-                    .stats()
-                    .frames_at_risk
-                    .fetch_add(at_risk, Ordering::Relaxed);
-                if down.drop_partial_tail() {
-                    self.stats.reject(Rejection::ManagerPartialFrame);
-                }
-                tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend = %addr,
-                    frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
+                return Attach::Retry;
             }
-            session.stats().moves.fetch_add(1, Ordering::Relaxed);
-            session.clear_move_request();
+        }
+        let client = session.client();
+        match moved_from {
+            Some(from) => {
+                tracing::info!(listener = %self.name, agent = %key, client = %client, from = %from, to = %addr,
+                    "agent moved to another manager without disconnecting");
+            }
+            None if adopted => {
+                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
+                    "agent taken over from the previous process");
+            }
+            None => {
+                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
+                    "agent connected");
+            }
+        }
+        conn.manager = Some(connected);
+        Attach::Relay {
+            awaiting_reply: replay_first || moved_from.is_none(),
+        }
+    }
+
+    /// Decides what the end of relaying on `conn.manager` means: the session's end, a
+    /// hand-over to the next process, or (when the manager failed or the session is being
+    /// moved) the old manager closed at a frame boundary and the next one to be found.
+    /// `answered`: the manager sent the agent something during this stint.
+    async fn detach(&self, conn: &mut Conn, session: &Session, end: End, answered: bool) -> Detach {
+        let Some(manager) = conn.manager.take() else {
+            // Not reached: the relay ran on this manager connection.
+            return Detach::Stop(end);
         };
+        if matches!(end, End::HandedOver) {
+            // A planned hand-over: complete the frame being written, deliver what the
+            // agent is owed, close the manager connection (FIN) before the next process
+            // opens its own, then pass the agent's socket on.
+            if finish_head(&mut conn.up, &manager.stream).await.is_err() {
+                conn.up.drop_partial_head();
+            }
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), flush(&mut conn.down, &conn.agent))
+                    .await;
+            drop(manager);
+            return Detach::HandOver;
+        }
+        if !(self.config.failover && (end.manager_failed() || matches!(end, End::Moved))) {
+            drop(manager);
+            return Detach::Stop(end);
+        }
+        // A planned move waits for the frame being written to end, so none is cut.
+        let end = match end {
+            End::Moved => match finish_head(&mut conn.up, &manager.stream).await {
+                Ok(()) => End::Moved,
+                Err(e) => End::ManagerIo(e),
+            },
+            other => other,
+        };
+        // The manager failed or the agent is being moved: close the old upstream first.
+        let Connected {
+            stream,
+            index,
+            addr,
+            guard,
+            ..
+        } = manager;
+        drop(stream);
+        if answered {
+            // It registered the agent: a later return to it must not replay the frame.
+            if !conn.fed.contains(&addr) {
+                conn.fed.push(addr);
+            }
+        } else {
+            // It did not register the agent: a later return to it needs the frame again.
+            conn.fed.retain(|a| *a != addr);
+        }
+        drop(guard);
+        if matches!(end, End::Moved) {
+            self.stats.moves.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.balancer
+                .load_full()
+                .report_failure(index, Instant::now());
+            self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            // A manager that broke the protocol is counted even though the agent is kept.
+            if let Some(why) = end.rejection() {
+                self.stats.reject(why);
+            }
+            let cut = u64::from(conn.up.drop_partial_head());
+            let at_risk = conn.up.recently_written() + cut;
+            self.stats
+                .frames_at_risk
+                .fetch_add(at_risk, Ordering::Relaxed);
+            session
+                .stats()
+                .frames_at_risk
+                .fetch_add(at_risk, Ordering::Relaxed);
+            if conn.down.drop_partial_tail() {
+                self.stats.reject(Rejection::ManagerPartialFrame);
+            }
+            tracing::warn!(listener = %self.name, agent = %session.key(), client = %session.client(), backend = %addr,
+                frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
+        }
+        session.stats().moves.fetch_add(1, Ordering::Relaxed);
+        session.clear_move_request();
+        Detach::Next
+    }
+
+    /// Counts and logs a session's end, then closes it.
+    fn finish(&self, mut conn: Box<Conn>, session: &Session, end: End) {
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
         }
-        let clean = match (tracker.as_deref_mut(), &end) {
-            (Some(t), End::AgentClosed) => Some(t.ended_cleanly(&session)),
+        let clean = match (conn.tracker.as_deref_mut(), &end) {
+            (Some(t), End::AgentClosed) => Some(t.ended_cleanly(session)),
             (Some(_), _) => Some(false),
             (None, _) => None,
         };
@@ -962,7 +998,10 @@ impl AgentRelay {
             _ => 0,
         };
         let s = session.snapshot();
-        let backend = last_backend.map_or_else(|| "-".to_owned(), |b| b.to_string());
+        let backend = conn
+            .last_backend
+            .map_or_else(|| "-".to_owned(), |b| b.to_string());
+        let (key, peer) = (session.key(), session.client());
         if end.rejection().is_some() || matches!(end, End::NoManager) {
             tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend,
                 frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
@@ -970,21 +1009,20 @@ impl AgentRelay {
             tracing::info!(listener = %self.name, agent = %key, client = %peer, backend,
                 frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
         }
-        // The manager connection is already closed (above), before the handle goes: a
+        // The manager connection is already closed (by `detach`), before the handle goes: a
         // replacing connection of the same agent must not reach a manager that still holds
-        // this one.
-        drop(agent);
-        drop(handle);
+        // this one. (Fields drop in order: the agent's socket, then the handle.)
+        drop(conn);
     }
 
     /// Connects to a manager for `key`, holding the agent while none can be reached (up to
     /// `hold_timeout`), so that a short outage costs the agent a delay, not a disconnect.
-    async fn connect_holding(
-        &self,
-        key: &BalanceKey,
-        session: &Session,
-    ) -> Result<Connected, ConnectError> {
+    async fn connect_holding(&self, session: &Session) -> Result<Connected, ConnectError> {
         let cfg = &self.config;
+        let key = &match session.key() {
+            SessionKey::Agent(id) => BalanceKey::Agent(id),
+            SessionKey::Source(ip) => BalanceKey::Source(ip),
+        };
         let deadline = Instant::now() + cfg.hold_timeout;
         let mut pause = Duration::from_millis(250);
         let source = cfg.transparent.then(|| session.client().ip());
@@ -1035,33 +1073,14 @@ impl AgentRelay {
         }
     }
 
-    /// Relays frames both ways until one side ends or the session needs attention.
-    #[allow(clippy::too_many_arguments)]
+    /// Relays frames both ways on `conn.manager` until one side ends or the session needs
+    /// attention.
     fn relay<'a>(
         &'a self,
-        agent: &'a TcpStream,
-        manager: &'a TcpStream,
-        up: &'a mut Pipe,
-        down: &'a mut Pipe,
+        conn: &'a mut Conn,
         session: &'a Session,
-        mut tracker: Option<&'a mut Tracker>,
-        replay: &'a mut Vec<u8>,
         awaiting_reply: bool,
-    ) -> Relaying<'a, impl FnMut(&[u8]) -> Result<(), End> + 'a> {
-        let key = session.key();
-        let up_check = move |payload: &[u8]| {
-            if let Some(t) = tracker.as_deref_mut() {
-                let env = check_agent_frame(key, payload)?;
-                if t.observe(&env, session) {
-                    // The latest keepalive is what a new manager should see first.
-                    replay.clear();
-                    replay.extend_from_slice(payload);
-                }
-                Ok(())
-            } else {
-                check_agent_prefix(key, payload)
-            }
-        };
+    ) -> Relaying<'a> {
         // A timeout noticed while no manager carried the session (held, or reconnecting) is
         // stale: the hold timeout governs that time, and a new manager connection is activity.
         let _ = session.take_expired();
@@ -1077,12 +1096,8 @@ impl AgentRelay {
         }
         let mut relaying = Relaying {
             relay: self,
-            agent,
-            manager,
-            up,
-            down,
+            conn,
             session,
-            up_check,
         };
         relaying.prime();
         relaying
@@ -1118,17 +1133,13 @@ impl AgentRelay {
 }
 
 /// The steady state of a session: both directions relayed by one hand-written future, so that
-/// an idle agent costs a few hundred bytes of task state rather than a tree of futures and
-/// timers. All state lives in the pipes: dropping this future leaves them at a known byte
+/// an idle agent costs a few words of task state rather than a tree of futures and timers.
+/// All state lives in the connection's pipes: dropping this future leaves them at a known byte
 /// position (what a manager failover, a move and a hand-over rely on).
-struct Relaying<'a, F> {
+struct Relaying<'a> {
     relay: &'a AgentRelay,
-    agent: &'a TcpStream,
-    manager: &'a TcpStream,
-    up: &'a mut Pipe,
-    down: &'a mut Pipe,
+    conn: &'a mut Conn,
     session: &'a Session,
-    up_check: F,
 }
 
 /// Bytes asked of the kernel by the first read after an idle period: enough for a startup or
@@ -1144,21 +1155,32 @@ const HIGH_WATER: usize = 128 * 1024;
 /// hold a worker thread.
 const POLL_BUDGET: u32 = 32;
 
-impl<F: FnMut(&[u8]) -> Result<(), End>> Relaying<'_, F> {
+impl Relaying<'_> {
     /// Takes the frames read before relaying started (the first frame, and what came with it).
     fn prime(&mut self) {
-        let max = self.relay.config.max_payload;
-        for (pipe, up) in [(&mut *self.up, true), (&mut *self.down, false)] {
-            if pipe.ready == 0 && !pipe.buf.is_empty() {
-                let (frames, bytes) = if up {
-                    pipe.take_frames(max, &mut self.up_check)
-                } else {
-                    pipe.take_frames(max, check_manager_frame)
-                };
-                if frames > 0 {
-                    self.session.record(up, frames, bytes);
-                    self.relay.stats.record(up, frames, bytes);
-                }
+        let (relay, session) = (self.relay, self.session);
+        let max = relay.config.max_payload;
+        let key = session.key();
+        let Conn {
+            up,
+            down,
+            tracker,
+            replay,
+            ..
+        } = &mut *self.conn;
+        if up.ready == 0 && !up.buf.is_empty() {
+            let check = agent_check(key, tracker.as_deref_mut(), replay, session);
+            let (frames, bytes) = up.take_frames(max, check);
+            if frames > 0 {
+                session.record(true, frames, bytes);
+                relay.stats.record(true, frames, bytes);
+            }
+        }
+        if down.ready == 0 && !down.buf.is_empty() {
+            let (frames, bytes) = down.take_frames(max, check_manager_frame);
+            if frames > 0 {
+                session.record(false, frames, bytes);
+                relay.stats.record(false, frames, bytes);
             }
         }
     }
@@ -1182,7 +1204,7 @@ impl<F: FnMut(&[u8]) -> Result<(), End>> Relaying<'_, F> {
     }
 }
 
-impl<F: FnMut(&[u8]) -> Result<(), End> + Unpin> std::future::Future for Relaying<'_, F> {
+impl std::future::Future for Relaying<'_> {
     type Output = End;
 
     fn poll(
@@ -1201,14 +1223,27 @@ impl<F: FnMut(&[u8]) -> Result<(), End> + Unpin> std::future::Future for Relayin
             return Poll::Ready(end);
         }
         let (relay, session) = (this.relay, this.session);
+        let Conn {
+            agent,
+            manager,
+            up,
+            down,
+            tracker,
+            replay,
+            ..
+        } = &mut *this.conn;
+        let Some(manager) = manager.as_ref().map(|m| &m.stream) else {
+            return Poll::Ready(End::ManagerClosed);
+        };
+        let mut up_check = agent_check(session.key(), tracker.as_deref_mut(), replay, session);
         let up = drive(
-            this.up,
-            this.agent,
-            this.manager,
+            up,
+            agent,
+            manager,
             Dir::Up,
             relay,
             session,
-            &mut this.up_check,
+            &mut up_check,
             cx,
         );
         if let Poll::Ready(end) = up {
@@ -1216,15 +1251,38 @@ impl<F: FnMut(&[u8]) -> Result<(), End> + Unpin> std::future::Future for Relayin
         }
         let mut down_check = check_manager_frame;
         drive(
-            this.down,
-            this.manager,
-            this.agent,
+            down,
+            manager,
+            agent,
             Dir::Down,
             relay,
             session,
             &mut down_check,
             cx,
         )
+    }
+}
+
+/// The check every agent frame passes: the envelope names the connection's agent and, with
+/// client.keys, decrypts; the latest keepalive becomes the frame a new manager sees first.
+fn agent_check<'a>(
+    key: SessionKey,
+    tracker: Option<&'a mut Tracker>,
+    replay: &'a mut Vec<u8>,
+    session: &'a Session,
+) -> impl FnMut(&[u8]) -> Result<(), End> + 'a {
+    let mut tracker = tracker;
+    move |payload: &[u8]| {
+        if let Some(t) = tracker.as_deref_mut() {
+            let env = check_agent_frame(key, payload)?;
+            if t.observe(&env, session) {
+                replay.clear();
+                replay.extend_from_slice(payload);
+            }
+            Ok(())
+        } else {
+            check_agent_prefix(key, payload)
+        }
     }
 }
 
@@ -1363,14 +1421,69 @@ fn drive(
     Poll::Pending
 }
 
-/// What [`AgentRelay::setup`] hands to [`AgentRelay::carry`].
-struct Setup {
+/// What [`AgentRelay::attach`] found.
+enum Attach {
+    /// A manager is in `conn.manager`; relay (arming the reply timeout if asked).
+    Relay { awaiting_reply: bool },
+    /// That manager failed at once: find another.
+    Retry,
+    /// The session ends.
+    Stop(End),
+}
+
+/// What [`AgentRelay::detach`] decided.
+enum Detach {
+    /// Find the next manager.
+    Next,
+    /// The session ends.
+    Stop(End),
+    /// Pass the agent's socket to the next process.
+    HandOver,
+}
+
+/// A session's connection state from its first frame to its end, in one allocation. Fields
+/// drop in order: the agent's socket closes before the session handle goes.
+struct Conn {
     agent: TcpStream,
-    peer: SocketAddr,
     handle: SessionHandle,
+    /// Agent to manager, and manager to agent.
     up: Pipe,
+    down: Pipe,
+    /// The frame a new manager must see first (see [`AgentRelay::carry`]).
     replay: Vec<u8>,
     tracker: Option<Box<Tracker>>,
+    /// The manager connection being relayed to, while there is one.
+    manager: Option<Connected>,
+    /// Managers that registered this agent (answered it) before it moved away: a return to
+    /// one of them must not replay the control frame. Empty unless the agent has moved.
+    fed: Vec<SocketAddr>,
+    last_backend: Option<SocketAddr>,
+    /// The connection's place under the per-source limits (none for adopted sessions).
+    _admitted: Option<crate::limits::Admitted>,
+}
+
+impl Conn {
+    fn new(
+        agent: TcpStream,
+        handle: SessionHandle,
+        up: Pipe,
+        replay: Vec<u8>,
+        tracker: Option<Box<Tracker>>,
+        admitted: Option<crate::limits::Admitted>,
+    ) -> Self {
+        Conn {
+            agent,
+            handle,
+            up,
+            down: Pipe::default(),
+            replay,
+            tracker,
+            manager: None,
+            fed: Vec::new(),
+            last_backend: None,
+            _admitted: admitted,
+        }
+    }
 }
 
 /// Writes one whole frame (payload given without its header) to a manager.
