@@ -15,6 +15,14 @@ use wazuh_proxy_core::balance::Policy;
 
 use crate::config::Config;
 
+/// jemalloc instead of the C library's allocator: an idle agent is a handful of small,
+/// long-lived allocations (three of them 128-byte aligned, for the runtime's task and socket
+/// registrations), which jemalloc packs in size classes without per-chunk headers or
+/// alignment slack; with glibc each idle agent cost about 300 bytes more. It also returns
+/// memory freed after a reconnect storm to the system.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "wazuh-proxy",

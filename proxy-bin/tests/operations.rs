@@ -115,7 +115,8 @@ async fn drain_and_rebalance_from_the_cli_disconnect_no_agent() {
     let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--admin", &admin]);
     assert!(ok, "{out}");
     until("m1 emptied", || m1.open_connections() == 0).await;
-    assert_eq!(m2.open_connections(), 40);
+    // A moved agent's old manager connection closes before its new one opens.
+    until("m2 carries all 40", || m2.open_connections() == 40).await;
     let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
     assert!(ok, "{out}");
     let (ok, out) = cli(&["rebalance", "--admin", &admin]);

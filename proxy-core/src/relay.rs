@@ -203,14 +203,26 @@ pub struct Pipe {
     ready: usize,
     head_left: usize,
     /// A protocol failure found behind the ready frames: reported once they are written, so
-    /// every good frame that preceded a bad one is delivered.
-    failed: Option<End>,
+    /// every good frame that preceded a bad one is delivered. (Boxed: rare, and a pipe stays
+    /// small.)
+    failed: Option<Box<End>>,
     /// Whole frames in the ready region (a frame being written counts until it is done).
-    ready_frames: u64,
-    /// Frames written in the current and the previous second (see `recently_written`).
-    written_now: u64,
-    written_before: u64,
-    written_since: Option<Instant>,
+    ready_frames: u32,
+    /// Frames written in the second `written_at` (of [`clock_secs`]) and in the one before
+    /// (see `recently_written`); `written_at` 0: nothing written yet.
+    written_now: u32,
+    written_before: u32,
+    written_at: u32,
+}
+
+/// Whole seconds since the process's first call, plus one (0 stays free to mean "never"):
+/// a clock four bytes wide, for counters that only need to know the current second.
+fn clock_secs() -> u32 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u32::try_from(epoch.elapsed().as_secs())
+        .unwrap_or(u32::MAX - 1)
+        .saturating_add(1)
 }
 
 impl Pipe {
@@ -237,7 +249,7 @@ impl Pipe {
             match frame::check(&self.buf[at..], max) {
                 Ok(Some(total)) => {
                     if let Err(e) = inspect(&self.buf[at + HEADER_LEN..at + total]) {
-                        self.failed = Some(e);
+                        self.failed = Some(Box::new(e));
                         break;
                     }
                     at += total;
@@ -246,45 +258,50 @@ impl Pipe {
                 Ok(None) => break,
                 Err(e) => {
                     // Recorded as the agent's; `pump` re-labels it for the manager side.
-                    self.failed = Some(End::AgentFrame(e));
+                    self.failed = Some(Box::new(End::AgentFrame(e)));
                     break;
                 }
             }
         }
         let bytes = (at - self.ready) as u64;
         self.ready = at;
-        self.ready_frames += frames;
+        self.ready_frames = self
+            .ready_frames
+            .saturating_add(u32::try_from(frames).unwrap_or(u32::MAX));
         (frames, bytes)
     }
 
     /// Counts frames fully written now.
     fn note_written(&mut self, frames: u64) {
-        let now = Instant::now();
-        match self.written_since {
-            Some(t) if now.duration_since(t) < Duration::from_secs(1) => {}
-            Some(t) => {
-                self.written_before = if now.duration_since(t) < Duration::from_secs(2) {
-                    self.written_now
-                } else {
-                    0
-                };
-                self.written_now = 0;
-                self.written_since = Some(now);
-            }
-            None => self.written_since = Some(now),
+        let now = clock_secs();
+        if now != self.written_at {
+            self.written_before = if now == self.written_at.wrapping_add(1) {
+                self.written_now
+            } else {
+                0
+            };
+            self.written_now = 0;
+            self.written_at = now;
         }
-        self.written_now += frames;
+        let frames = u32::try_from(frames).unwrap_or(u32::MAX);
+        self.written_now = self.written_now.saturating_add(frames);
     }
 
     /// Frames written during the last one to two seconds: when the peer just failed, these
     /// may have been lost in its buffers (TCP does not say which were processed).
     pub fn recently_written(&self) -> u64 {
-        match self.written_since {
-            Some(t) if t.elapsed() < Duration::from_secs(2) => {
-                self.written_now + self.written_before
-            }
-            _ => 0,
+        if self.written_at == 0 {
+            return 0;
         }
+        let now = clock_secs();
+        let n = if now == self.written_at {
+            self.written_now.saturating_add(self.written_before)
+        } else if now == self.written_at.wrapping_add(1) {
+            self.written_now
+        } else {
+            0
+        };
+        u64::from(n)
     }
 
     /// Drops the unwritten rest of a partly written frame (its start went to a manager that
@@ -319,7 +336,7 @@ impl Pipe {
             // region only ever holds whole frames), so no header needs to be walked.
             self.buf.advance(n);
             self.ready = 0;
-            return std::mem::take(&mut self.ready_frames);
+            return u64::from(std::mem::take(&mut self.ready_frames));
         }
         let mut done = 0;
         self.ready -= n;
@@ -341,7 +358,9 @@ impl Pipe {
                 done += 1;
             }
         }
-        self.ready_frames = self.ready_frames.saturating_sub(done);
+        self.ready_frames = self
+            .ready_frames
+            .saturating_sub(u32::try_from(done).unwrap_or(u32::MAX));
         done
     }
 }
@@ -1338,7 +1357,7 @@ fn drive(
                 }
                 return Poll::Pending;
             }
-            return Poll::Ready(match (dir, pipe.failed.take()) {
+            return Poll::Ready(match (dir, pipe.failed.take().map(|b| *b)) {
                 (Dir::Down, Some(End::AgentFrame(e))) => End::ManagerProtocol(e.reason()),
                 (_, Some(end)) => end,
                 (_, None) => End::Closed,
@@ -1622,7 +1641,7 @@ mod tests {
         let (frames, bytes) = p.take_frames(MAX_PAYLOAD, |pl| check_agent_frame(key, pl).map(drop));
         assert_eq!((frames, bytes), (2, 26));
         assert!(matches!(
-            p.failed,
+            p.failed.as_deref(),
             Some(End::AgentFrame(FrameError::ZeroLength))
         ));
     }

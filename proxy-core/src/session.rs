@@ -162,7 +162,6 @@ pub struct Session {
     key: SessionKey,
     client: SocketAddr,
     backend: Mutex<Option<SocketAddr>>,
-    started: SystemTime,
     started_at: Instant,
     stats: SessionStats,
     /// Boxed, and only once something is known (with client.keys): most sessions carry none.
@@ -219,9 +218,11 @@ impl Session {
     pub fn set_backend(&self, addr: Option<SocketAddr>) {
         *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = addr;
     }
-    /// Wall-clock start time.
+    /// Wall-clock start time (derived from the monotonic start: one clock kept per session).
     pub fn started(&self) -> SystemTime {
-        self.started
+        SystemTime::now()
+            .checked_sub(self.started_at.elapsed())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
     /// Time since the session started.
     pub fn age(&self) -> Duration {
@@ -382,7 +383,7 @@ impl Session {
             key: self.key,
             client: self.client,
             backend: self.backend(),
-            started: self.started,
+            started: self.started(),
             age: self.age(),
             idle: self.idle(),
             frames_up: self.stats.frames_up.load(Ordering::Relaxed),
@@ -498,7 +499,6 @@ impl SessionRegistry {
             key,
             client,
             backend: Mutex::new(None),
-            started: SystemTime::now(),
             started_at: Instant::now(),
             stats: SessionStats::default(),
             info: Mutex::default(),
