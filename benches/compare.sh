@@ -49,7 +49,8 @@ if [ "$QUICK" = 1 ]; then
 else
     ROUNDS=${ROUNDS:-3}; TP_SECS=8; LAT_SECS=8; IDLE_AGENTS=10000; STORM_AGENTS=10000; BIG_IDLE=50000
 fi
-KINDS="wazuh nginx haproxy direct"
+# KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one.
+KINDS=${KINDS:-"wazuh nginx haproxy direct"}
 LISTEN_PORT=15140
 M1=127.0.0.1:15601
 M2=127.0.0.1:15602

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! drain_timeout = "30s"
+//! batch_window = "200us"    # pause after a busy round so the next moves more per call; 0 off
 //! admin = "127.0.0.1:9514"  # admin HTTP API ("none" disables it)
 //! admin_token_file = "/etc/wazuh-proxy/admin.token"  # optional bearer token
 //!
@@ -103,6 +104,7 @@ impl Serialize for Dur {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     drain_timeout: Option<Dur>,
+    batch_window: Option<Spanned<Dur>>,
     admin: Option<Spanned<String>>,
     admin_token_file: Option<Spanned<PathBuf>>,
     user: Option<Spanned<String>>,
@@ -277,7 +279,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// Run as this user (and its groups) once the listeners are bound, when started as root.
     pub user: Option<String>,
+    /// How long a worker thread that has just moved a lot of data waits before sleeping, so
+    /// that its next round moves more per system call (see `wazuh_proxy_core::pace`). Zero
+    /// turns it off; a quiet proxy never waits.
+    pub batch_window: Duration,
 }
+
+/// Default batching pause under load: 200 µs (measured: about 1.5 times the frames per CPU
+/// second of no pause on 256-byte events; BENCHMARKS.md).
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(200);
 
 /// Default pace of automatic rebalancing: every 5 s, at most 50 agents.
 pub const DEFAULT_REBALANCE: (Duration, usize) = (Duration::from_secs(5), 50);
@@ -591,8 +601,22 @@ impl Config {
                 return Err(src.error(Some(u.span()), "user must be a user name"));
             }
         }
+        let batch_window = match &file.batch_window {
+            None => DEFAULT_BATCH_WINDOW,
+            Some(w) if w.get_ref().0 > wazuh_proxy_core::pace::MAX_WINDOW => {
+                return Err(src.error(
+                    Some(w.span()),
+                    format!(
+                        "batch_window must be at most {}",
+                        humantime::format_duration(wazuh_proxy_core::pace::MAX_WINDOW)
+                    ),
+                ));
+            }
+            Some(w) => w.get_ref().0,
+        };
         Ok(Config {
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0),
+            batch_window,
             admin,
             listeners,
             user: file.user.map(|u| u.into_inner()),
@@ -623,6 +647,7 @@ impl Config {
             .map_err(|e| src.error(None, e))?;
         Ok(Config {
             drain_timeout: DEFAULT_DRAIN,
+            batch_window: DEFAULT_BATCH_WINDOW,
             admin: AdminSettings::default(),
             user: None,
             listeners: vec![Listener {
@@ -646,6 +671,7 @@ impl Config {
         let d = |d: Duration| humantime::format_duration(d).to_string();
         let mut out = String::new();
         let _ = writeln!(out, "drain_timeout = {:?}", d(self.drain_timeout));
+        let _ = writeln!(out, "batch_window = {:?}", d(self.batch_window));
         match self.admin.listen {
             Some(a) => {
                 let _ = writeln!(out, "admin = \"{a}\"");
@@ -840,6 +866,7 @@ backends = [{ address = "127.0.0.1:11515" }]
     fn a_good_file_and_its_defaults() {
         let c = Config::parse(GOOD, "good.toml").unwrap();
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.batch_window, DEFAULT_BATCH_WINDOW);
         assert_eq!(c.listeners.len(), 2);
         let a = &c.listeners[0];
         assert_eq!((a.kind, a.balance), (ListenerKind::Agent, Policy::AgentId));
@@ -853,6 +880,25 @@ backends = [{ address = "127.0.0.1:11515" }]
 
     fn err(text: &str) -> String {
         Config::parse(text, "x.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn batch_window_is_bounded() {
+        let with = |w: &str| {
+            GOOD.replace(
+                "drain_timeout = \"5s\"",
+                &format!("drain_timeout = \"5s\"\nbatch_window = \"{w}\""),
+            )
+        };
+        let c = Config::parse(&with("0s"), "x.toml").unwrap();
+        assert_eq!(c.batch_window, Duration::ZERO);
+        let c = Config::parse(&with("1ms"), "x.toml").unwrap();
+        assert_eq!(c.batch_window, Duration::from_millis(1));
+        let e = err(&with("1s"));
+        assert!(
+            e.starts_with("x.toml:3:") && e.contains("at most 5ms"),
+            "{e}"
+        );
     }
 
     #[test]

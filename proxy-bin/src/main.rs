@@ -130,6 +130,7 @@ fn init_logs() {
 
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     tokio::runtime::Builder::new_multi_thread()
+        .on_thread_park(wazuh_proxy_core::pace::before_park)
         .enable_all()
         .build()
 }

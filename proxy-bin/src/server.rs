@@ -140,6 +140,7 @@ impl Proxy {
         config: &Config,
         mut inherited: Vec<InheritedListener>,
     ) -> Result<Proxy, StartError> {
+        wazuh_proxy_core::pace::set_window(config.batch_window);
         let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut live = Vec::new();
@@ -304,6 +305,7 @@ impl Proxy {
         });
         self.live = kept;
         self.drain_timeout = config.drain_timeout;
+        wazuh_proxy_core::pace::set_window(config.batch_window);
         Ok(())
     }
 

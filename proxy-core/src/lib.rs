@@ -20,6 +20,7 @@ pub mod inspect;
 pub mod keys;
 pub mod limits;
 pub mod net;
+pub mod pace;
 pub mod relay;
 pub mod session;
 pub mod sim;

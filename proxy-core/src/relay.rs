@@ -1407,7 +1407,8 @@ fn drive(
                         }
                     });
                 }
-                Ok(_) => {
+                Ok(n) => {
+                    crate::pace::note(n);
                     let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut *check);
                     if frames > 0 {
                         session.record(up, frames, bytes);
