@@ -861,8 +861,9 @@ impl AgentRelay {
         };
         tune(&connected.stream, cfg.tcp_keepalive);
         let addr = connected.addr;
+        // The session's backend is the previous manager until now (none at the start).
+        let moved_from = session.backend();
         session.set_backend(Some(addr));
-        let moved_from = conn.last_backend.replace(addr);
         // A new manager gets the control frame that registers the agent before any newer
         // frame: after a hand-over from a previous process, and after a move to a manager
         // that has not registered this agent yet (never twice: a duplicate may close the
@@ -884,7 +885,7 @@ impl AgentRelay {
                     .load_full()
                     .report_failure(connected.index, Instant::now());
                 if moved_from.is_none() {
-                    conn.last_backend = None;
+                    session.set_backend(None);
                 }
                 return Attach::Retry;
             }
@@ -1017,8 +1018,8 @@ impl AgentRelay {
             _ => 0,
         };
         let s = session.snapshot();
-        let backend = conn
-            .last_backend
+        let backend = session
+            .backend()
             .map_or_else(|| "-".to_owned(), |b| b.to_string());
         let (key, peer) = (session.key(), session.client());
         if end.rejection().is_some() || matches!(end, End::NoManager) {
@@ -1477,7 +1478,7 @@ struct Conn {
     /// Managers that registered this agent (answered it) before it moved away: a return to
     /// one of them must not replay the control frame. Empty unless the agent has moved.
     fed: Vec<SocketAddr>,
-    last_backend: Option<SocketAddr>,
+
     /// The connection's place under the per-source limits (none for adopted sessions).
     _admitted: Option<crate::limits::Admitted>,
 }
@@ -1500,7 +1501,7 @@ impl Conn {
             tracker,
             manager: None,
             fed: Vec::new(),
-            last_backend: None,
+
             _admitted: admitted,
         }
     }
