@@ -49,7 +49,8 @@ if [ "$QUICK" = 1 ]; then
 else
     ROUNDS=${ROUNDS:-3}; TP_SECS=8; LAT_SECS=8; IDLE_AGENTS=10000; STORM_AGENTS=10000; BIG_IDLE=50000
 fi
-# KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one.
+# KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one;
+# WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s".
 KINDS=${KINDS:-"wazuh nginx haproxy direct"}
 LISTEN_PORT=15140
 M1=127.0.0.1:15601
@@ -204,7 +205,7 @@ start_proxy() {
     case "$kind" in
         wazuh)
             RUST_LOG=warn taskset -c 0 "$PROXY_BIN" run --listen 127.0.0.1:$LISTEN_PORT \
-                --backend $M1 --backend $M2 --balance agent-id 2>>"$WORK/wazuh-proxy.log" &
+                --backend $M1 --backend $M2 --balance agent-id ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
             PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
         nginx)
             taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &

@@ -112,6 +112,21 @@ struct RunArgs {
     /// File holding the bearer token every admin API request must carry.
     #[arg(long, value_name = "PATH")]
     admin_token_file: Option<PathBuf>,
+    /// Pause under heavy load before sleeping, e.g. 200us; 0s turns batching off (default:
+    /// the config's `batch_window`, else 200us).
+    #[arg(long, value_name = "DURATION", value_parser = parse_window)]
+    batch_window: Option<std::time::Duration>,
+}
+
+fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > wazuh_proxy_core::pace::MAX_WINDOW {
+        return Err(format!(
+            "at most {}",
+            humantime::format_duration(wazuh_proxy_core::pace::MAX_WINDOW)
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -163,8 +178,12 @@ fn main() -> ExitCode {
                 Err(e) => return fail(format!("--{e}")),
             };
             let token = args.admin_token_file.clone();
-            // The admin flags override the file, on every (re)load.
+            let window = args.batch_window;
+            // The command-line flags override the file, on every (re)load.
             let apply = move |mut c: Config| {
+                if let Some(w) = window {
+                    c.batch_window = w;
+                }
                 if let Some(listen) = admin_listen {
                     c.admin.listen = listen;
                 }
