@@ -237,12 +237,30 @@ net_up() {
     done
 }
 
+# restarts what runs with a configuration that `write_configs` has just changed (a lab left up
+# with other WPLAB_* settings would otherwise go on with the old ones, whatever `up` says).
+restart_changed() {
+    local n sum
+    for n in lb1 lb2; do
+        sum=$(cat "$RUN/keepalived-$n.conf" "$RUN/proxy.toml" | md5sum | cut -d' ' -f1)
+        if [ -f "$RUN/settings-$n" ] && [ "$(cat "$RUN/settings-$n")" != "$sum" ] &&
+            { alive "keepalived-$n" || alive "proxy-$n"; }; then
+            say "$n: configuration changed since it started; restarting its proxy, keepalived and fast check"
+            stop "keepalived-$n"
+            stop "fastcheck-$n"
+            stop "proxy-$n"
+        fi
+        echo "$sum" >"$RUN/settings-$n"
+    done
+}
+
 cmd_up() {
     need_root
     install_packages
     binaries
     mkdir -p "$RUN"
     write_configs
+    restart_changed
     net_up
     managers_start
     local n
