@@ -276,6 +276,8 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
     let down = [("listener", "agents"), ("direction", "to_agent")];
     assert_eq!(value(&scrape, "wazuh_proxy_frames_total", &down), 2.0);
     assert_eq!(value(&scrape, "wazuh_proxy_listener_healthy", &l), 1.0);
+    // A handful of frames never makes the proxy pause to batch.
+    assert_eq!(value(&scrape, "wazuh_proxy_batch_pauses_total", &[]), 0.0);
     let reasons: BTreeSet<&str> = scrape
         .samples
         .iter()

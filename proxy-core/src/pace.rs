@@ -39,6 +39,9 @@ pub const MAX_WINDOW: Duration = Duration::from_millis(5);
 /// The pause in nanoseconds (0: never pause).
 static WINDOW_NS: AtomicU64 = AtomicU64::new(0);
 
+/// Pauses taken since the process started.
+static PAUSES: AtomicU64 = AtomicU64::new(0);
+
 thread_local! {
     /// Bytes read by relays on this thread since it last slept.
     static MOVED: Cell<u64> = const { Cell::new(0) };
@@ -56,6 +59,12 @@ pub fn window() -> Duration {
     Duration::from_nanos(WINDOW_NS.load(Ordering::Relaxed))
 }
 
+/// Pauses taken since the process started, by every worker (how often the proxy was busy
+/// enough to batch).
+pub fn pauses() -> u64 {
+    PAUSES.load(Ordering::Relaxed)
+}
+
 /// Counts bytes read by a relay on the current thread.
 #[inline]
 pub fn note(bytes: usize) {
@@ -68,6 +77,7 @@ pub fn before_park() {
     let moved = MOVED.with(|m| m.replace(0));
     let ns = WINDOW_NS.load(Ordering::Relaxed);
     if ns > 0 && moved >= BUSY_BYTES {
+        PAUSES.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_nanos(ns));
     }
 }

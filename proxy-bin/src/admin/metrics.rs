@@ -70,6 +70,8 @@ pub(crate) mod names {
     pub(crate) const UDP_FLOWS_EXPIRED: &str = "wazuh_proxy_udp_flows_expired";
     /// Counter: datagrams that could not be sent on.
     pub(crate) const UDP_SEND_FAILURES: &str = "wazuh_proxy_udp_send_failures";
+    /// Counter (process-wide): pauses taken before sleeping after a busy round (`batch_window`).
+    pub(crate) const BATCH_PAUSES: &str = "wazuh_proxy_batch_pauses";
 }
 
 use names::*;
@@ -86,6 +88,17 @@ impl RelayCollector {
     pub(crate) fn new(shared: Arc<Shared>) -> Self {
         RelayCollector { shared }
     }
+}
+
+/// Writes a family of one sample without labels (a process-wide value).
+fn single<V: Sample>(
+    enc: &mut DescriptorEncoder,
+    name: &'static str,
+    help: &str,
+    v: V,
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, V::TYPE)?;
+    v.encode(&mut metric)
 }
 
 /// Writes one family: its descriptor, then one sample per label set.
@@ -143,6 +156,12 @@ impl Collector for RelayCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let loaded = self.shared.targets.load();
         let targets: &[Target] = &loaded;
+        single(
+            &mut enc,
+            BATCH_PAUSES,
+            "Pauses of batch_window taken by a worker before sleeping, after a round that read 64 KiB or more.",
+            C(wazuh_proxy_core::pace::pauses()),
+        )?;
         let now = Instant::now();
         let draining = self.shared.draining();
         let per = |f: &dyn Fn(&RelayStats) -> u64| -> Vec<(Labels, C)> {
