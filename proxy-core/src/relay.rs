@@ -660,8 +660,10 @@ impl AgentRelay {
         stop: CancellationToken,
         tracker: TaskTracker,
     ) {
+        // Accepted sockets inherit the listener's TCP settings: none to set per connection.
+        crate::net::tune_listener(&listener, self.config.tcp_keepalive);
         crate::net::accept_loop(&listener, &self.name, &stop, |stream, peer| {
-            tracker.spawn(self.clone().handle(stream, peer));
+            tracker.spawn(self.clone().handle_tuned(stream, peer));
         })
         .await;
     }
@@ -672,6 +674,17 @@ impl AgentRelay {
     /// connection is closed here. The future keeps only what relaying needs once frames flow;
     /// the handshake's state lives in a box freed when it ends.
     pub fn handle(
+        self: Arc<Self>,
+        agent: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        tune(&agent, self.config.tcp_keepalive);
+        self.handle_tuned(agent, peer)
+    }
+
+    /// [`AgentRelay::handle`] for a socket that already has the TCP settings (accepted from a
+    /// listener tuned by [`crate::net::tune_listener`]).
+    fn handle_tuned(
         self: Arc<Self>,
         agent: TcpStream,
         peer: SocketAddr,
@@ -714,12 +727,11 @@ impl AgentRelay {
         admitted: crate::limits::Admitted,
     ) -> Option<Box<Conn>> {
         let cfg = &self.config;
-        tune(&agent, cfg.tcp_keepalive);
         let mut up = Pipe::default();
 
         // 1. The first frame names the agent.
         let first = tokio::select! {
-            r = tokio::time::timeout(cfg.first_frame_timeout, first_frame(&agent, &mut up, cfg)) => r,
+            r = tokio::time::timeout(cfg.first_frame_timeout, first_frame(&agent, peer, &mut up, cfg)) => r,
             _ = self.hard_stop.cancelled() => return None,
         };
         let (mut key, first_len) = match first {
@@ -859,7 +871,8 @@ impl AgentRelay {
                 return Attach::Stop(End::NoManager);
             }
         };
-        tune(&connected.stream, cfg.tcp_keepalive);
+        // TCP_NODELAY is set by the balancer's connect.
+        crate::net::set_keepalive(socket2::SockRef::from(&connected.stream), cfg.tcp_keepalive);
         let addr = connected.addr;
         // The session's backend is the previous manager until now (none at the start).
         let moved_from = session.backend();
@@ -1555,10 +1568,11 @@ async fn finish_head(up: &mut Pipe, manager: &TcpStream) -> io::Result<()> {
 /// Reads until the first whole frame is buffered and returns who it belongs to.
 async fn first_frame(
     agent: &TcpStream,
+    peer: SocketAddr,
     up: &mut Pipe,
     cfg: &AgentRelayConfig,
 ) -> Result<(SessionKey, usize), End> {
-    let peer_ip = agent.peer_addr().map_err(End::AgentIo)?.ip();
+    let peer_ip = peer.ip();
     loop {
         match frame::check(&up.buf, cfg.max_payload) {
             Ok(Some(total)) => {
