@@ -289,6 +289,12 @@ pub struct Config {
 /// second of no pause on 256-byte events; BENCHMARKS.md).
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(200);
 
+/// A string as a TOML literal (user text may hold characters Rust's `{:?}` escapes in ways
+/// TOML does not read, such as `\u{590}`).
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
 /// Default pace of automatic rebalancing: every 5 s, at most 50 agents.
 pub const DEFAULT_REBALANCE: (Duration, usize) = (Duration::from_secs(5), 50);
 
@@ -681,15 +687,19 @@ impl Config {
             }
         }
         if let Some(t) = &self.admin.token_file {
-            let _ = writeln!(out, "admin_token_file = {:?}", t.display().to_string());
+            let _ = writeln!(
+                out,
+                "admin_token_file = {}",
+                toml_str(&t.display().to_string())
+            );
         }
         if let Some(u) = &self.user {
-            let _ = writeln!(out, "user = {u:?}");
+            let _ = writeln!(out, "user = {}", toml_str(u));
         }
         for l in &self.listeners {
             let a = &l.agent;
             let _ = writeln!(out, "\n[[listener]]");
-            let _ = writeln!(out, "name = {:?}", l.name);
+            let _ = writeln!(out, "name = {}", toml_str(&l.name));
             let _ = writeln!(out, "listen = \"{}\"", l.listen);
             let _ = writeln!(out, "kind = {:?}", serde_kind(l.kind));
             let _ = writeln!(out, "balance = \"{}\"", l.balance);
@@ -763,11 +773,16 @@ impl Config {
                 use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
                 match &e.server_cert {
                     ServerCert::Files { cert, key } => {
-                        let _ = writeln!(out, "tls_cert = {:?}", cert.display().to_string());
-                        let _ = writeln!(out, "tls_key = {:?}", key.display().to_string());
+                        let _ =
+                            writeln!(out, "tls_cert = {}", toml_str(&cert.display().to_string()));
+                        let _ = writeln!(out, "tls_key = {}", toml_str(&key.display().to_string()));
                     }
                     _ => {
-                        let _ = writeln!(out, "tls_dir = {:?}", e.tls_dir.display().to_string());
+                        let _ = writeln!(
+                            out,
+                            "tls_dir = {}",
+                            toml_str(&e.tls_dir.display().to_string())
+                        );
                     }
                 }
                 match &e.backend_tls {
@@ -775,9 +790,13 @@ impl Config {
                         ca_file,
                         server_name,
                     } => {
-                        let _ = writeln!(out, "backend_ca = {:?}", ca_file.display().to_string());
+                        let _ = writeln!(
+                            out,
+                            "backend_ca = {}",
+                            toml_str(&ca_file.display().to_string())
+                        );
                         if let Some(n) = server_name {
-                            let _ = writeln!(out, "backend_server_name = {n:?}");
+                            let _ = writeln!(out, "backend_server_name = {}", toml_str(n));
                         }
                     }
                     _ => {
@@ -787,7 +806,7 @@ impl Config {
                 let _ = writeln!(out, "replay_ttl = {:?}", d(e.replay_ttl));
             }
             if let Some((path, every)) = &l.keys {
-                let _ = writeln!(out, "keys = {:?}", path.display().to_string());
+                let _ = writeln!(out, "keys = {}", toml_str(&path.display().to_string()));
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));
             }
             let _ = writeln!(out, "backends = [");
@@ -880,6 +899,31 @@ backends = [{ address = "127.0.0.1:11515" }]
 
     fn err(text: &str) -> String {
         Config::parse(text, "x.toml").unwrap_err().to_string()
+    }
+
+    // Found by the config_toml fuzz target: Rust's `{:?}` wrote U+0590 as `\u{590}`, which
+    // TOML does not read back.
+    #[test]
+    fn printed_strings_are_toml_whatever_they_hold() {
+        let odd = "/var\u{590}ssec/etc/cl\tient \"keys\"\u{0}.keys";
+        let text = GOOD.replacen(
+            "name = \"agents\"",
+            &format!(
+                "name = {}\nkeys = {}",
+                toml_str("a\u{7f}b\u{590}"),
+                toml_str(odd)
+            ),
+            1,
+        );
+        let c = Config::parse(&text, "x.toml").unwrap();
+        let printed = c.to_toml();
+        let again = Config::parse(&printed, "printed.toml").unwrap();
+        assert_eq!(again.to_toml(), printed);
+        assert_eq!(again.listeners[0].name, "a\u{7f}b\u{590}");
+        assert_eq!(
+            again.listeners[0].keys.as_ref().unwrap().0,
+            std::path::Path::new(odd)
+        );
     }
 
     #[test]
