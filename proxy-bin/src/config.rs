@@ -285,6 +285,21 @@ pub struct Config {
     pub batch_window: Duration,
 }
 
+/// Accepts a `batch_window` (file or command line) up to `pace::MAX_WINDOW`.
+///
+/// # Errors
+/// The message to show when it is longer.
+pub fn check_batch_window(window: Duration) -> Result<Duration, String> {
+    let max = wazuh_proxy_core::pace::MAX_WINDOW;
+    if window > max {
+        return Err(format!(
+            "batch_window must be at most {}",
+            humantime::format_duration(max)
+        ));
+    }
+    Ok(window)
+}
+
 /// Default batching pause under load: 200 µs (measured: about 1.5 times the frames per CPU
 /// second of no pause on 256-byte events; BENCHMARKS.md).
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_micros(200);
@@ -609,16 +624,9 @@ impl Config {
         }
         let batch_window = match &file.batch_window {
             None => DEFAULT_BATCH_WINDOW,
-            Some(w) if w.get_ref().0 > wazuh_proxy_core::pace::MAX_WINDOW => {
-                return Err(src.error(
-                    Some(w.span()),
-                    format!(
-                        "batch_window must be at most {}",
-                        humantime::format_duration(wazuh_proxy_core::pace::MAX_WINDOW)
-                    ),
-                ));
+            Some(w) => {
+                check_batch_window(w.get_ref().0).map_err(|e| src.error(Some(w.span()), e))?
             }
-            Some(w) => w.get_ref().0,
         };
         Ok(Config {
             drain_timeout: file.drain_timeout.map_or(DEFAULT_DRAIN, |d| d.0),
@@ -675,6 +683,8 @@ impl Config {
     pub fn to_toml(&self) -> String {
         use std::fmt::Write;
         let d = |d: Duration| humantime::format_duration(d).to_string();
+        // An optional timeout: "0s" means off.
+        let od = |o: Option<Duration>| o.map_or_else(|| "0s".to_owned(), d);
         let mut out = String::new();
         let _ = writeln!(out, "drain_timeout = {:?}", d(self.drain_timeout));
         let _ = writeln!(out, "batch_window = {:?}", d(self.batch_window));
@@ -709,11 +719,7 @@ impl Config {
                 let _ = writeln!(out, "max_payload = {}", a.max_payload);
                 let _ = writeln!(out, "failover = {}", a.failover);
                 let _ = writeln!(out, "hold_timeout = {:?}", d(a.hold_timeout));
-                let _ = writeln!(
-                    out,
-                    "reply_timeout = {:?}",
-                    a.reply_timeout.map_or("0s".into(), d)
-                );
+                let _ = writeln!(out, "reply_timeout = {:?}", od(a.reply_timeout));
                 let _ = writeln!(
                     out,
                     "max_connections_per_source = {}",
@@ -737,16 +743,8 @@ impl Config {
                 let _ = writeln!(out, "source = {source:?}");
             }
             let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
-            let _ = writeln!(
-                out,
-                "idle_timeout = {:?}",
-                a.idle_timeout.map_or("0s".into(), d)
-            );
-            let _ = writeln!(
-                out,
-                "tcp_keepalive = {:?}",
-                a.tcp_keepalive.map_or("0s".into(), d)
-            );
+            let _ = writeln!(out, "idle_timeout = {:?}", od(a.idle_timeout));
+            let _ = writeln!(out, "tcp_keepalive = {:?}", od(a.tcp_keepalive));
             match &l.health {
                 Some(h) => {
                     let _ = writeln!(out, "health_check_interval = {:?}", d(h.interval));

@@ -120,13 +120,7 @@ struct RunArgs {
 
 fn parse_window(s: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d > wazuh_proxy_core::pace::MAX_WINDOW {
-        return Err(format!(
-            "at most {}",
-            humantime::format_duration(wazuh_proxy_core::pace::MAX_WINDOW)
-        ));
-    }
-    Ok(d)
+    config::check_batch_window(d)
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {

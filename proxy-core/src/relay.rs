@@ -1203,18 +1203,10 @@ impl Relaying<'_> {
         } = &mut *self.conn;
         if up.ready == 0 && !up.buf.is_empty() {
             let check = agent_check(key, tracker.as_deref_mut(), replay, session);
-            let (frames, bytes) = up.take_frames(max, check);
-            if frames > 0 {
-                session.record(true, frames, bytes);
-                relay.stats.record(true, frames, bytes);
-            }
+            take_counted(up, Dir::Up, max, check, relay, session);
         }
         if down.ready == 0 && !down.buf.is_empty() {
-            let (frames, bytes) = down.take_frames(max, check_manager_frame);
-            if frames > 0 {
-                session.record(false, frames, bytes);
-                relay.stats.record(false, frames, bytes);
-            }
+            take_counted(down, Dir::Down, max, check_manager_frame, relay, session);
         }
     }
 
@@ -1316,6 +1308,23 @@ fn agent_check<'a>(
         } else {
             check_agent_prefix(key, payload)
         }
+    }
+}
+
+/// [`Pipe::take_frames`], counting the new frames for the session and the listener.
+fn take_counted(
+    pipe: &mut Pipe,
+    dir: Dir,
+    max: u32,
+    check: impl FnMut(&[u8]) -> Result<(), End>,
+    relay: &AgentRelay,
+    session: &Session,
+) {
+    let (frames, bytes) = pipe.take_frames(max, check);
+    if frames > 0 {
+        let up = dir == Dir::Up;
+        session.record(up, frames, bytes);
+        relay.stats.record(up, frames, bytes);
     }
 }
 
@@ -1423,11 +1432,7 @@ fn drive(
                 }
                 Ok(n) => {
                     crate::pace::note(n);
-                    let (frames, bytes) = pipe.take_frames(cfg.max_payload, &mut *check);
-                    if frames > 0 {
-                        session.record(up, frames, bytes);
-                        relay.stats.record(up, frames, bytes);
-                    }
+                    take_counted(pipe, dir, cfg.max_payload, &mut *check, relay, session);
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
