@@ -143,6 +143,10 @@ struct FileListener {
     failover: Option<bool>,
     hold_timeout: Option<Dur>,
     reply_timeout: Option<Dur>,
+    manager_user_timeout: Option<Dur>,
+    overtake_time: Option<Dur>,
+    refused_backoff: Option<Dur>,
+    refused_backoff_max: Option<Dur>,
     max_connections_per_source: Option<u32>,
     connection_rate_per_source: Option<f64>,
     connection_burst_per_source: Option<f64>,
@@ -424,13 +428,12 @@ impl Config {
                 agent.tcp_keepalive = (!d.is_zero()).then_some(d);
             }
             if let Some(m) = &l.max_payload {
-                if *m.get_ref() == 0 || *m.get_ref() > wazuh_proxy_core::frame::MAX_PAYLOAD {
+                let min = wazuh_proxy_core::relay::MIN_MAX_PAYLOAD;
+                let max = wazuh_proxy_core::frame::MAX_PAYLOAD;
+                if !(min..=max).contains(m.get_ref()) {
                     return Err(src.error(
                         Some(m.span()),
-                        format!(
-                            "max_payload must be 1..={}",
-                            wazuh_proxy_core::frame::MAX_PAYLOAD
-                        ),
+                        format!("max_payload must be {min}..={max} (agents' startup and keepalive messages must fit)"),
                     ));
                 }
                 agent.max_payload = *m.get_ref();
@@ -487,6 +490,18 @@ impl Config {
             if let Some(Dur(d)) = l.reply_timeout {
                 agent.reply_timeout = (!d.is_zero()).then_some(d);
             }
+            if let Some(Dur(d)) = l.manager_user_timeout {
+                agent.manager_user_timeout = (!d.is_zero()).then_some(d);
+            }
+            if let Some(Dur(d)) = l.overtake_time {
+                agent.overtake_time = d;
+            }
+            if let Some(Dur(d)) = l.refused_backoff {
+                agent.refused_backoff = d;
+            }
+            if let Some(Dur(d)) = l.refused_backoff_max {
+                agent.refused_backoff_max = d;
+            }
             if let Some(n) = l.max_connections_per_source {
                 agent.source_limits.max_open = n;
             }
@@ -514,6 +529,11 @@ impl Config {
                     }
                 };
             }
+            // Every setting against its range and the ones it works with: what is accepted
+            // here must never fail at run time.
+            agent
+                .validate()
+                .map_err(|e| src.error(Some(span.clone()), format!("listener {}: {e}", i + 1)))?;
             let enroll = if kind == ListenerKind::Enroll {
                 use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
                 let tls_dir = l
@@ -720,6 +740,14 @@ impl Config {
                 let _ = writeln!(out, "failover = {}", a.failover);
                 let _ = writeln!(out, "hold_timeout = {:?}", d(a.hold_timeout));
                 let _ = writeln!(out, "reply_timeout = {:?}", od(a.reply_timeout));
+                let _ = writeln!(
+                    out,
+                    "manager_user_timeout = {:?}",
+                    od(a.manager_user_timeout)
+                );
+                let _ = writeln!(out, "overtake_time = {:?}", d(a.overtake_time));
+                let _ = writeln!(out, "refused_backoff = {:?}", d(a.refused_backoff));
+                let _ = writeln!(out, "refused_backoff_max = {:?}", d(a.refused_backoff_max));
                 let _ = writeln!(
                     out,
                     "max_connections_per_source = {}",

@@ -1011,9 +1011,29 @@ impl Balancer {
         connect_timeout: Duration,
         source: Option<IpAddr>,
     ) -> Result<Connected, ConnectError> {
+        self.connect_avoiding(key, connect_timeout, source, &[])
+            .await
+    }
+
+    /// Like [`Balancer::connect_from`], never trying the backends in `avoid` (those that
+    /// refused this agent already). Nothing is reported against an avoided backend.
+    ///
+    /// # Errors
+    /// [`ConnectError::AllFailed`] lists every address tried and its error;
+    /// [`ConnectError::NoBackend`] when every candidate is avoided.
+    pub async fn connect_avoiding(
+        &self,
+        key: &BalanceKey,
+        connect_timeout: Duration,
+        source: Option<IpAddr>,
+        avoid: &[SocketAddr],
+    ) -> Result<Connected, ConnectError> {
         // An IPv4 agent on a dual-stack listener shows as ::ffff:a.b.c.d.
         let source = source.map(|ip| ip.to_canonical());
-        let mut tried: Vec<usize> = Vec::new();
+        let mut tried: Vec<usize> = (0..self.backends.len())
+            .filter(|&i| avoid.contains(&self.backends[i].addr()))
+            .collect();
+        let skipped = tried.len();
         let mut failed: Vec<ConnectAttempt> = Vec::new();
         loop {
             let list = self.candidates_excluding(key, Instant::now(), &tried);
@@ -1038,7 +1058,7 @@ impl Balancer {
                             index: idx,
                             addr,
                             guard,
-                            attempts: tried.len() as u32,
+                            attempts: (tried.len() - skipped) as u32,
                         });
                     }
                     Ok(Err(e)) => e,

@@ -109,6 +109,34 @@ pub fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<std::time::Duratio
     }
 }
 
+/// Sets `TCP_USER_TIMEOUT`: data left unacknowledged this long fails the connection with
+/// `ETIMEDOUT` (also while keepalive probes go unanswered). `None` leaves the kernel's default.
+pub fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::Duration>) {
+    if let Some(t) = timeout {
+        if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
+            tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
+        }
+    }
+}
+
+/// Bytes written to `stream` that its peer's TCP has not acknowledged yet (sent or still
+/// queued): Linux's `SIOCOUTQ`. Still answers after the connection failed, until the socket
+/// is closed, which is what tells a failover which frames the dead peer never received.
+///
+/// # Errors
+/// The `ioctl`'s error (not a TCP socket, for one).
+pub fn unacked_bytes(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<u32> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int through the pointer, which points to a
+    // live, aligned c_int; the descriptor is borrowed from a live socket for the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u32::try_from(queued).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,17 +8,21 @@
 //! ```
 //! # tokio_test_block_on(async {
 //! use wazuh_proxy_core::envelope::AgentId;
-//! use wazuh_proxy_core::session::{DuplicatePolicy, SessionKey, SessionRegistry};
+//! use wazuh_proxy_core::session::{Claim, DuplicatePolicy, SessionError, SessionKey, SessionRegistry};
 //!
 //! let registry = SessionRegistry::new(DuplicatePolicy::Replace);
 //! let key = SessionKey::Agent(AgentId::parse(b"001").unwrap());
-//! let first = registry.register(key, "192.0.2.1:40000".parse().unwrap()).await.unwrap();
+//! let first = registry.register(key, "192.0.2.1:40000".parse().unwrap(), Claim::Unverified).await.unwrap();
 //! assert_eq!(registry.len(), 1);
-//! // A second connection of agent 001 asks the first one to close, then takes its place.
+//! // A second connection claiming agent 001 proves nothing while the first is live: refused.
+//! let refused = registry.register(key, "198.51.100.7:5000".parse().unwrap(), Claim::Unverified).await;
+//! assert!(matches!(refused, Err(SessionError::Live { .. })));
+//! // One that is the agent's own session (here handed over by a previous process; with keys, a
+//! // newer startup message) asks the first one to close, then takes its place.
 //! let waiter = first.session().clone();
 //! let second = tokio::spawn({
 //!     let registry = registry.clone();
-//!     async move { registry.register(key, "192.0.2.1:40001".parse().unwrap()).await }
+//!     async move { registry.register(key, "192.0.2.1:40001".parse().unwrap(), Claim::HandedOver).await }
 //! });
 //! waiter.closing().await; // the first connection sees the request...
 //! drop(first);            // ...and ends.
@@ -63,9 +67,13 @@ impl fmt::Display for SessionKey {
 /// What to do when an agent connects while an older connection of the same agent is live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DuplicatePolicy {
-    /// Close the old connection first, then forward the new one (default). The agent that
-    /// reconnects is the live one; the old connection is usually half-dead. Closing it first
-    /// keeps the manager from refusing the new one with "Agent key already in use".
+    /// Replace the old connection when the new one is the agent reconnecting (default): the
+    /// old one has not been heard from within the overtake time (60 s, remoted's
+    /// `connection_overtake_time`), or, with keys, the new one's startup message decrypts
+    /// with the agent's key and is newer than anything seen on the old one. Otherwise the new
+    /// connection is refused and the live one kept, as remoted 4.6+ does: a connection
+    /// never evicts a live agent on its word alone. The old connection is closed before the
+    /// new one is forwarded, so the manager does not refuse it with "Agent key already in use".
     #[default]
     Replace,
     /// Refuse the new connection while the old one lives.
@@ -110,6 +118,17 @@ pub enum SessionError {
         /// The client address of the live connection.
         existing: SocketAddr,
     },
+    /// The policy is [`DuplicatePolicy::Replace`], but the live connection was heard from
+    /// within the overtake time and the newcomer proved nothing (see [`overtake`]).
+    #[error("agent {key} is live on another connection from {existing}, heard from {heard_ago:?} ago; refusing the newcomer")]
+    Live {
+        /// The agent.
+        key: SessionKey,
+        /// The client address of the live connection.
+        existing: SocketAddr,
+        /// Time since the live connection's agent last sent a frame.
+        heard_ago: Duration,
+    },
 }
 
 /// Traffic counters of one session, updated lock-free by the relay.
@@ -129,6 +148,10 @@ pub struct SessionStats {
     pub moves: AtomicU64,
     /// Milliseconds since the session started at which the last frame (either way) arrived.
     last_frame_ms: AtomicU64,
+    /// Milliseconds since the session started at which the agent last sent a frame.
+    last_up_ms: AtomicU64,
+    /// The newest message counter decrypted on this session (0: none; see [`pack_counter`]).
+    counter: AtomicU64,
 }
 
 /// A timeout noticed by the relay's sweeper.
@@ -261,6 +284,22 @@ impl Session {
         b.fetch_add(bytes, Ordering::Relaxed);
         let ms = self.started_at.elapsed().as_millis() as u64;
         self.stats.last_frame_ms.store(ms, Ordering::Relaxed);
+        if up {
+            self.stats.last_up_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+    /// Time since the agent last sent a frame on this session (since it started if none).
+    pub fn heard_ago(&self) -> Duration {
+        let last = Duration::from_millis(self.stats.last_up_ms.load(Ordering::Relaxed));
+        self.started_at.elapsed().saturating_sub(last)
+    }
+    /// Notes a message counter decrypted on this session (the newest is kept).
+    pub fn note_counter(&self, counter: u64) {
+        self.stats.counter.fetch_max(counter, Ordering::Relaxed);
+    }
+    /// The newest message counter decrypted on this session, if any.
+    pub fn counter(&self) -> Option<u64> {
+        Some(self.stats.counter.load(Ordering::Relaxed)).filter(|c| *c != 0)
     }
     /// Counts now as activity (a new manager connection), for the idle timeout.
     pub fn touch(&self) {
@@ -438,6 +477,8 @@ struct Inner {
     owners: DashMap<SessionKey, Arc<Session>>,
     next_id: AtomicU64,
     root: CancellationToken,
+    /// See [`SessionRegistry::with_overtake_time`], in milliseconds.
+    overtake_ms: AtomicU64,
 }
 
 /// The live sessions. Cheap to clone; every clone is the same registry.
@@ -468,12 +509,23 @@ impl SessionRegistry {
             inner: Arc::new(Inner {
                 policy,
                 replace_wait: Duration::from_secs(5),
+                overtake_ms: AtomicU64::new(DEFAULT_OVERTAKE.as_millis() as u64),
                 sessions: DashMap::new(),
                 owners: DashMap::new(),
                 next_id: AtomicU64::new(1),
                 root: parent,
             }),
         }
+    }
+
+    /// Sets the overtake time of [`DuplicatePolicy::Replace`]: a live session heard from
+    /// within it is not replaced by a newcomer that proves nothing (default 60 s).
+    pub fn with_overtake_time(self, overtake: Duration) -> Self {
+        self.inner.overtake_ms.store(
+            u64::try_from(overtake.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self
     }
 
     /// The duplicate policy in force.
@@ -492,6 +544,7 @@ impl SessionRegistry {
         &self,
         key: SessionKey,
         client: SocketAddr,
+        claim: Claim,
     ) -> Result<SessionHandle, SessionError> {
         let inner = &self.inner;
         let session = Arc::new(Session {
@@ -530,11 +583,28 @@ impl SessionRegistry {
                             existing: slot.get().client,
                         });
                     }
-                    DuplicatePolicy::Replace => slot.get().clone(),
+                    DuplicatePolicy::Replace => {
+                        let live = slot.get();
+                        let incumbent = Incumbent {
+                            heard_ago: live.heard_ago(),
+                            counter: live.counter(),
+                        };
+                        let overtake_time =
+                            Duration::from_millis(inner.overtake_ms.load(Ordering::Relaxed));
+                        if overtake(incumbent, claim, overtake_time) == Overtake::Refuse {
+                            return Err(SessionError::Live {
+                                key,
+                                existing: live.client,
+                                heard_ago: incumbent.heard_ago,
+                            });
+                        }
+                        live.clone()
+                    }
                 },
             };
             // The map's shard lock is released here: never await while holding it.
-            tracing::info!(agent = %key, old_client = %old.client, new_client = %client,
+            tracing::info!(agent = %key, old_client = %old.client, new_client = %client, ?claim,
+                heard_ago = ?old.heard_ago(),
                 "agent reconnected while its previous connection is open; closing the previous one");
             old.request_close();
             if tokio::time::timeout(inner.replace_wait, old.ended())
@@ -638,6 +708,73 @@ impl Drop for SessionHandle {
     }
 }
 
+/// remoted's default `connection_overtake_time`.
+pub const DEFAULT_OVERTAKE: Duration = Duration::from_secs(60);
+
+/// What a new connection proved about the agent it claims to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Nothing: its first frame was not verified (no `keys`, or an ID-less probe).
+    Unverified,
+    /// Its first frame decrypted with the agent's key.
+    Verified {
+        /// It is the agent's startup message (what an agent sends first on every connection).
+        startup: bool,
+        /// The message's counters, ordered (see [`pack_counter`]).
+        counter: u64,
+    },
+    /// A session handed over by the previous process of this proxy (it is the same session).
+    HandedOver,
+}
+
+/// What is known of the live session of the agent a newcomer claims to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Incumbent {
+    /// Time since the agent last sent a frame on it (since it started if none).
+    pub heard_ago: Duration,
+    /// The newest counter decrypted on it, if any (see [`pack_counter`]).
+    pub counter: Option<u64>,
+}
+
+/// The outcome of a second connection for an agent that has a live session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overtake {
+    /// Keep the live session; refuse the newcomer.
+    Refuse,
+    /// Close the live session and let the newcomer take its place.
+    Replace,
+}
+
+/// Decides whether a newcomer may take a live session's place (duplicate policy `replace`).
+///
+/// As remoted 4.6+ does with `connection_overtake_time`, the incumbent is kept while it has been
+/// heard from within `overtake`; a connection cannot evict an agent on its word alone. With
+/// keys the newcomer can prove more: its startup message, decrypted with the agent's key, with a
+/// counter newer than anything seen on the incumbent, is the agent reconnecting (a captured
+/// frame replayed carries an old counter and proves nothing).
+pub fn overtake(incumbent: Incumbent, claim: Claim, overtake: Duration) -> Overtake {
+    if incumbent.heard_ago >= overtake {
+        return Overtake::Replace;
+    }
+    match claim {
+        Claim::HandedOver => Overtake::Replace,
+        Claim::Verified {
+            startup: true,
+            counter,
+        } if incumbent.counter.is_some_and(|c| counter > c) => Overtake::Replace,
+        _ => Overtake::Refuse,
+    }
+}
+
+/// Orders a message's counters: the global counter, then the local one (`global:local` in the
+/// message header; the global counter is persisted by the agent across restarts).
+pub fn pack_counter(global: u64, local: u32) -> u64 {
+    global
+        .saturating_mul(10_000)
+        .saturating_add(u64::from(local % 10_000))
+        .max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,19 +789,33 @@ mod tests {
     #[tokio::test]
     async fn reject_refuses_while_the_first_lives() {
         let reg = SessionRegistry::new(DuplicatePolicy::Reject);
-        let first = reg.register(key("001"), addr(1)).await.unwrap();
-        let err = reg.register(key("001"), addr(2)).await.unwrap_err();
+        let first = reg
+            .register(key("001"), addr(1), Claim::Unverified)
+            .await
+            .unwrap();
+        let err = reg
+            .register(key("001"), addr(2), Claim::Unverified)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("001"), "{err}");
         drop(first);
         assert!(reg.is_empty());
-        reg.register(key("001"), addr(3)).await.unwrap();
+        reg.register(key("001"), addr(3), Claim::Unverified)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn allow_keeps_both_and_the_newest_owns_the_key() {
         let reg = SessionRegistry::new(DuplicatePolicy::Allow);
-        let a = reg.register(key("002"), addr(1)).await.unwrap();
-        let b = reg.register(key("002"), addr(2)).await.unwrap();
+        let a = reg
+            .register(key("002"), addr(1), Claim::Unverified)
+            .await
+            .unwrap();
+        let b = reg
+            .register(key("002"), addr(2), Claim::Unverified)
+            .await
+            .unwrap();
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.by_key(&key("002")).unwrap().client(), addr(2));
         drop(b);
@@ -677,9 +828,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replace_gives_up_waiting_after_the_deadline() {
-        let reg = SessionRegistry::new(DuplicatePolicy::Replace);
-        let stuck = reg.register(key("003"), addr(1)).await.unwrap();
-        let new = reg.register(key("003"), addr(2)).await.unwrap();
+        let overtake_time = Duration::from_millis(50);
+        let reg = SessionRegistry::new(DuplicatePolicy::Replace).with_overtake_time(overtake_time);
+        let stuck = reg
+            .register(key("003"), addr(1), Claim::Unverified)
+            .await
+            .unwrap();
+        // Live and heard from: a newcomer that proves nothing is refused, the incumbent kept.
+        assert!(matches!(
+            reg.register(key("003"), addr(2), Claim::Unverified).await,
+            Err(SessionError::Live { .. })
+        ));
+        assert!(!stuck.session().is_closing());
+        // Silent past the overtake time: the newcomer takes its place.
+        std::thread::sleep(overtake_time);
+        let new = reg
+            .register(key("003"), addr(2), Claim::Unverified)
+            .await
+            .unwrap();
         assert!(stuck.session().is_closing());
         assert_eq!(reg.by_key(&key("003")).unwrap().client(), addr(2));
         // Dropping the stale handle late must not evict the new owner.
@@ -691,9 +857,16 @@ mod tests {
     async fn parent_token_closes_everything() {
         let root = CancellationToken::new();
         let reg = SessionRegistry::with_parent(DuplicatePolicy::Replace, root.clone());
-        let a = reg.register(key("004"), addr(1)).await.unwrap();
+        let a = reg
+            .register(key("004"), addr(1), Claim::Unverified)
+            .await
+            .unwrap();
         let b = reg
-            .register(SessionKey::Source("192.0.2.9".parse().unwrap()), addr(2))
+            .register(
+                SessionKey::Source("192.0.2.9".parse().unwrap()),
+                addr(2),
+                Claim::Unverified,
+            )
             .await
             .unwrap();
         root.cancel();
@@ -707,7 +880,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let h = rt.block_on(reg.register(key("005"), addr(7))).unwrap();
+        let h = rt
+            .block_on(reg.register(key("005"), addr(7), Claim::Unverified))
+            .unwrap();
         h.session().record(true, 3, 300);
         h.session().record(false, 1, 20);
         h.session().set_backend(Some(addr(1514)));
@@ -723,5 +898,41 @@ mod tests {
             (3, 300, 1, 20)
         );
         assert_eq!(snap[0].backend, Some(addr(1514)));
+    }
+
+    #[test]
+    fn a_live_agent_is_never_evicted_on_a_newcomers_word() {
+        let live = Incumbent {
+            heard_ago: Duration::from_secs(5),
+            counter: Some(pack_counter(100, 3)),
+        };
+        let min = Duration::from_secs(60);
+        assert_eq!(overtake(live, Claim::Unverified, min), Overtake::Refuse);
+        // A replayed frame: verified, but not newer.
+        let replay = Claim::Verified {
+            startup: true,
+            counter: pack_counter(100, 3),
+        };
+        assert_eq!(overtake(live, replay, min), Overtake::Refuse);
+        // A newer message that is not a startup (a captured event): refused.
+        let event = Claim::Verified {
+            startup: false,
+            counter: pack_counter(101, 0),
+        };
+        assert_eq!(overtake(live, event, min), Overtake::Refuse);
+        // The agent reconnecting: its startup is newer than anything seen.
+        let startup = Claim::Verified {
+            startup: true,
+            counter: pack_counter(101, 0),
+        };
+        assert_eq!(overtake(live, startup, min), Overtake::Replace);
+        // An incumbent silent past the overtake time gives way to anyone.
+        let silent = Incumbent {
+            heard_ago: min,
+            counter: None,
+        };
+        assert_eq!(overtake(silent, Claim::Unverified, min), Overtake::Replace);
+        assert_eq!(overtake(live, Claim::HandedOver, min), Overtake::Replace);
+        assert!(pack_counter(5, 9999) < pack_counter(6, 0));
     }
 }

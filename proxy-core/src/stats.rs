@@ -39,11 +39,17 @@ pub enum Rejection {
     ManagerPartialFrame,
     /// The source address reached its connection limit or opened connections too fast.
     SourceLimit,
+    /// Every manager refused the agent (closed it before answering it, or never answered).
+    AgentRefused,
+    /// The agent was refused by every manager a short while ago and is kept away for now.
+    AgentBackoff,
+    /// Another connection of the same agent is live and was heard from recently.
+    Overtake,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 18] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -59,6 +65,9 @@ impl Rejection {
         Rejection::Unverified,
         Rejection::ManagerPartialFrame,
         Rejection::SourceLimit,
+        Rejection::AgentRefused,
+        Rejection::AgentBackoff,
+        Rejection::Overtake,
     ];
 
     /// The metric label.
@@ -79,6 +88,9 @@ impl Rejection {
             Rejection::Unverified => "unverified",
             Rejection::ManagerPartialFrame => "manager_partial_frame",
             Rejection::SourceLimit => "source_limit",
+            Rejection::AgentRefused => "agent_refused",
+            Rejection::AgentBackoff => "agent_backoff",
+            Rejection::Overtake => "overtake",
         }
     }
 
@@ -120,12 +132,20 @@ pub struct RelayStats {
     pub clean_stops: AtomicU64,
     /// Sessions that ended any other way.
     pub lost: AtomicU64,
-    /// Agents kept connected and moved after their manager failed.
+    /// Agents kept connected and reconnected after their manager failed or dropped them.
     pub failovers: AtomicU64,
     /// Agents moved on request (drain, rebalance) without disconnecting.
     pub moves: AtomicU64,
     /// Frames written to managers that then failed, which they may not have processed.
     pub frames_at_risk: AtomicU64,
+    /// Manager connections a manager closed (or never answered) before answering the agent:
+    /// refusals of one agent, which never mark the manager failed.
+    pub manager_refusals: AtomicU64,
+    /// Manager connections a manager closed after serving the agent (a restart, or a
+    /// per-agent close such as a removed key); the agent is reconnected.
+    pub manager_closes: AtomicU64,
+    /// Frames re-sent to the next manager because the failed one's TCP never acknowledged them.
+    pub frames_resent: AtomicU64,
     rejected: [AtomicU64; Rejection::ALL.len()],
 }
 

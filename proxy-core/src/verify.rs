@@ -66,6 +66,10 @@ pub struct Verified {
     pub key: Arc<AgentKey>,
     /// What the message told about the agent.
     pub info: AgentInfo,
+    /// The message's counters, ordered (see [`crate::session::pack_counter`]).
+    pub counter: u64,
+    /// Whether it is the agent's startup message (what it sends first on a connection).
+    pub startup: bool,
 }
 
 /// Verifies the first message of a connection (`payload` without the 4-byte length).
@@ -112,7 +116,17 @@ pub fn verify_first(
         ..AgentInfo::default()
     };
     learn(&mut info, opened.message);
-    Ok(Some(Verified { key, info }))
+    let counter = crate::session::pack_counter(opened.counters.global, opened.counters.local);
+    let startup = matches!(
+        control::parse(opened.message),
+        Message::Control(Control::Startup(_))
+    );
+    Ok(Some(Verified {
+        key,
+        info,
+        counter,
+        startup,
+    }))
 }
 
 /// Updates `info` from one decrypted message; returns whether it was a keepalive.
@@ -218,6 +232,10 @@ impl Tracker {
         }
         self.budget -= 1;
         if let Ok(opened) = self.decoder.open(&self.key, cipher, ct) {
+            session.note_counter(crate::session::pack_counter(
+                opened.counters.global,
+                opened.counters.local,
+            ));
             let mut found = false;
             session.update_agent_info(|info| found = learn(info, opened.message));
             if found {

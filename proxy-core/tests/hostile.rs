@@ -428,10 +428,10 @@ async fn five_thousand_connections_from_one_source_are_limited() {
     );
     // Never more than max_open of the flood open at once, next to the bystanders.
     assert!(peak.load(Ordering::Relaxed) <= (BYSTANDERS + 20) as i64);
-    // One log line per second at most, not one per refusal.
+    // A few log lines per second at most, not one per refusal.
     let lines = log_lines_with("refusing connection") - refusal_lines_before;
     assert!(
-        lines >= 1 && lines as u64 <= took.as_secs() + 2,
+        lines >= 1 && lines as u64 <= 10 * (took.as_secs() + 2),
         "{lines} refusal lines"
     );
     s.finish().await;
@@ -562,22 +562,23 @@ async fn manager_misbehaves(how: Misbehave, victim: AgentId, text: &str) {
     assert!(closed.is_ok(), "the agent was not closed");
     assert!(got.is_empty(), "the agent received {got:?}");
     let took = started.elapsed();
-    // The relay moves the agent to another manager; with one manager it is held (hold_timeout,
-    // 3 s), retried, and then closed.
-    assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(12),
-        "{took:?}"
-    );
+    // A protocol violation is this session's fault, not the manager's: the upstream is closed
+    // and counted, the session retried a bounded number of times with a pause, then closed.
+    assert!(took < Duration::from_secs(12), "{took:?}");
     assert!(
         connections.load(Ordering::SeqCst) >= 2,
         "retried on the manager"
     );
     assert!(s.stats().rejected(Rejection::ManagerProtocol) >= 1);
-    assert!(s.stats().failovers.load(Ordering::Relaxed) >= 1);
+    assert_eq!(s.stats().failovers.load(Ordering::Relaxed), 0);
+    assert!(
+        s.relay.relay.balancer().any_available(std::time::Instant::now()),
+        "one session's bad frame marked the manager failed"
+    );
     wait_for("the closing line", 5, || {
-        lines_about(client)
-            .iter()
-            .any(|l| l.contains("agent disconnected") && l.contains("no manager reachable"))
+        lines_about(client).iter().any(|l| {
+            l.contains("agent disconnected") && l.contains("kept breaking the protocol")
+        })
     })
     .await;
     let lines = lines_about(client);

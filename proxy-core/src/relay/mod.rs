@@ -42,7 +42,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -53,9 +53,15 @@ use crate::frame::{self, FrameError, HEADER_LEN, MAX_PAYLOAD};
 use crate::handover::Handed;
 use crate::keys::KeyStore;
 use crate::net::tune;
-use crate::session::{DuplicatePolicy, Session, SessionHandle, SessionKey, SessionRegistry};
+use crate::session::{Claim, DuplicatePolicy, Session, SessionHandle, SessionKey, SessionRegistry};
 use crate::stats::{Rejection, RelayStats};
 use crate::verify::{verify_first, Tracker};
+
+pub mod decide;
+mod pipe;
+
+pub use decide::{judge, Attempts, GiveUp, Next, RefusalBook, StintCause, Verdict};
+use pipe::Pipe;
 
 /// Settings of an agent listener. Defaults suit Wazuh 4.x agents and managers.
 #[derive(Debug, Clone)]
@@ -88,11 +94,131 @@ pub struct AgentRelayConfig {
     pub reply_timeout: Option<Duration>,
     /// Per-source limits on open connections and on how fast new ones come.
     pub source_limits: crate::limits::SourceLimits,
+    /// `TCP_USER_TIMEOUT` on manager connections: a manager whose TCP leaves sent data
+    /// unacknowledged this long is taken for dead, and its agents continue elsewhere
+    /// (default 10 s; a blackholed manager is noticed within about this time once data is
+    /// in flight, and agents send a keepalive every 10 s). `None`: the kernel's default
+    /// (about 15 minutes of retransmissions).
+    pub manager_user_timeout: Option<Duration>,
+    /// A second connection claiming an agent that has a live session is refused while that
+    /// session has heard from its agent within this time (default 60 s, remoted's
+    /// `connection_overtake_time`), unless it proves with the agent's key that it is the agent
+    /// reconnecting (see [`crate::session::overtake`]).
+    pub overtake_time: Duration,
+    /// How long an agent that every manager refused is first kept away (default 2 s, doubling
+    /// per refusal in a row up to [`AgentRelayConfig::refused_backoff_max`]).
+    pub refused_backoff: Duration,
+    /// The longest an agent that every manager refused is kept away (default 60 s).
+    pub refused_backoff_max: Duration,
     /// Connect to managers from the agent's own address (`IP_TRANSPARENT`; default false:
     /// from the proxy's address). Managers then check and log the agent's real address,
     /// which keys bound to an IP or a network need. Needs `CAP_NET_ADMIN`, and replies to the
     /// agents' addresses routed back through this host (see [`Balancer::connect_from`]).
     pub transparent: bool,
+}
+
+/// A setting of [`AgentRelayConfig`] that cannot work, alone or with another one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A value out of its range.
+    #[error("{name} must be {range} (got {value})")]
+    OutOfRange {
+        /// The setting.
+        name: &'static str,
+        /// What it may be.
+        range: String,
+        /// What it was.
+        value: String,
+    },
+    /// Two settings that contradict each other.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The smallest `max_payload` accepted: an agent's startup and keepalive messages must fit.
+pub const MIN_MAX_PAYLOAD: u32 = 1024;
+
+impl AgentRelayConfig {
+    /// Checks every setting against its range and against the settings it works with, so
+    /// that a configuration accepted here never fails at run time.
+    ///
+    /// # Errors
+    /// The first setting (or pair of settings) that cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let range = |name: &'static str, ok: bool, range: &str, value: String| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange {
+                    name,
+                    range: range.to_owned(),
+                    value,
+                })
+            }
+        };
+        range(
+            "max_payload",
+            (MIN_MAX_PAYLOAD..=MAX_PAYLOAD).contains(&self.max_payload),
+            &format!("{MIN_MAX_PAYLOAD}..={MAX_PAYLOAD}"),
+            self.max_payload.to_string(),
+        )?;
+        range(
+            "read_chunk",
+            (1024..=1 << 20).contains(&self.read_chunk),
+            "1024..=1048576",
+            self.read_chunk.to_string(),
+        )?;
+        let secs = |d: Duration| format!("{d:?}");
+        let positive = |name, d: Duration| range(name, !d.is_zero(), "more than 0", secs(d));
+        positive("first_frame_timeout", self.first_frame_timeout)?;
+        positive("connect_timeout", self.connect_timeout)?;
+        positive("hold_timeout", self.hold_timeout)?;
+        positive("refused_backoff", self.refused_backoff)?;
+        if self.refused_backoff_max < self.refused_backoff {
+            return Err(ConfigError::Conflict(format!(
+                "refused_backoff_max ({:?}) is shorter than refused_backoff ({:?})",
+                self.refused_backoff_max, self.refused_backoff
+            )));
+        }
+        if let Some(t) = self.manager_user_timeout {
+            range(
+                "manager_user_timeout",
+                t >= Duration::from_secs(1) && t.as_millis() <= u128::from(u32::MAX),
+                "1s or more (0 to leave the kernel's default)",
+                secs(t),
+            )?;
+        }
+        if let Some(k) = self.tcp_keepalive {
+            range(
+                "tcp_keepalive",
+                k >= Duration::from_secs(1) && k.as_secs() <= 32_767,
+                "1s..=32767s (0 to disable)",
+                secs(k),
+            )?;
+        }
+        if let (Some(idle), Some(reply)) = (self.idle_timeout, self.reply_timeout) {
+            if reply >= idle {
+                return Err(ConfigError::Conflict(format!(
+                    "reply_timeout ({reply:?}) must be shorter than idle_timeout ({idle:?}): the idle timeout would close every session a silent manager holds before the failover could move it"
+                )));
+            }
+        }
+        if let Some(idle) = self.idle_timeout {
+            if idle <= self.first_frame_timeout {
+                return Err(ConfigError::Conflict(format!(
+                    "idle_timeout ({idle:?}) must be longer than first_frame_timeout ({:?})",
+                    self.first_frame_timeout
+                )));
+            }
+        }
+        if self.source_limits.rate.is_nan() || self.source_limits.burst.is_nan() {
+            return Err(ConfigError::Conflict(
+                "per-source rate and burst must be numbers".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for AgentRelayConfig {
@@ -110,6 +236,10 @@ impl Default for AgentRelayConfig {
             reply_timeout: Some(Duration::from_secs(20)),
             source_limits: crate::limits::SourceLimits::default(),
             transparent: false,
+            manager_user_timeout: Some(Duration::from_secs(10)),
+            overtake_time: Duration::from_secs(60),
+            refused_backoff: Duration::from_secs(2),
+            refused_backoff_max: Duration::from_secs(60),
         }
     }
 }
@@ -146,16 +276,16 @@ pub enum End {
     NoManager,
     /// The session was handed to another process (binary upgrade).
     HandedOver,
+    /// With keys, a session whose first frame was not a verified message sent something other
+    /// than `#ping`.
+    Unverified,
+    /// Every manager refused the agent, or its sessions kept failing (see [`GiveUp`]).
+    Refused(GiveUp),
+    /// The agent was refused by every manager a short while ago and is kept away until then.
+    KeptAway(Duration),
 }
 
 impl End {
-    /// Whether the manager side failed (the agent can be kept and moved).
-    fn manager_failed(&self) -> bool {
-        matches!(
-            self,
-            End::ManagerClosed | End::ManagerIo(_) | End::ManagerTimeout | End::ManagerProtocol(_)
-        )
-    }
     /// The metric label of a protocol failure, if this end is one.
     pub fn rejection(&self) -> Option<Rejection> {
         match self {
@@ -164,6 +294,9 @@ impl End {
             End::AgentIdChanged => Some(Rejection::AgentIdChanged),
             End::ManagerProtocol(_) => Some(Rejection::ManagerProtocol),
             End::Idle => Some(Rejection::Idle),
+            End::Refused(_) => Some(Rejection::AgentRefused),
+            End::Unverified => Some(Rejection::Unverified),
+            End::KeptAway(_) => Some(Rejection::AgentBackoff),
             _ => None,
         }
     }
@@ -188,180 +321,21 @@ impl fmt::Display for End {
             End::Moved => f.write_str("moved to another manager"),
             End::NoManager => f.write_str("no manager reachable"),
             End::HandedOver => f.write_str("handed over to the new process"),
-        }
-    }
-}
-
-/// One direction of a relayed connection.
-///
-/// Layout of `buf`: `[0, ready)` whole, checked frames not yet written; `[ready, len)` the
-/// start of the next, incomplete frame. `head_left` is how much of the frame at the front is
-/// still to be written (0 at a frame boundary).
-#[derive(Debug, Default)]
-pub struct Pipe {
-    buf: BytesMut,
-    ready: usize,
-    head_left: usize,
-    /// A protocol failure found behind the ready frames: reported once they are written, so
-    /// every good frame that preceded a bad one is delivered. (Boxed: rare, and a pipe stays
-    /// small.)
-    failed: Option<Box<End>>,
-    /// Whole frames in the ready region (a frame being written counts until it is done).
-    ready_frames: u32,
-    /// Frames written in the second `written_at` (of [`clock_secs`]) and in the one before
-    /// (see `recently_written`); `written_at` 0: nothing written yet.
-    written_now: u32,
-    written_before: u32,
-    written_at: u32,
-}
-
-/// Whole seconds since the process's first call, plus one (0 stays free to mean "never"):
-/// a clock four bytes wide, for counters that only need to know the current second.
-fn clock_secs() -> u32 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u32::try_from(epoch.elapsed().as_secs())
-        .unwrap_or(u32::MAX - 1)
-        .saturating_add(1)
-}
-
-impl Pipe {
-    /// Bytes held (whole frames waiting plus the incomplete tail).
-    pub fn buffered(&self) -> usize {
-        self.buf.len()
-    }
-
-    /// Whether the next byte to write starts a frame.
-    pub fn at_boundary(&self) -> bool {
-        self.head_left == 0
-    }
-
-    /// Checks the frames that arrived, moving whole ones into the ready region.
-    /// Returns the number of new frames and their bytes.
-    fn take_frames(
-        &mut self,
-        max: u32,
-        mut inspect: impl FnMut(&[u8]) -> Result<(), End>,
-    ) -> (u64, u64) {
-        let mut at = self.ready;
-        let mut frames = 0u64;
-        loop {
-            match frame::check(&self.buf[at..], max) {
-                Ok(Some(total)) => {
-                    if let Err(e) = inspect(&self.buf[at + HEADER_LEN..at + total]) {
-                        self.failed = Some(Box::new(e));
-                        break;
-                    }
-                    at += total;
-                    frames += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    // Recorded as the agent's; `pump` re-labels it for the manager side.
-                    self.failed = Some(Box::new(End::AgentFrame(e)));
-                    break;
-                }
+            End::Unverified => f.write_str(
+                "a session that did not start with a verified message may only carry #ping",
+            ),
+            End::Refused(GiveUp::RefusedEverywhere) => f.write_str(
+                "every manager refused the agent (closed it before answering, or never answered it)",
+            ),
+            End::Refused(GiveUp::RepeatedFaults) => {
+                f.write_str("managers kept breaking the protocol on this session")
             }
+            End::KeptAway(d) => write!(
+                f,
+                "every manager refused this agent recently; kept away for {}s more",
+                d.as_secs().max(1)
+            ),
         }
-        let bytes = (at - self.ready) as u64;
-        self.ready = at;
-        self.ready_frames = self
-            .ready_frames
-            .saturating_add(u32::try_from(frames).unwrap_or(u32::MAX));
-        (frames, bytes)
-    }
-
-    /// Counts frames fully written now.
-    fn note_written(&mut self, frames: u64) {
-        let now = clock_secs();
-        if now != self.written_at {
-            self.written_before = if now == self.written_at.wrapping_add(1) {
-                self.written_now
-            } else {
-                0
-            };
-            self.written_now = 0;
-            self.written_at = now;
-        }
-        let frames = u32::try_from(frames).unwrap_or(u32::MAX);
-        self.written_now = self.written_now.saturating_add(frames);
-    }
-
-    /// Frames written during the last one to two seconds: when the peer just failed, these
-    /// may have been lost in its buffers (TCP does not say which were processed).
-    pub fn recently_written(&self) -> u64 {
-        if self.written_at == 0 {
-            return 0;
-        }
-        let now = clock_secs();
-        let n = if now == self.written_at {
-            self.written_now.saturating_add(self.written_before)
-        } else if now == self.written_at.wrapping_add(1) {
-            self.written_now
-        } else {
-            0
-        };
-        u64::from(n)
-    }
-
-    /// Drops the unwritten rest of a partly written frame (its start went to a manager that
-    /// failed; the rest must not reach another one). Returns whether a frame was cut.
-    fn drop_partial_head(&mut self) -> bool {
-        if self.head_left == 0 {
-            return false;
-        }
-        let rest = self.head_left.min(self.ready);
-        self.buf.advance(rest);
-        self.ready -= rest;
-        self.head_left = 0;
-        self.ready_frames = self.ready_frames.saturating_sub(1);
-        true
-    }
-
-    /// Drops the incomplete frame at the tail (from a manager that failed: never forwarded).
-    fn drop_partial_tail(&mut self) -> bool {
-        let cut = self.buf.len() > self.ready;
-        self.buf.truncate(self.ready);
-        if self.failed.is_some() {
-            self.failed = None;
-        }
-        cut
-    }
-
-    /// Marks `n` written bytes as gone, tracking the frame boundary; returns the number of
-    /// frames that were completed.
-    fn consume(&mut self, mut n: usize) -> u64 {
-        if self.head_left == 0 && n == self.ready {
-            // Everything ready went out, starting at a boundary: it ends at one too (the ready
-            // region only ever holds whole frames), so no header needs to be walked.
-            self.buf.advance(n);
-            self.ready = 0;
-            return u64::from(std::mem::take(&mut self.ready_frames));
-        }
-        let mut done = 0;
-        self.ready -= n;
-        while n > 0 {
-            if self.head_left == 0 {
-                // At a boundary: the header of the next frame is at the front.
-                let header = self
-                    .buf
-                    .first_chunk::<HEADER_LEN>()
-                    .copied()
-                    .unwrap_or_default();
-                self.head_left = HEADER_LEN + u32::from_le_bytes(header) as usize;
-            }
-            let step = n.min(self.head_left);
-            self.buf.advance(step);
-            self.head_left -= step;
-            n -= step;
-            if self.head_left == 0 {
-                done += 1;
-            }
-        }
-        self.ready_frames = self
-            .ready_frames
-            .saturating_sub(u32::try_from(done).unwrap_or(u32::MAX));
-        done
     }
 }
 
@@ -389,6 +363,8 @@ pub struct AgentRelay {
     refusals_logged: std::sync::atomic::AtomicU64,
     started: Instant,
     handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
+    /// Agents every manager refused, kept away for a while (see [`RefusalBook`]).
+    refused: std::sync::Mutex<RefusalBook>,
 }
 
 impl fmt::Debug for AgentRelay {
@@ -407,8 +383,8 @@ impl AgentRelay {
         let hard_stop = CancellationToken::new();
         AgentRelay {
             name: name.into(),
-            sessions: SessionRegistry::with_parent(config.duplicate_policy, hard_stop.clone()),
-            config,
+            sessions: SessionRegistry::with_parent(config.duplicate_policy, hard_stop.clone())
+                .with_overtake_time(config.overtake_time),
             balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
             hard_stop,
@@ -416,9 +392,15 @@ impl AgentRelay {
             handover: CancellationToken::new(),
             sweeper: std::sync::atomic::AtomicBool::new(false),
             admission: crate::limits::Admission::new(limits),
-            refusals_logged: std::sync::atomic::AtomicU64::new(u64::MAX),
+            refusals_logged: std::sync::atomic::AtomicU64::new(0),
             started: Instant::now(),
             handover_to: std::sync::Mutex::new(None),
+            refused: std::sync::Mutex::new(RefusalBook::new(
+                REFUSAL_BOOK_CAPACITY,
+                config.refused_backoff,
+                config.refused_backoff_max,
+            )),
+            config,
         }
     }
 
@@ -621,7 +603,11 @@ impl AgentRelay {
         self.start_sweeper();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        let handle = match self.sessions.register(handed.key, handed.client).await {
+        let handle = match self
+            .sessions
+            .register(handed.key, handed.client, Claim::HandedOver)
+            .await
+        {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(listener = %self.name, agent = %handed.key, "cannot adopt: {e}");
@@ -695,9 +681,8 @@ impl AgentRelay {
             Ok(a) => Some(a),
             Err(why) => {
                 self.stats.reject(Rejection::SourceLimit);
-                // One line per second at most: a flood must not become a log flood.
-                let now = self.started.elapsed().as_secs();
-                if self.refusals_logged.swap(now, Ordering::Relaxed) != now {
+                // A flood must not become a log flood.
+                if self.may_log_refusal() {
                     tracing::warn!(listener = %self.name, client = %peer,
                         refused_total = self.stats.rejected(Rejection::SourceLimit), "refusing connection: {why}");
                 }
@@ -751,12 +736,17 @@ impl AgentRelay {
         // With client.keys: the agent must be who it claims to be.
         let mut tracker = None;
         let mut info = None;
+        let mut claim = Claim::Unverified;
         if let Some(keys) = &self.keys {
             match verify_first(keys, &up.buf[HEADER_LEN..first_len], peer.ip()) {
                 Ok(Some(v)) => {
                     key = SessionKey::Agent(v.key.id());
                     tracker = Some(Box::new(Tracker::new(v.key)));
                     info = Some(v.info);
+                    claim = Claim::Verified {
+                        startup: v.startup,
+                        counter: v.counter,
+                    };
                 }
                 Ok(None) => {}
                 Err(refusal) => {
@@ -767,18 +757,44 @@ impl AgentRelay {
             }
         }
 
+        // An agent every manager refused a moment ago is answered here, not by the managers.
+        let kept_away = self.refused.lock().unwrap_or_else(|p| p.into_inner()).wait(
+            key,
+            peer.ip(),
+            Instant::now(),
+        );
+        if let Some(wait) = kept_away {
+            self.refuse(peer, Some(key), &End::KeptAway(wait));
+            return None;
+        }
+
         // 2. The session, under the duplicate policy.
-        let handle = match self.sessions.register(key, peer).await {
+        let counter = match claim {
+            Claim::Verified { counter, .. } => Some(counter),
+            _ => None,
+        };
+        let handle = match self.sessions.register(key, peer, claim).await {
             Ok(h) => h,
             Err(e) => {
-                self.stats.reject(Rejection::Duplicate);
-                tracing::warn!(listener = %self.name, agent = %key, client = %peer, "refusing agent connection: {e}");
+                let why = match e {
+                    crate::session::SessionError::Live { .. } => Rejection::Overtake,
+                    _ => Rejection::Duplicate,
+                };
+                self.stats.reject(why);
+                self.log_refusal(
+                    peer,
+                    Some(key),
+                    format_args!("refusing agent connection: {e}"),
+                );
                 return None;
             }
         };
         let session = handle.session().clone();
         if let Some(info) = info {
             session.update_agent_info(|i| *i = info);
+        }
+        if let Some(c) = counter {
+            session.note_counter(c);
         }
 
         let replay = up.buf[HEADER_LEN..first_len].to_vec();
@@ -804,30 +820,17 @@ impl AgentRelay {
     /// flow, this future holds a few words, so an idle agent's task is small.
     async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
         let session = conn.handle.session().clone();
-        // Managers that failed one after the other without answering (refusals such as
-        // "Agent key already in use" last up to a minute): back off, and give up after the
-        // hold timeout.
-        let mut unanswered: Option<(Instant, u32)> = None;
         let end = loop {
-            let awaiting_reply =
-                match Box::pin(self.attach(&mut conn, &session, adopted, unanswered)).await {
-                    Attach::Relay { awaiting_reply } => awaiting_reply,
-                    Attach::Retry => continue,
-                    Attach::Stop(end) => break end,
-                };
+            let awaiting_reply = match Box::pin(self.attach(&mut conn, &session, adopted)).await {
+                Attach::Relay { awaiting_reply } => awaiting_reply,
+                Attach::Retry => continue,
+                Attach::Stop(end) => break end,
+            };
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
             let end = self.relay(&mut conn, &session, awaiting_reply).await;
             let answered = session.stats().frames_down.load(Ordering::Relaxed) != replies_before;
             match Box::pin(self.detach(&mut conn, &session, end, answered)).await {
-                Detach::Next => {
-                    // A manager that never answered (refused the agent, or died first) counts
-                    // towards the hold timeout.
-                    unanswered = if answered {
-                        None
-                    } else {
-                        Some(unanswered.map_or((Instant::now(), 0), |(t, n)| (t, n + 1)))
-                    };
-                }
+                Detach::Next => {}
                 Detach::Stop(end) => break end,
                 Detach::HandOver => return self.hand_over(conn),
             }
@@ -835,31 +838,24 @@ impl AgentRelay {
         self.finish(conn, &session, end);
     }
 
-    /// Finds the session a manager (after a pause when the last ones did not answer), sends
-    /// it the control frame when it needs one, and leaves the connection in `conn.manager`.
-    async fn attach(
-        &self,
-        conn: &mut Conn,
-        session: &Session,
-        adopted: bool,
-        unanswered: Option<(Instant, u32)>,
-    ) -> Attach {
+    /// Finds the session a manager (after the pause its last stint's end asked for, and
+    /// avoiding the managers that refused the agent), sends it the control frame when it needs
+    /// one, and leaves the connection in `conn.manager`.
+    async fn attach(&self, conn: &mut Conn, session: &Session, adopted: bool) -> Attach {
         let cfg = &self.config;
         let key = session.key();
-        if let Some((since, n)) = unanswered {
-            if since.elapsed() > cfg.hold_timeout {
-                tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
-                    "closing agent connection: no manager accepted it within {:?}", cfg.hold_timeout);
-                return Attach::Stop(End::NoManager);
-            }
-            let pause = Duration::from_millis(100 << n.min(5)).min(Duration::from_secs(3));
+        let (pause, avoid) = match conn.trouble.as_deref_mut() {
+            Some(t) => (std::mem::take(&mut t.pause), std::mem::take(&mut t.avoid)),
+            None => (Duration::ZERO, Vec::new()),
+        };
+        if !pause.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = session.closing() => return Attach::Stop(End::Closed),
             }
         }
         let connected = tokio::select! {
-            r = self.connect_holding(session) => r,
+            r = self.connect_holding(session, &avoid) => r,
             _ = session.closing() => return Attach::Stop(End::Closed),
         };
         let connected = match connected {
@@ -873,6 +869,10 @@ impl AgentRelay {
         };
         // TCP_NODELAY is set by the balancer's connect.
         crate::net::set_keepalive(socket2::SockRef::from(&connected.stream), cfg.tcp_keepalive);
+        crate::net::set_user_timeout(
+            socket2::SockRef::from(&connected.stream),
+            cfg.manager_user_timeout,
+        );
         let addr = connected.addr;
         // The session's backend is the previous manager until now (none at the start).
         let moved_from = session.backend();
@@ -921,15 +921,18 @@ impl AgentRelay {
             }
         }
         conn.manager = Some(connected);
+        conn.stint_started = Instant::now();
         Attach::Relay {
             awaiting_reply: replay_first || moved_from.is_none(),
         }
     }
 
-    /// Decides what the end of relaying on `conn.manager` means: the session's end, a
-    /// hand-over to the next process, or (when the manager failed or the session is being
-    /// moved) the old manager closed at a frame boundary and the next one to be found.
-    /// `answered`: the manager sent the agent something during this stint.
+    /// Decides what the end of relaying on `conn.manager` means (see [`decide`]): the
+    /// session's end, a hand-over to the next process, or the old manager closed at a frame
+    /// boundary and the next one to be found. Only a manager that is unreachable is reported
+    /// failed; one that refused this agent, dropped a session it served, or broke the protocol
+    /// on it stays available for every other agent. `answered`: the manager sent the agent
+    /// something during this stint.
     async fn detach(&self, conn: &mut Conn, session: &Session, end: End, answered: bool) -> Detach {
         let Some(manager) = conn.manager.take() else {
             // Not reached: the relay ran on this manager connection.
@@ -948,18 +951,24 @@ impl AgentRelay {
             drop(manager);
             return Detach::HandOver;
         }
-        if !(self.config.failover && (end.manager_failed() || matches!(end, End::Moved))) {
-            drop(manager);
-            return Detach::Stop(end);
-        }
+        let cause = match stint_cause(&end, &manager.stream) {
+            Some(cause) if self.config.failover => cause,
+            _ => {
+                drop(manager);
+                return Detach::Stop(end);
+            }
+        };
         // A planned move waits for the frame being written to end, so none is cut.
-        let end = match end {
-            End::Moved => match finish_head(&mut conn.up, &manager.stream).await {
-                Ok(()) => End::Moved,
-                Err(e) => End::ManagerIo(e),
+        let cause = match cause {
+            StintCause::Moved => match finish_head(&mut conn.up, &manager.stream).await {
+                Ok(()) => StintCause::Moved,
+                Err(e) => {
+                    stint_cause(&End::ManagerIo(e), &manager.stream).unwrap_or(StintCause::Closed)
+                }
             },
             other => other,
         };
+        let verdict = decide::judge(cause, answered);
         // The manager failed or the agent is being moved: close the old upstream first.
         let Connected {
             stream,
@@ -970,6 +979,7 @@ impl AgentRelay {
         } = manager;
         drop(stream);
         if answered {
+            self.forget_refusal(session.key(), session.client().ip());
             // It registered the agent: a later return to it must not replay the frame.
             if !conn.fed.contains(&addr) {
                 conn.fed.push(addr);
@@ -979,18 +989,38 @@ impl AgentRelay {
             conn.fed.retain(|a| *a != addr);
         }
         drop(guard);
-        if matches!(end, End::Moved) {
-            self.stats.moves.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.balancer
-                .load_full()
-                .report_failure(index, Instant::now());
-            self.stats.failovers.fetch_add(1, Ordering::Relaxed);
-            // A manager that broke the protocol is counted even though the agent is kept.
-            if let Some(why) = end.rejection() {
-                self.stats.reject(why);
+        let balancer = self.balancer.load_full();
+        let (key, client) = (session.key(), session.client());
+        match verdict {
+            Verdict::Moved => {
+                self.stats.moves.fetch_add(1, Ordering::Relaxed);
             }
-            let cut = u64::from(conn.up.drop_partial_head());
+            Verdict::ManagerFailed => {
+                balancer.report_failure(index, Instant::now());
+                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::AgentRefused => {
+                self.stats.manager_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::Ended => {
+                // The agent is kept and reconnected: a failover, though not the manager's
+                // failure (the connect attempt tells whether it is down).
+                self.stats.manager_closes.fetch_add(1, Ordering::Relaxed);
+                self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+            }
+            Verdict::SessionFault => {
+                // Counted; the manager stays available.
+                self.stats.reject(Rejection::ManagerProtocol);
+            }
+        }
+        // Every kind of move drops partial frames, both ways: the rest of a frame whose start
+        // went to the old manager must not reach the next one, and the start of a frame the
+        // old manager never finished must not be completed by the next one's bytes.
+        let cut = u64::from(conn.up.drop_partial_head());
+        if conn.down.drop_partial_tail() {
+            self.stats.reject(Rejection::ManagerPartialFrame);
+        }
+        if verdict != Verdict::Moved {
             let at_risk = conn.up.recently_written() + cut;
             self.stats
                 .frames_at_risk
@@ -999,21 +1029,58 @@ impl AgentRelay {
                 .stats()
                 .frames_at_risk
                 .fetch_add(at_risk, Ordering::Relaxed);
-            if conn.down.drop_partial_tail() {
-                self.stats.reject(Rejection::ManagerPartialFrame);
+            match verdict {
+                Verdict::ManagerFailed => {
+                    tracing::warn!(listener = %self.name, agent = %key, client = %client, backend = %addr,
+                        frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
+                }
+                _ => {
+                    tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
+                        frames_at_risk = at_risk, answered, "manager ended the agent's connection ({end}); the manager stays in rotation");
+                }
             }
-            tracing::warn!(listener = %self.name, agent = %session.key(), client = %session.client(), backend = %addr,
-                frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
         }
         session.stats().moves.fetch_add(1, Ordering::Relaxed);
         session.clear_move_request();
-        Detach::Next
+        let managers = balancer
+            .backends()
+            .iter()
+            .filter(|b| !b.config().down)
+            .count();
+        let lasted = conn.stint_started.elapsed();
+        let trouble = conn.trouble.get_or_insert_with(Box::default);
+        match trouble.attempts.after(verdict, addr, lasted, managers) {
+            Next::Reconnect { pause, avoid } => {
+                trouble.pause = pause;
+                trouble.avoid = avoid;
+                Detach::Next
+            }
+            Next::GiveUp(why) => Detach::Stop(End::Refused(why)),
+        }
     }
 
     /// Counts and logs a session's end, then closes it.
     fn finish(&self, mut conn: Box<Conn>, session: &Session, end: End) {
         if let Some(why) = end.rejection() {
             self.stats.reject(why);
+        }
+        let (key, ip) = (session.key(), session.client().ip());
+        if let End::Refused(_) = end {
+            let wait = self
+                .refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .refused(key, ip, Instant::now());
+            self.log_refusal(
+                session.client(),
+                Some(key),
+                format_args!(
+                    "agent disconnected: {end}; its reconnections are answered by the proxy for {}s",
+                    wait.as_secs()
+                ),
+            );
+        } else if session.stats().frames_down.load(Ordering::Relaxed) > 0 {
+            self.forget_refusal(key, ip);
         }
         let clean = match (conn.tracker.as_deref_mut(), &end) {
             (Some(t), End::AgentClosed) => Some(t.ended_cleanly(session)),
@@ -1050,7 +1117,11 @@ impl AgentRelay {
 
     /// Connects to a manager for `key`, holding the agent while none can be reached (up to
     /// `hold_timeout`), so that a short outage costs the agent a delay, not a disconnect.
-    async fn connect_holding(&self, session: &Session) -> Result<Connected, ConnectError> {
+    async fn connect_holding(
+        &self,
+        session: &Session,
+        avoid: &[SocketAddr],
+    ) -> Result<Connected, ConnectError> {
         let cfg = &self.config;
         let key = &match session.key() {
             SessionKey::Agent(id) => BalanceKey::Agent(id),
@@ -1062,7 +1133,7 @@ impl AgentRelay {
         loop {
             let balancer = self.balancer.load_full();
             match balancer
-                .connect_from(key, cfg.connect_timeout, source)
+                .connect_avoiding(key, cfg.connect_timeout, source, avoid)
                 .await
             {
                 Ok(c) => {
@@ -1096,13 +1167,47 @@ impl AgentRelay {
             tracing::debug!(listener = %self.name, client = %peer, "connection closed before its first frame");
             return;
         }
+        self.log_refusal(peer, key, format_args!("closing agent connection: {end}"));
+    }
+
+    /// Whether one more refusal line may be logged now: up to [`REFUSAL_LINES_PER_SECOND`]
+    /// per second and listener (second and count packed in one atomic).
+    fn may_log_refusal(&self) -> bool {
+        let now = self.started.elapsed().as_secs();
+        let mut allowed = false;
+        let _ = self
+            .refusals_logged
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |packed| {
+                let (second, count) = (packed >> 16, packed & 0xffff);
+                allowed = second != now || count < REFUSAL_LINES_PER_SECOND;
+                Some(if second != now {
+                    (now << 16) | 1
+                } else {
+                    (now << 16) | (count + 1).min(0xffff)
+                })
+            });
+        allowed
+    }
+
+    /// Forgets that every manager refused an agent (one served it since).
+    fn forget_refusal(&self, key: SessionKey, ip: std::net::IpAddr) {
+        let mut book = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        if !book.is_empty() {
+            book.served(key, ip);
+        }
+    }
+
+    /// Logs a refused connection, at most one line per second per listener (a flood of bad
+    /// connections must not become a flood of log lines; the metrics count every one).
+    fn log_refusal(&self, peer: SocketAddr, key: Option<SessionKey>, what: fmt::Arguments<'_>) {
+        if !self.may_log_refusal() {
+            return;
+        }
         match key {
             Some(key) => {
-                tracing::warn!(listener = %self.name, agent = %key, client = %peer, "closing agent connection: {end}")
+                tracing::warn!(listener = %self.name, agent = %key, client = %peer, "{what}")
             }
-            None => {
-                tracing::warn!(listener = %self.name, client = %peer, "closing agent connection: {end}")
-            }
+            None => tracing::warn!(listener = %self.name, client = %peer, "{what}"),
         }
     }
 
@@ -1202,7 +1307,13 @@ impl Relaying<'_> {
             ..
         } = &mut *self.conn;
         if up.ready == 0 && !up.buf.is_empty() {
-            let check = agent_check(key, tracker.as_deref_mut(), replay, session);
+            let check = agent_check(
+                key,
+                relay.keys.is_some(),
+                tracker.as_deref_mut(),
+                replay,
+                session,
+            );
             take_counted(up, Dir::Up, max, check, relay, session);
         }
         if down.ready == 0 && !down.buf.is_empty() {
@@ -1260,7 +1371,13 @@ impl std::future::Future for Relaying<'_> {
         let Some(manager) = manager.as_ref().map(|m| &m.stream) else {
             return Poll::Ready(End::ManagerClosed);
         };
-        let mut up_check = agent_check(session.key(), tracker.as_deref_mut(), replay, session);
+        let mut up_check = agent_check(
+            session.key(),
+            relay.keys.is_some(),
+            tracker.as_deref_mut(),
+            replay,
+            session,
+        );
         let up = drive(
             up,
             agent,
@@ -1290,8 +1407,11 @@ impl std::future::Future for Relaying<'_> {
 
 /// The check every agent frame passes: the envelope names the connection's agent and, with
 /// client.keys, decrypts; the latest keepalive becomes the frame a new manager sees first.
+/// With keys, a session whose first frame was not a verified message (a `#ping`) has no
+/// identity and may carry nothing but `#ping`.
 fn agent_check<'a>(
     key: SessionKey,
+    verifying: bool,
     tracker: Option<&'a mut Tracker>,
     replay: &'a mut Vec<u8>,
     session: &'a Session,
@@ -1305,6 +1425,11 @@ fn agent_check<'a>(
                 replay.extend_from_slice(payload);
             }
             Ok(())
+        } else if verifying {
+            match check_agent_frame(key, payload)? {
+                Envelope::Ping => Ok(()),
+                _ => Err(End::Unverified),
+            }
         } else {
             check_agent_prefix(key, payload)
         }
@@ -1404,8 +1529,9 @@ fn drive(
             } else {
                 cfg.read_chunk
             };
-            pipe.buf
-                .reserve(want.clamp(chunk, HEADER_LEN + cfg.max_payload as usize));
+            // At least a read's worth, and room for the rest of the frame being read (never
+            // more than the largest frame: `want` comes from a checked header).
+            pipe.buf.reserve(want.max(chunk));
             match src.try_read_buf(&mut pipe.buf) {
                 Ok(0) => {
                     if pipe.ready > 0 {
@@ -1496,6 +1622,10 @@ struct Conn {
     /// Managers that registered this agent (answered it) before it moved away: a return to
     /// one of them must not replay the control frame. Empty unless the agent has moved.
     fed: Vec<SocketAddr>,
+    /// When the current manager connection was made.
+    stint_started: Instant,
+    /// Refusals and faults met so far, once there has been one (boxed: most sessions have none).
+    trouble: Option<Box<Trouble>>,
 
     /// The connection's place under the per-source limits (none for adopted sessions).
     _admitted: Option<crate::limits::Admitted>,
@@ -1519,10 +1649,49 @@ impl Conn {
             tracker,
             manager: None,
             fed: Vec::new(),
+            stint_started: Instant::now(),
+            trouble: None,
 
             _admitted: admitted,
         }
     }
+}
+
+/// What a session's connection has met from managers (see [`decide::Attempts`]).
+#[derive(Debug, Default)]
+struct Trouble {
+    attempts: Attempts,
+    /// Time to wait before the next manager connection.
+    pause: Duration,
+    /// Managers not to try for it.
+    avoid: Vec<SocketAddr>,
+}
+
+/// Refusal log lines allowed per second and listener; the metrics count every refusal.
+const REFUSAL_LINES_PER_SECOND: u64 = 10;
+
+/// Agents remembered as refused by every manager, per listener.
+const REFUSAL_BOOK_CAPACITY: usize = 65_536;
+
+/// What the end of relaying says about the manager connection, or `None` when the session
+/// itself ends (the agent closed or broke a rule, the proxy closed it).
+fn stint_cause(end: &End, manager: &TcpStream) -> Option<StintCause> {
+    Some(match end {
+        End::ManagerClosed => StintCause::Closed,
+        End::ManagerIo(e) => match e.kind() {
+            io::ErrorKind::TimedOut
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable => StintCause::Unreachable,
+            _ => StintCause::Closed,
+        },
+        End::ManagerTimeout => StintCause::Silent {
+            // Unknown counts as unacknowledged: a socket that cannot be asked is not healthy.
+            unacked: crate::net::unacked_bytes(manager).unwrap_or(u32::MAX),
+        },
+        End::ManagerProtocol(_) => StintCause::Protocol,
+        End::Moved => StintCause::Moved,
+        _ => return None,
+    })
 }
 
 /// Writes one whole frame (payload given without its header) to a manager.
@@ -1609,6 +1778,9 @@ fn check_agent_frame(key: SessionKey, payload: &[u8]) -> Result<Envelope<'_>, En
     match Envelope::parse(payload) {
         Ok(env) => match (env.agent_id(), key) {
             (Some(id), SessionKey::Agent(owner)) if id != owner => Err(End::AgentIdChanged),
+            // A session not identified by its first frame (ID-less, or a `#ping`) carries no
+            // agent ID later: it would be routed and counted as something it never proved.
+            (Some(_), SessionKey::Source(_)) => Err(End::AgentIdChanged),
             _ => Ok(env),
         },
         Err(e) => Err(End::AgentEnvelope(e)),
