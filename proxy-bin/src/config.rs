@@ -144,6 +144,7 @@ struct FileListener {
     hold_timeout: Option<Dur>,
     reply_timeout: Option<Dur>,
     manager_user_timeout: Option<Dur>,
+    liveness_timeout: Option<Dur>,
     overtake_time: Option<Dur>,
     refused_backoff: Option<Dur>,
     refused_backoff_max: Option<Dur>,
@@ -493,6 +494,9 @@ impl Config {
             if let Some(Dur(d)) = l.manager_user_timeout {
                 agent.manager_user_timeout = (!d.is_zero()).then_some(d);
             }
+            if let Some(Dur(d)) = l.liveness_timeout {
+                agent.liveness_timeout = (!d.is_zero()).then_some(d);
+            }
             if let Some(Dur(d)) = l.overtake_time {
                 agent.overtake_time = d;
             }
@@ -745,6 +749,7 @@ impl Config {
                     "manager_user_timeout = {:?}",
                     od(a.manager_user_timeout)
                 );
+                let _ = writeln!(out, "liveness_timeout = {:?}", od(a.liveness_timeout));
                 let _ = writeln!(out, "overtake_time = {:?}", d(a.overtake_time));
                 let _ = writeln!(out, "refused_backoff = {:?}", d(a.refused_backoff));
                 let _ = writeln!(out, "refused_backoff_max = {:?}", d(a.refused_backoff_max));

@@ -153,8 +153,10 @@ pub async fn run(agents: usize) -> Result<(), DemoError> {
     );
     let mut same = 0;
     for (id, conn, manager) in conns.iter_mut() {
+        // Like a real agent, close the old connection and connect again. (A second connection
+        // claiming an agent that is live on another is refused: it could be anyone.)
+        let _ = SinkExt::<Bytes>::close(conn).await;
         let (again, now) = connect_agent(proxy, *id, 6).await?;
-        // The new connection replaced the old one (a manager refuses two live connections of one agent).
         *conn = again;
         same += usize::from(*manager == now);
     }

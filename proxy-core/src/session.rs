@@ -380,6 +380,13 @@ impl Session {
         );
         self.reply_deadline_ms.store(at, Ordering::Release);
     }
+    /// Arms the answer deadline unless one is armed already (a manager that must answer
+    /// something within `timeout` of the agent's frames; keepalives are answered).
+    pub fn arm_reply_if_idle(&self, timeout: Duration) {
+        if self.reply_deadline_ms.load(Ordering::Relaxed) == 0 {
+            self.arm_reply(timeout);
+        }
+    }
     /// Disarms the handshake deadline.
     pub fn disarm_reply(&self) {
         self.reply_deadline_ms.store(0, Ordering::Release);
@@ -592,15 +599,30 @@ impl SessionRegistry {
                         let overtake_time =
                             Duration::from_millis(inner.overtake_ms.load(Ordering::Relaxed));
                         if overtake(incumbent, claim, overtake_time) == Overtake::Refuse {
-                            return Err(SessionError::Live {
-                                key,
-                                existing: live.client,
-                                heard_ago: incumbent.heard_ago,
-                            });
+                            Err((live.clone(), incumbent.heard_ago))
+                        } else {
+                            Ok(live.clone())
                         }
-                        live.clone()
                     }
                 },
+            };
+            let old = match old {
+                Ok(old) => old,
+                Err((live, heard_ago)) => {
+                    // An agent that reconnects closes its old connection first; that close
+                    // may still be on its way. Give it a moment before refusing.
+                    if tokio::time::timeout(CLOSE_GRACE, live.ended())
+                        .await
+                        .is_ok()
+                    {
+                        continue;
+                    }
+                    return Err(SessionError::Live {
+                        key,
+                        existing: live.client,
+                        heard_ago,
+                    });
+                }
             };
             // The map's shard lock is released here: never await while holding it.
             tracing::info!(agent = %key, old_client = %old.client, new_client = %client, ?claim,
@@ -707,6 +729,10 @@ impl Drop for SessionHandle {
         s.ended_notify.notify_waiters();
     }
 }
+
+/// How long a refused newcomer waits for the live connection to end by itself first (an
+/// agent closes its old connection before it reconnects; the close may still be in flight).
+const CLOSE_GRACE: Duration = Duration::from_millis(250);
 
 /// remoted's default `connection_overtake_time`.
 pub const DEFAULT_OVERTAKE: Duration = Duration::from_secs(60);

@@ -572,13 +572,16 @@ async fn manager_misbehaves(how: Misbehave, victim: AgentId, text: &str) {
     assert!(s.stats().rejected(Rejection::ManagerProtocol) >= 1);
     assert_eq!(s.stats().failovers.load(Ordering::Relaxed), 0);
     assert!(
-        s.relay.relay.balancer().any_available(std::time::Instant::now()),
+        s.relay
+            .relay
+            .balancer()
+            .any_available(std::time::Instant::now()),
         "one session's bad frame marked the manager failed"
     );
     wait_for("the closing line", 5, || {
-        lines_about(client).iter().any(|l| {
-            l.contains("agent disconnected") && l.contains("kept breaking the protocol")
-        })
+        lines_about(client)
+            .iter()
+            .any(|l| l.contains("agent disconnected") && l.contains("kept breaking the protocol"))
     })
     .await;
     let lines = lines_about(client);

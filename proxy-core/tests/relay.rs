@@ -358,15 +358,56 @@ async fn a_manager_frame_split_across_many_segments_reaches_the_agent_whole() {
 }
 
 #[tokio::test]
-async fn a_reconnecting_agent_replaces_its_old_connection_first() {
+async fn a_second_connection_claiming_a_live_agent_is_refused_and_the_agent_kept() {
     let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
         .await
         .unwrap();
     let relay = TestRelay::start(&[m.addr()], Policy::AgentId, AgentRelayConfig::default()).await;
+    let mut live = connect(relay.addr).await;
+    send(&mut live, agent_payload(Some(id(1)), 0, 64)).await;
+    recv(&mut live).await.unwrap();
+    // Anyone who can reach 1514 sends one frame claiming agent 001.
+    let mut intruder = connect(relay.addr).await;
+    send(&mut intruder, agent_payload(Some(id(1)), 0, 64)).await;
+    assert!(recv(&mut intruder).await.is_none(), "intruder not refused");
+    // The live agent keeps its connection and keeps streaming.
+    for seq in 1..=5 {
+        send(&mut live, agent_payload(Some(id(1)), seq, 64)).await;
+    }
+    wait_for("the live agent's frames", 5, || {
+        m.frames_from("001").len() == 6
+    })
+    .await;
+    assert_eq!(m.accepted(), 1, "the intruder reached the manager");
+    let key = SessionKey::Agent(id(1));
+    let session = relay.relay.sessions().by_key(&key).unwrap();
+    assert_eq!(session.client(), live.get_ref().local_addr().unwrap());
+    assert_eq!(
+        relay
+            .relay
+            .stats()
+            .rejected(wazuh_proxy_core::stats::Rejection::Overtake),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_reconnecting_agent_replaces_its_silent_old_connection_first() {
+    let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
+        .await
+        .unwrap();
+    let overtake = Duration::from_millis(400);
+    let cfg = AgentRelayConfig {
+        overtake_time: overtake,
+        ..Default::default()
+    };
+    let relay = TestRelay::start(&[m.addr()], Policy::AgentId, cfg).await;
     let mut old = connect(relay.addr).await;
     send(&mut old, agent_payload(Some(id(1)), 0, 64)).await;
     recv(&mut old).await.unwrap();
     assert_eq!(m.open_connections(), 1);
+    // The old connection goes quiet (a half-dead NAT entry) past the overtake time.
+    tokio::time::sleep(overtake + Duration::from_millis(100)).await;
     let mut new = connect(relay.addr).await;
     send(&mut new, agent_payload(Some(id(1)), 1, 64)).await;
     assert_eq!(recv(&mut new).await.unwrap(), ack_payload("m"));

@@ -59,9 +59,11 @@ use crate::verify::{verify_first, Tracker};
 
 pub mod decide;
 mod pipe;
+mod unacked;
 
 pub use decide::{judge, Attempts, GiveUp, Next, RefusalBook, StintCause, Verdict};
 use pipe::Pipe;
+use unacked::Unacked;
 
 /// Settings of an agent listener. Defaults suit Wazuh 4.x agents and managers.
 #[derive(Debug, Clone)]
@@ -94,6 +96,12 @@ pub struct AgentRelayConfig {
     pub reply_timeout: Option<Duration>,
     /// Per-source limits on open connections and on how fast new ones come.
     pub source_limits: crate::limits::SourceLimits,
+    /// A manager that sends an agent nothing for this long while the agent keeps sending is
+    /// taken for hung, and the agent continues elsewhere (default 45 s: remoted answers every
+    /// keepalive, which agents send every 10 s, and agents themselves reconnect after 60 s
+    /// without an answer). Judged by [`decide::judge`]: if the manager's TCP left data
+    /// unacknowledged it is marked failed, otherwise only this agent moves. `None` disables it.
+    pub liveness_timeout: Option<Duration>,
     /// `TCP_USER_TIMEOUT` on manager connections: a manager whose TCP leaves sent data
     /// unacknowledged this long is taken for dead, and its agents continue elsewhere
     /// (default 10 s; a blackholed manager is noticed within about this time once data is
@@ -197,10 +205,16 @@ impl AgentRelayConfig {
                 secs(k),
             )?;
         }
-        if let (Some(idle), Some(reply)) = (self.idle_timeout, self.reply_timeout) {
+        for (name, t) in [
+            ("reply_timeout", self.reply_timeout),
+            ("liveness_timeout", self.liveness_timeout),
+        ] {
+            let (Some(idle), Some(reply)) = (self.idle_timeout, t) else {
+                continue;
+            };
             if reply >= idle {
                 return Err(ConfigError::Conflict(format!(
-                    "reply_timeout ({reply:?}) must be shorter than idle_timeout ({idle:?}): the idle timeout would close every session a silent manager holds before the failover could move it"
+                    "{name} ({reply:?}) must be shorter than idle_timeout ({idle:?}): the idle timeout would close every session a silent manager holds before the failover could move it"
                 )));
             }
         }
@@ -237,6 +251,7 @@ impl Default for AgentRelayConfig {
             source_limits: crate::limits::SourceLimits::default(),
             transparent: false,
             manager_user_timeout: Some(Duration::from_secs(10)),
+            liveness_timeout: Some(Duration::from_secs(45)),
             overtake_time: Duration::from_secs(60),
             refused_backoff: Duration::from_secs(2),
             refused_backoff_max: Duration::from_secs(60),
@@ -884,7 +899,7 @@ impl AgentRelay {
         let replay_first = match moved_from {
             None => adopted,
             Some(_) => !conn.fed.contains(&addr),
-        };
+        } && !std::mem::take(&mut conn.replay_resent);
         if replay_first {
             if let Err(e) = write_frame(&connected.stream, &conn.replay).await {
                 let during = if moved_from.is_none() {
@@ -942,7 +957,10 @@ impl AgentRelay {
             // A planned hand-over: complete the frame being written, deliver what the
             // agent is owed, close the manager connection (FIN) before the next process
             // opens its own, then pass the agent's socket on.
-            if finish_head(&mut conn.up, &manager.stream).await.is_err() {
+            if finish_head(&mut conn.up, &mut conn.unacked, &manager.stream)
+                .await
+                .is_err()
+            {
                 conn.up.drop_partial_head();
             }
             let _ =
@@ -960,15 +978,29 @@ impl AgentRelay {
         };
         // A planned move waits for the frame being written to end, so none is cut.
         let cause = match cause {
-            StintCause::Moved => match finish_head(&mut conn.up, &manager.stream).await {
-                Ok(()) => StintCause::Moved,
-                Err(e) => {
-                    stint_cause(&End::ManagerIo(e), &manager.stream).unwrap_or(StintCause::Closed)
+            StintCause::Moved => {
+                match finish_head(&mut conn.up, &mut conn.unacked, &manager.stream).await {
+                    Ok(()) => StintCause::Moved,
+                    Err(e) => stint_cause(&End::ManagerIo(e), &manager.stream)
+                        .unwrap_or(StintCause::Closed),
                 }
-            },
+            }
             other => other,
         };
         let verdict = decide::judge(cause, answered);
+        // What the old manager never received goes to the next one: nothing, after a move
+        // (it was left at a boundary and closes gracefully); every kept frame after a refusal
+        // (it processed none); otherwise the frames its TCP never acknowledged.
+        let resend = match verdict {
+            Verdict::Moved => {
+                conn.unacked.clear();
+                None
+            }
+            Verdict::AgentRefused => Some(None),
+            _ => Some(Some(
+                crate::net::unacked_bytes(&manager.stream).map_or(usize::MAX, |n| n as usize),
+            )),
+        };
         // The manager failed or the agent is being moved: close the old upstream first.
         let Connected {
             stream,
@@ -978,6 +1010,15 @@ impl AgentRelay {
             ..
         } = manager;
         drop(stream);
+        let mut resent = 0;
+        if let Some(unacked) = resend {
+            let (bytes, frames) = conn.unacked.take_resend(unacked);
+            resent = frames;
+            if !bytes.is_empty() {
+                conn.replay_resent = holds_frame(&bytes, &conn.replay);
+                conn.up.requeue(bytes, frames);
+            }
+        }
         if answered {
             self.forget_refusal(session.key(), session.client().ip());
             // It registered the agent: a later return to it must not replay the frame.
@@ -1020,8 +1061,16 @@ impl AgentRelay {
         if conn.down.drop_partial_tail() {
             self.stats.reject(Rejection::ManagerPartialFrame);
         }
+        if resent > 0 {
+            self.stats
+                .frames_resent
+                .fetch_add(resent, Ordering::Relaxed);
+        }
         if verdict != Verdict::Moved {
-            let at_risk = conn.up.recently_written() + cut;
+            // Written, acknowledged by the manager's TCP, and perhaps lost with its process.
+            let at_risk = conn.up.recently_written().saturating_sub(resent)
+                + cut
+                + std::mem::take(&mut conn.unacked.unprotected);
             self.stats
                 .frames_at_risk
                 .fetch_add(at_risk, Ordering::Relaxed);
@@ -1032,11 +1081,11 @@ impl AgentRelay {
             match verdict {
                 Verdict::ManagerFailed => {
                     tracing::warn!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                        frames_at_risk = at_risk, "manager failed ({end}); keeping the agent and moving it");
+                        frames_at_risk = at_risk, frames_resent = resent, "manager failed ({end}); keeping the agent and moving it");
                 }
                 _ => {
                     tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                        frames_at_risk = at_risk, answered, "manager ended the agent's connection ({end}); the manager stays in rotation");
+                        frames_at_risk = at_risk, frames_resent = resent, answered, "manager ended the agent's connection ({end}); the manager stays in rotation");
                 }
             }
         }
@@ -1248,11 +1297,15 @@ impl AgentRelay {
             return;
         }
         let cfg = &self.config;
-        let shortest = [cfg.idle_timeout, cfg.reply_timeout.filter(|_| cfg.failover)]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(Duration::from_secs(1));
+        let shortest = [
+            cfg.idle_timeout,
+            cfg.reply_timeout.filter(|_| cfg.failover),
+            cfg.liveness_timeout.filter(|_| cfg.failover),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(1));
         let tick = (shortest / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -1366,6 +1419,7 @@ impl std::future::Future for Relaying<'_> {
             down,
             tracker,
             replay,
+            unacked,
             ..
         } = &mut *this.conn;
         let Some(manager) = manager.as_ref().map(|m| &m.stream) else {
@@ -1386,6 +1440,7 @@ impl std::future::Future for Relaying<'_> {
             relay,
             session,
             &mut up_check,
+            Some(unacked),
             cx,
         );
         if let Poll::Ready(end) = up {
@@ -1400,6 +1455,7 @@ impl std::future::Future for Relaying<'_> {
             relay,
             session,
             &mut down_check,
+            None,
             cx,
         )
     }
@@ -1450,6 +1506,12 @@ fn take_counted(
         let up = dir == Dir::Up;
         session.record(up, frames, bytes);
         relay.stats.record(up, frames, bytes);
+        if up && relay.config.failover {
+            // The manager owes an answer within the liveness time (keepalives are answered).
+            if let Some(t) = relay.config.liveness_timeout {
+                session.arm_reply_if_idle(t);
+            }
+        }
     }
 }
 
@@ -1468,6 +1530,7 @@ fn drive(
     relay: &AgentRelay,
     session: &Session,
     check: &mut impl FnMut(&[u8]) -> Result<(), End>,
+    mut copy: Option<&mut Unacked>,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<End> {
     use std::task::Poll;
@@ -1483,6 +1546,14 @@ fn drive(
         if pipe.ready > 0 {
             match dst.try_write(&pipe.buf[..pipe.ready]) {
                 Ok(n) => {
+                    if let Some(copy) = copy.as_deref_mut() {
+                        copy.record(&pipe.buf[..n]);
+                        if copy.len() > unacked::TRIM_AT {
+                            if let Ok(left) = crate::net::unacked_bytes(dst) {
+                                copy.trim(left as usize);
+                            }
+                        }
+                    }
                     let done = pipe.consume(n);
                     if up {
                         pipe.note_written(done);
@@ -1563,8 +1634,14 @@ fn drive(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if pipe.buf.is_empty() {
-                        // Idle: give the buffer back so idle agents hold no buffer memory.
+                        // Idle: give the buffer back so idle agents hold no buffer memory,
+                        // and let go of what the manager acknowledged.
                         pipe.buf = BytesMut::new();
+                        if let Some(copy) = copy.as_deref_mut().filter(|c| c.len() > 0) {
+                            if let Ok(left) = crate::net::unacked_bytes(dst) {
+                                copy.trim(left as usize);
+                            }
+                        }
                     }
                     match src.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => progressed = true,
@@ -1626,6 +1703,10 @@ struct Conn {
     stint_started: Instant,
     /// Refusals and faults met so far, once there has been one (boxed: most sessions have none).
     trouble: Option<Box<Trouble>>,
+    /// Frames written to the current manager that its TCP may not have acknowledged.
+    unacked: Unacked,
+    /// The frames re-sent to the next manager include the control frame it must see first.
+    replay_resent: bool,
 
     /// The connection's place under the per-source limits (none for adopted sessions).
     _admitted: Option<crate::limits::Admitted>,
@@ -1651,6 +1732,8 @@ impl Conn {
             fed: Vec::new(),
             stint_started: Instant::now(),
             trouble: None,
+            unacked: Unacked::default(),
+            replay_resent: false,
 
             _admitted: admitted,
         }
@@ -1694,6 +1777,20 @@ fn stint_cause(end: &End, manager: &TcpStream) -> Option<StintCause> {
     })
 }
 
+/// Whether `frames` (whole frames from the front) holds one whose payload is `payload`.
+fn holds_frame(frames: &[u8], payload: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(header) = frames.get(at..).and_then(|b| b.first_chunk::<HEADER_LEN>()) {
+        let end = at + HEADER_LEN + u32::from_le_bytes(*header) as usize;
+        match frames.get(at + HEADER_LEN..end) {
+            Some(p) if p == payload => return true,
+            Some(_) => at = end,
+            None => return false,
+        }
+    }
+    false
+}
+
 /// Writes one whole frame (payload given without its header) to a manager.
 async fn write_frame(manager: &TcpStream, payload: &[u8]) -> io::Result<()> {
     let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -1725,11 +1822,12 @@ async fn flush(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
 }
 
 /// Writes the rest of a partly written frame, so that a planned move happens at a boundary.
-async fn finish_head(up: &mut Pipe, manager: &TcpStream) -> io::Result<()> {
+async fn finish_head(up: &mut Pipe, copy: &mut Unacked, manager: &TcpStream) -> io::Result<()> {
     while up.head_left > 0 {
         let n = up.head_left.min(up.ready);
         match manager.try_write(&up.buf[..n]) {
             Ok(w) => {
+                copy.record(&up.buf[..w]);
                 up.consume(w);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => manager.writable().await?,

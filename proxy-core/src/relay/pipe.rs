@@ -136,6 +136,20 @@ impl Pipe {
         true
     }
 
+    /// Puts frames back at the front, to be written again (to the next manager): `front` is
+    /// whole frames (`frames` of them), possibly ending with the written start of the frame
+    /// whose rest is at the front of the pipe, so that frame is whole again.
+    pub(super) fn requeue(&mut self, mut front: BytesMut, frames: u64) {
+        let added = front.len();
+        front.extend_from_slice(&self.buf);
+        self.buf = front;
+        self.ready += added;
+        self.head_left = 0;
+        self.ready_frames = self
+            .ready_frames
+            .saturating_add(u32::try_from(frames).unwrap_or(u32::MAX));
+    }
+
     /// Drops the incomplete frame at the tail (from a manager that failed: never forwarded).
     pub(super) fn drop_partial_tail(&mut self) -> bool {
         let cut = self.buf.len() > self.ready;
