@@ -70,6 +70,17 @@ struct Seen {
     frames: HashMap<String, Vec<Bytes>>,
 }
 
+/// The per-agent refusals of a stand-in, modelled on remoted: it closes the connection of an
+/// agent it will not serve (unknown or removed ID, `(1408): Invalid ID`), also one already
+/// connected when its key is removed; and, with `key_in_use`, a second connection of an agent
+/// whose first one is still open ("Agent key already in use").
+#[derive(Debug, Default)]
+struct Rules {
+    refused: std::collections::HashSet<String>,
+    key_in_use: bool,
+    live: HashMap<String, usize>,
+}
+
 /// A stand-in manager on a real socket.
 #[derive(Debug)]
 pub struct Manager {
@@ -78,6 +89,8 @@ pub struct Manager {
     seen: Arc<Mutex<Seen>>,
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
+    rules: Arc<Mutex<Rules>>,
+    refusals: Arc<AtomicUsize>,
     stop: CancellationToken,
     tasks: TaskTracker,
 }
@@ -101,6 +114,8 @@ impl Manager {
             seen: Arc::default(),
             accepted: Arc::default(),
             open: Arc::default(),
+            rules: Arc::default(),
+            refusals: Arc::default(),
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
@@ -111,6 +126,7 @@ impl Manager {
             m.stop.clone(),
             m.tasks.clone(),
         );
+        let (rules, refusals) = (m.rules.clone(), m.refusals.clone());
         let ack = Bytes::from(ack_payload(name));
         m.tasks.spawn(async move {
             loop {
@@ -121,11 +137,13 @@ impl Manager {
                 accepted.fetch_add(1, Ordering::Relaxed);
                 let (seen, open, stop, ack) =
                     (seen.clone(), open.clone(), stop.clone(), ack.clone());
+                let (rules, refusals) = (rules.clone(), refusals.clone());
                 tasks.spawn(async move {
                     open.fetch_add(1, Ordering::Relaxed);
                     let key = format!("ip:{}", peer.ip());
                     let mut framed = Framed::new(stream, FrameCodec::default());
                     let mut first = true;
+                    let mut registered: Option<String> = None;
                     loop {
                         let frame = tokio::select! {
                             _ = stop.cancelled() => break,
@@ -133,6 +151,20 @@ impl Manager {
                         };
                         let agent = Envelope::parse(&frame).ok().and_then(|e| e.agent_id());
                         let who = agent.map_or_else(|| key.clone(), |a| a.to_string());
+                        {
+                            let mut r = rules.lock().unwrap_or_else(|p| p.into_inner());
+                            let in_use =
+                                first && r.key_in_use && r.live.get(&who).is_some_and(|n| *n > 0);
+                            if r.refused.contains(&who) || in_use {
+                                // remoted logs why and closes the connection, answering nothing.
+                                refusals.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            if first {
+                                *r.live.entry(who.clone()).or_default() += 1;
+                                registered = Some(who.clone());
+                            }
+                        }
                         let answer = match reply {
                             Reply::Silent => None,
                             Reply::AckFirst if first => Some(ack.clone()),
@@ -159,11 +191,41 @@ impl Manager {
                             }
                         }
                     }
+                    if let Some(who) = registered {
+                        let mut r = rules.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(n) = r.live.get_mut(&who) {
+                            *n = n.saturating_sub(1);
+                        }
+                    }
                     open.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         });
         Ok(m)
+    }
+
+    /// Refuses `agent` (its ID, or `ip:<addr>`) from now on, as remoted does once an agent is
+    /// removed: its next frame on any connection closes that connection, unanswered.
+    pub fn refuse(&self, agent: &str) {
+        self.rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
+            .insert(agent.to_owned());
+    }
+
+    /// Refuses a second connection of an agent whose first one is open ("Agent key already
+    /// in use").
+    pub fn refuse_key_in_use(&self, on: bool) {
+        self.rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .key_in_use = on;
+    }
+
+    /// Connections closed as refusals so far.
+    pub fn refusals(&self) -> usize {
+        self.refusals.load(Ordering::Relaxed)
     }
 
     /// The address agents (or the proxy) connect to.

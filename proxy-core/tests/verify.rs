@@ -221,3 +221,118 @@ async fn id_less_agents_are_identified_by_their_key_address() {
         .expect("session keyed by agent 007");
     assert_eq!(s.agent_info().name.as_deref(), Some("fixed-ip-host"));
 }
+
+fn web01() -> AgentKey {
+    key(
+        "001",
+        "web-01",
+        "any",
+        "61f01f714746b01b977d7c65a724409f33ad89c391ad93f918eb27202dca8223",
+    )
+}
+
+/// Reads until the connection closes (frames before the close are skipped).
+async fn closed(conn: &mut AgentConn) -> bool {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), conn.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_captured_frame_does_not_evict_the_live_agent_but_its_reconnection_does() {
+    let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
+        .await
+        .unwrap();
+    let relay = relay_with_keys(&m).await;
+    let k = web01();
+    let startup = msg(&k, Cipher::Aes, 10, &startup_text(Some("v4.14.7")));
+    let mut live = connect(relay.addr).await;
+    send(&mut live, startup.clone()).await;
+    recv(&mut live).await.expect("ACK");
+    send(
+        &mut live,
+        msg(&k, Cipher::Aes, 11, "1:/var/log/syslog:an event"),
+    )
+    .await;
+
+    // A frame captured on the wire and sent again from another connection: it decrypts, but
+    // its counter is not newer than the live session's.
+    let mut replayer = connect(relay.addr).await;
+    send(&mut replayer, startup).await;
+    assert!(closed(&mut replayer).await, "the replay was not refused");
+    // A captured event (newer than the startup, but not a startup) does not evict either.
+    let mut replayer = connect(relay.addr).await;
+    send(
+        &mut replayer,
+        msg(&k, Cipher::Aes, 11, "1:/var/log/syslog:an event"),
+    )
+    .await;
+    assert!(
+        closed(&mut replayer).await,
+        "the captured event was not refused"
+    );
+    assert_eq!(relay.relay.stats().rejected(Rejection::Overtake), 2);
+    send(
+        &mut live,
+        msg(&k, Cipher::Aes, 12, "1:/var/log/syslog:still here"),
+    )
+    .await;
+    wait_for("the live agent's frames", 5, || {
+        m.frames_from("001").len() == 3
+    })
+    .await;
+
+    // The agent itself reconnecting: a startup with a newer counter replaces the old session.
+    let mut again = connect(relay.addr).await;
+    send(
+        &mut again,
+        msg(&k, Cipher::Aes, 13, &startup_text(Some("v4.14.7"))),
+    )
+    .await;
+    recv(&mut again).await.expect("ACK on the new connection");
+    assert!(closed(&mut live).await, "the old connection was kept");
+    let session = relay
+        .relay
+        .sessions()
+        .by_key(&SessionKey::Agent(k.id()))
+        .unwrap();
+    assert_eq!(
+        session.client(),
+        again.get_ref().local_addr().unwrap(),
+        "the reconnection does not own the session"
+    );
+}
+
+#[tokio::test]
+async fn with_keys_a_ping_first_session_carries_nothing_but_ping() {
+    let m = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
+        .await
+        .unwrap();
+    let relay = relay_with_keys(&m).await;
+    let k = web01();
+    let mut c = connect(relay.addr).await;
+    send(&mut c, b"#ping".to_vec()).await;
+    send(&mut c, b"#ping".to_vec()).await;
+    // A valid message of agent 001 behind a #ping: it was never verified as the first frame.
+    send(
+        &mut c,
+        msg(&k, Cipher::Aes, 1, &startup_text(Some("v4.14.7"))),
+    )
+    .await;
+    assert!(closed(&mut c).await, "not closed");
+    assert!(m.frames_from("001").is_empty(), "agent 001's frame passed");
+    // ID-less behind a #ping: refused as well.
+    let mut c = connect(relay.addr).await;
+    send(&mut c, b"#ping".to_vec()).await;
+    let mut idless = msg(&k, Cipher::Aes, 2, "1:/var/log/syslog:x");
+    idless.drain(..5); // drop "!001!"
+    send(&mut c, idless).await;
+    assert!(closed(&mut c).await, "not closed");
+    assert!(relay.relay.stats().rejected(Rejection::Unverified) >= 1);
+    assert_eq!(m.frames_from("001").len(), 0);
+}

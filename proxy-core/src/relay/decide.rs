@@ -122,13 +122,14 @@ impl Attempts {
         &self.refused_by
     }
 
-    /// Managers not to try next: those that refused while some have not, else those that
-    /// refused as often as tolerated.
+    /// Managers not to try next: those that refused while some have not; else those that
+    /// refused more often than the others, or as often as tolerated (so the tries alternate).
     fn avoid(&self, managers: usize) -> Vec<SocketAddr> {
         let all_refused = self.refused_by.len() >= managers;
+        let least = self.refused_by.iter().map(|(_, n)| *n).min().unwrap_or(0);
         self.refused_by
             .iter()
-            .filter(|(_, n)| !all_refused || *n >= REFUSALS_PER_MANAGER)
+            .filter(|(_, n)| !all_refused || *n >= REFUSALS_PER_MANAGER || *n > least)
             .map(|(a, _)| *a)
             .collect()
     }

@@ -1021,12 +1021,15 @@ impl AgentRelay {
         }
         if answered {
             self.forget_refusal(session.key(), session.client().ip());
+        }
+        if answered && verdict != Verdict::Ended {
             // It registered the agent: a later return to it must not replay the frame.
             if !conn.fed.contains(&addr) {
                 conn.fed.push(addr);
             }
         } else {
-            // It did not register the agent: a later return to it needs the frame again.
+            // It did not register the agent, or dropped it (remoted forgets an agent's reply
+            // socket with its connection): a later return to it needs the frame again.
             conn.fed.retain(|a| *a != addr);
         }
         drop(guard);
