@@ -229,14 +229,8 @@ async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent
         .expect("the old process did not exit after the upgrade");
     assert!(status.success(), "{status:?}\n{}", old.logs());
     let logs = old.logs();
-    let new_pid: u32 = logs
-        .lines()
-        .find(|l| l.contains("new process started"))
-        .and_then(|l| l.split("pid=").nth(1))
-        .and_then(|p| p.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in the log:\n{logs}"));
-    let kill_new = scopeguard(new_pid);
+    let new_pid = successor_pid(&logs).unwrap_or_else(|| panic!("no pid in the log:\n{logs}"));
+    let kill_new = KillOnDrop(new_pid);
     let mut agents = streaming.await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
@@ -274,18 +268,4 @@ async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent
     );
     drop(kill_new);
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// Kills the new process when the test ends, however it ends.
-struct Kill(u32);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .arg("-KILL")
-            .arg(self.0.to_string())
-            .status();
-    }
-}
-fn scopeguard(pid: u32) -> Kill {
-    Kill(pid)
 }

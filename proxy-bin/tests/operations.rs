@@ -200,3 +200,91 @@ async fn started_as_root_it_runs_as_the_configured_user_once_bound() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_manager_stays_drained_across_reload_and_upgrade() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let admin = free_addr().to_string();
+    let body = format!(
+        "[[listener]]\nname = \"agents\"\nlisten = \"{listen}\"\nrebalance_interval = \"0s\"\nbackends = [{{ address = \"{}\" }}, {{ address = \"{}\" }}]\n",
+        m1.addr(),
+        m2.addr()
+    );
+    let file = write_config("drain-state", &body);
+    let sock = file.with_file_name("upgrade.sock");
+    let mut old = ProxyProcess::start(
+        &[
+            "run",
+            "--config",
+            file.to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--upgrade-socket",
+            sock.to_str().unwrap(),
+        ],
+        listen,
+    );
+    async fn agents(
+        listen: SocketAddr,
+        ids: std::ops::RangeInclusive<usize>,
+    ) -> Vec<Framed<TcpStream, FrameCodec>> {
+        let mut out = Vec::new();
+        for n in ids {
+            let id = AgentId::parse(format!("{n:03}").as_bytes()).unwrap();
+            let mut a = Framed::new(
+                TcpStream::connect(listen).await.unwrap(),
+                FrameCodec::default(),
+            );
+            a.send(Bytes::from(agent_payload(Some(id), 0, 64)))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), a.next())
+                .await
+                .expect("ACK")
+                .unwrap()
+                .unwrap();
+            out.push(a);
+        }
+        out
+    }
+    let _first = agents(listen, 1..=20).await;
+    until("agents on m1", || m1.open_connections() > 0).await;
+    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--admin", &admin]);
+    assert!(ok, "{out}");
+    until("m1 emptied", || m1.open_connections() == 0).await;
+    let at_m1 = m1.accepted();
+
+    // A reload of the same file: the drain is operator state, not configuration.
+    old.signal("HUP");
+    until("reload applied", || old.logs().contains("reload applied")).await;
+    let _second = agents(listen, 21..=60).await;
+    assert_eq!(
+        m1.accepted(),
+        at_m1,
+        "an agent reached the drained manager after a reload"
+    );
+
+    // An upgrade: the successor receives the drain with the listeners' state.
+    old.signal("USR2");
+    let status = old.wait_exit(30).expect("the old process did not exit");
+    assert!(status.success(), "{}", old.logs());
+    let logs = old.logs();
+    let _kill = KillOnDrop(successor_pid(&logs).unwrap_or_else(|| panic!("{logs}")));
+    let _third = agents(listen, 61..=100).await;
+    assert_eq!(
+        m1.accepted(),
+        at_m1,
+        "an agent reached the drained manager after an upgrade"
+    );
+    // Undrained, it is back in rotation.
+    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
+    assert!(ok, "{out}");
+    let _fourth = agents(listen, 101..=140).await;
+    assert!(m1.accepted() > at_m1, "the undrained manager got no agent");
+}

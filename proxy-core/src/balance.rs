@@ -608,6 +608,19 @@ impl Balancer {
         if backends.iter().all(|b| b.down) {
             return Err(BalanceError::AllDown);
         }
+        Ok(Self::build(policy, backends))
+    }
+
+    /// A new set with this one's policy and backends, without its live state.
+    pub fn clone_config(&self) -> Balancer {
+        Self::build(
+            self.policy,
+            self.backends.iter().map(|b| b.config.clone()).collect(),
+        )
+    }
+
+    /// Builds a validated set.
+    fn build(policy: Policy, backends: Vec<BackendConfig>) -> Balancer {
         let base = Instant::now();
         let backends: Vec<Backend> = backends
             .into_iter()
@@ -617,14 +630,14 @@ impl Balancer {
             smooth_schedule(&backends, |b| !b.config.backup),
             smooth_schedule(&backends, |b| b.config.backup),
         ];
-        Ok(Balancer {
+        Balancer {
             policy,
             backends,
             base,
             schedule,
             cursor: [AtomicU64::new(0), AtomicU64::new(0)],
             rng: AtomicU64::new(RandomState::new().hash_one(0x5eed_u64)),
-        })
+        }
     }
 
     /// Seeds the generator behind [`Policy::Random`] (reproducible tests and simulations).

@@ -62,6 +62,13 @@ pub enum Message {
     Ready,
     /// An agent connection.
     Agent(Handed),
+    /// A backend the operator drained on a listener (operator state outlives the process).
+    Drained {
+        /// The listener's name.
+        listener: String,
+        /// The drained backend.
+        backend: SocketAddr,
+    },
     /// Nothing more follows.
     Done,
 }
@@ -89,6 +96,7 @@ const LISTENERS_DONE: u8 = 2;
 const READY: u8 = 3;
 const AGENT: u8 = 4;
 const DONE: u8 = 5;
+const DRAINED: u8 = 6;
 
 fn put(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(&(field.len() as u32).to_le_bytes());
@@ -129,6 +137,12 @@ fn encode(msg: &Message) -> (Vec<u8>, Option<RawFd>) {
         }
         Message::Done => {
             body.push(DONE);
+            None
+        }
+        Message::Drained { listener, backend } => {
+            body.push(DRAINED);
+            put(&mut body, listener.as_bytes());
+            put(&mut body, backend.to_string().as_bytes());
             None
         }
     };
@@ -200,6 +214,10 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
             socket: fd.ok_or(HandoverError::MissingSocket)?,
         }),
         DONE => Message::Done,
+        DRAINED => Message::Drained {
+            listener: f.text()?.to_owned(),
+            backend: f.addr()?,
+        },
         _ => return Err(HandoverError::Malformed("unknown message kind")),
     })
 }
@@ -464,6 +482,19 @@ pub async fn hand_over_sessions(
     deadline: std::time::Duration,
 ) -> Result<usize, HandoverError> {
     use std::sync::atomic::Ordering;
+    // Operator state first, so the new process places what follows accordingly.
+    for r in relays {
+        for backend in r.drained() {
+            send(
+                stream,
+                &Message::Drained {
+                    listener: r.name().to_owned(),
+                    backend,
+                },
+            )
+            .await?;
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for r in relays {
         r.hand_over_all(tx.clone());
@@ -554,6 +585,17 @@ pub async fn adopt_sessions(
                     }
                     None => {
                         tracing::warn!(listener = %h.listener, "no agent listener to adopt a session; closing it")
+                    }
+                }
+            }
+            Some(Message::Drained { listener, backend }) => {
+                match relays.iter().find(|r| r.name() == listener) {
+                    Some(r) => {
+                        tracing::info!(listener = %listener, %backend, "upgrade: backend stays drained");
+                        r.restore_drained(&[backend]);
+                    }
+                    None => {
+                        tracing::warn!(listener = %listener, %backend, "drained backend of a listener this configuration does not have; ignored")
                     }
                 }
             }

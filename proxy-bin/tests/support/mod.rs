@@ -93,3 +93,26 @@ impl Drop for ProxyProcess {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// Kills a process by pid when dropped, however the test ends (the successor of an upgrade,
+/// which the test did not spawn itself).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(self.0.to_string())
+            .status();
+    }
+}
+
+/// The pid of the successor an upgrade started, from the old process's log.
+pub fn successor_pid(old_logs: &str) -> Option<u32> {
+    old_logs
+        .lines()
+        .find(|l| l.contains("new process started"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+}

@@ -380,6 +380,11 @@ pub struct AgentRelay {
     handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
     /// Agents every manager refused, kept away for a while (see [`RefusalBook`]).
     refused: std::sync::Mutex<RefusalBook>,
+    /// Operator state, apart from the configuration: the backends drained by hand. Applied on
+    /// top of every backend set the configuration gives, so a reload keeps them drained.
+    drained: std::sync::Mutex<Vec<SocketAddr>>,
+    /// The backend set as configured (before operator state), to re-apply it to.
+    configured: std::sync::Mutex<Arc<Balancer>>,
 }
 
 impl fmt::Debug for AgentRelay {
@@ -396,6 +401,7 @@ impl AgentRelay {
     pub fn new(name: impl Into<String>, config: AgentRelayConfig, balancer: Balancer) -> Self {
         let limits = config.source_limits;
         let hard_stop = CancellationToken::new();
+        let configured = std::sync::Mutex::new(Arc::new(balancer.clone_config()));
         AgentRelay {
             name: name.into(),
             sessions: SessionRegistry::with_parent(config.duplicate_policy, hard_stop.clone())
@@ -415,6 +421,8 @@ impl AgentRelay {
                 config.refused_backoff,
                 config.refused_backoff_max,
             )),
+            drained: std::sync::Mutex::default(),
+            configured,
             config,
         }
     }
@@ -454,14 +462,76 @@ impl AgentRelay {
     }
 
     /// Replaces the backend set; new connections use it, established sessions keep theirs.
-    /// Passive-health marks and connection counts of backends present in both sets carry over.
+    /// Passive-health marks and connection counts of backends present in both sets carry over,
+    /// and so do the operator's drains (see [`AgentRelay::drain_backend`]).
     pub fn set_balancer(&self, balancer: Balancer) {
-        self.balancer.replace(balancer);
+        let configured = Arc::new(balancer.clone_config());
+        *self.configured.lock().unwrap_or_else(|p| p.into_inner()) = configured.clone();
+        self.balancer.replace(self.with_operator_state(balancer));
+    }
+
+    /// `balancer` with the drained backends marked down (unless that would leave none: a drain
+    /// never takes the last backend away; it stays recorded and applies once others exist).
+    fn with_operator_state(&self, balancer: Balancer) -> Balancer {
+        let drained = self.drained.lock().unwrap_or_else(|p| p.into_inner());
+        if !balancer
+            .backends()
+            .iter()
+            .any(|b| drained.contains(&b.addr()))
+        {
+            return balancer;
+        }
+        let configs = balancer
+            .backends()
+            .iter()
+            .map(|b| {
+                let mut c = b.config().clone();
+                c.down |= drained.contains(&c.addr);
+                c
+            })
+            .collect();
+        match Balancer::new(balancer.policy(), configs) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, error = %e,
+                    "drained backends left in rotation: draining them would leave no backend");
+                balancer
+            }
+        }
+    }
+
+    /// The backends drained by the operator (they survive reloads and upgrades).
+    pub fn drained(&self) -> Vec<SocketAddr> {
+        self.drained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Restores the operator's drains (from the previous process, on an upgrade): marks them
+    /// down without moving anyone (the sessions arrive afterwards, and go elsewhere).
+    pub fn restore_drained(&self, backends: &[SocketAddr]) {
+        {
+            let mut drained = self.drained.lock().unwrap_or_else(|p| p.into_inner());
+            for b in backends {
+                if !drained.contains(b) {
+                    drained.push(*b);
+                }
+            }
+        }
+        let configured = self
+            .configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.balancer
+            .replace(self.with_operator_state(configured.clone_config()));
     }
 
     /// Takes `backend` out of rotation and moves every agent on it to the others at a frame
     /// boundary, without disconnecting them (before a manager's maintenance). Returns the
-    /// number of sessions asked to move.
+    /// number of sessions asked to move. The drain is operator state: it outlives reloads of
+    /// the configuration and binary upgrades, until [`AgentRelay::undrain_backend`].
     ///
     /// # Errors
     /// When `backend` is not in the set, or no other backend would be left.
@@ -469,7 +539,7 @@ impl AgentRelay {
         &self,
         backend: SocketAddr,
     ) -> Result<usize, crate::balance::BalanceError> {
-        self.set_down(backend, true)?;
+        self.set_drained(backend, true)?;
         let mut moved = 0;
         for s in self.sessions.sessions() {
             if s.backend() == Some(backend) {
@@ -486,26 +556,40 @@ impl AgentRelay {
     /// # Errors
     /// When `backend` is not in the set.
     pub fn undrain_backend(&self, backend: SocketAddr) -> Result<(), crate::balance::BalanceError> {
-        self.set_down(backend, false)
+        self.set_drained(backend, false)
     }
 
-    fn set_down(
+    fn set_drained(
         &self,
         backend: SocketAddr,
-        down: bool,
+        drain: bool,
     ) -> Result<(), crate::balance::BalanceError> {
-        let current = self.balancer.load_full();
-        let mut configs: Vec<_> = current
+        let configured = self
+            .configured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if configured.index_of(backend).is_none() {
+            return Err(crate::balance::BalanceError::UnknownBackend(backend));
+        }
+        let mut drained = self.drained();
+        drained.retain(|b| *b != backend);
+        if drain {
+            drained.push(backend);
+        }
+        // Checked before it is recorded: a drain that would leave no backend is refused.
+        let configs = configured
             .backends()
             .iter()
-            .map(|b| b.config().clone())
+            .map(|b| {
+                let mut c = b.config().clone();
+                c.down |= drained.contains(&c.addr);
+                c
+            })
             .collect();
-        let entry = configs
-            .iter_mut()
-            .find(|c| c.addr == backend)
-            .ok_or(crate::balance::BalanceError::UnknownBackend(backend))?;
-        entry.down = down;
-        self.set_balancer(Balancer::new(current.policy(), configs)?);
+        let next = Balancer::new(configured.policy(), configs)?;
+        *self.drained.lock().unwrap_or_else(|p| p.into_inner()) = drained;
+        self.balancer.replace(next);
         Ok(())
     }
 
