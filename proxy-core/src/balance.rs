@@ -1027,8 +1027,10 @@ impl Balancer {
                 // marked (the all-failed fallback) would repeat it for every agent.
                 let was_available = self.is_available(idx, Instant::now());
                 let guard = self.open(idx);
+                let dialed = Instant::now();
                 let error = match tokio::time::timeout(connect_timeout, dial(addr, source)).await {
                     Ok(Ok(stream)) => {
+                        crate::timing::UPSTREAM_CONNECT.record(dialed.elapsed());
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::debug!(backend = %addr, error = %e, "TCP_NODELAY not set");
                         }

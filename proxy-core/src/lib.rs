@@ -9,6 +9,7 @@
 // One audited exception: taking ownership of descriptors received over SCM_RIGHTS (handover).
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod balance;
 pub mod cipher;
 pub mod control;
@@ -27,5 +28,6 @@ pub mod session;
 pub mod sim;
 pub mod stats;
 pub mod tcp;
+pub mod timing;
 pub mod udp;
 pub mod verify;

@@ -808,18 +808,27 @@ impl AgentRelay {
         // "Agent key already in use" last up to a minute): back off, and give up after the
         // hold timeout.
         let mut unanswered: Option<(Instant, u32)> = None;
+        // When the manager carrying the agent failed (for the failover-time histogram).
+        let mut failed_at: Option<Instant> = None;
         let end = loop {
             let awaiting_reply =
                 match Box::pin(self.attach(&mut conn, &session, adopted, unanswered)).await {
-                    Attach::Relay { awaiting_reply } => awaiting_reply,
+                    Attach::Relay { awaiting_reply } => {
+                        if let Some(t) = failed_at.take() {
+                            crate::timing::FAILOVER.record(t.elapsed());
+                        }
+                        awaiting_reply
+                    }
                     Attach::Retry => continue,
                     Attach::Stop(end) => break end,
                 };
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
             let end = self.relay(&mut conn, &session, awaiting_reply).await;
             let answered = session.stats().frames_down.load(Ordering::Relaxed) != replies_before;
+            let failing = (!matches!(end, End::Moved)).then(Instant::now);
             match Box::pin(self.detach(&mut conn, &session, end, answered)).await {
                 Detach::Next => {
+                    failed_at = failed_at.or(failing);
                     // A manager that never answered (refused the agent, or died first) counts
                     // towards the hold timeout.
                     unanswered = if answered {
@@ -909,15 +918,10 @@ impl AgentRelay {
                 tracing::info!(listener = %self.name, agent = %key, client = %client, from = %from, to = %addr,
                     "agent moved to another manager without disconnecting");
             }
-            None if adopted => {
-                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                    "agent taken over from the previous process");
-            }
             None => {
                 self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                    "agent connected");
+                let how = if adopted { "taken_over" } else { "connected" };
+                crate::access::session_start(&self.name, &session.snapshot(), how);
             }
         }
         conn.manager = Some(connected);
@@ -1030,18 +1034,8 @@ impl AgentRelay {
             "lost" => self.stats.lost.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        let s = session.snapshot();
-        let backend = session
-            .backend()
-            .map_or_else(|| "-".to_owned(), |b| b.to_string());
-        let (key, peer) = (session.key(), session.client());
-        if end.rejection().is_some() || matches!(end, End::NoManager) {
-            tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend,
-                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
-        } else {
-            tracing::info!(listener = %self.name, agent = %key, client = %peer, backend,
-                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
-        }
+        let fault = end.rejection().is_some() || matches!(end, End::NoManager);
+        crate::access::session_end(&self.name, &session.snapshot(), &end, stop, fault);
         // The manager connection is already closed (by `detach`), before the handle goes: a
         // replacing connection of the same agent must not reach a manager that still holds
         // this one. (Fields drop in order: the agent's socket, then the handle.)
@@ -1058,6 +1052,7 @@ impl AgentRelay {
         };
         let deadline = Instant::now() + cfg.hold_timeout;
         let mut pause = Duration::from_millis(250);
+        let mut _held = None;
         let source = cfg.transparent.then(|| session.client().ip());
         loop {
             let balancer = self.balancer.load_full();
@@ -1080,6 +1075,7 @@ impl AgentRelay {
                     }
                     tracing::debug!(listener = %self.name, agent = %session.key(), error = %e,
                         "no manager reachable; holding the agent");
+                    _held.get_or_insert_with(crate::timing::Held::start);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
