@@ -108,6 +108,7 @@ struct FileConfig {
     admin: Option<Spanned<String>>,
     admin_token_file: Option<Spanned<PathBuf>>,
     user: Option<Spanned<String>>,
+    log_format: Option<crate::logging::LogFormat>,
     #[serde(default)]
     listener: Vec<Spanned<FileListener>>,
 }
@@ -161,6 +162,35 @@ struct FileBackend {
     backup: bool,
     #[serde(default)]
     down: bool,
+}
+
+/// Every key the configuration file accepts, by section: `top`, `listener` (`[[listener]]`)
+/// and `backend` (an entry of `backends`). Read from the parser itself (serde lists the
+/// expected fields when it meets an unknown one), so it cannot drift from what is parsed.
+pub fn known_keys() -> Vec<(&'static str, Vec<String>)> {
+    fn expected(text: &str) -> Vec<String> {
+        let message = match toml::from_str::<FileConfig>(text) {
+            Err(e) => e.message().to_owned(),
+            Ok(_) => String::new(),
+        };
+        let list = message.split_once("expected").map_or("", |(_, l)| l);
+        let mut keys: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+    vec![
+        ("top", expected("zz_unknown = 1\n")),
+        ("listener", expected("[[listener]]\nzz_unknown = 1\n")),
+        (
+            "backend",
+            expected("[[listener]]\nlisten = \"x\"\nbackends = [{ zz_unknown = 1 }]\n"),
+        ),
+    ]
 }
 
 /// What a listener carries.
@@ -283,6 +313,8 @@ pub struct Config {
     /// that its next round moves more per system call (see `wazuh_proxy_core::pace`). Zero
     /// turns it off; a quiet proxy never waits.
     pub batch_window: Duration,
+    /// How log lines are written (read at start; a reload does not change it).
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Accepts a `batch_window` (file or command line) up to `pace::MAX_WINDOW`.
@@ -634,6 +666,7 @@ impl Config {
             admin,
             listeners,
             user: file.user.map(|u| u.into_inner()),
+            log_format: file.log_format.unwrap_or_default(),
         })
     }
 
@@ -664,6 +697,7 @@ impl Config {
             batch_window: DEFAULT_BATCH_WINDOW,
             admin: AdminSettings::default(),
             user: None,
+            log_format: crate::logging::LogFormat::default(),
             listeners: vec![Listener {
                 name: "agents".into(),
                 listen,
@@ -706,6 +740,7 @@ impl Config {
         if let Some(u) = &self.user {
             let _ = writeln!(out, "user = {}", toml_str(u));
         }
+        let _ = writeln!(out, "log_format = \"{}\"", self.log_format.name());
         for l in &self.listeners {
             let a = &l.agent;
             let _ = writeln!(out, "\n[[listener]]");

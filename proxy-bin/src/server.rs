@@ -69,6 +69,9 @@ pub enum StartError {
     /// Taking over from a previous process failed.
     #[error(transparent)]
     Upgrade(#[from] crate::upgrade::UpgradeError),
+    /// The PID file could not be written.
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
     /// The admin API could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -630,6 +633,8 @@ pub async fn shutdown_signal() {
 
 /// How `run` reloads and upgrades.
 pub struct RunOptions {
+    /// Where to write this process's ID once it serves.
+    pub pid_file: Option<std::path::PathBuf>,
     /// Reads the configuration again (SIGHUP); `None` when it came from the command line.
     pub reload: Option<Box<dyn Fn() -> Result<Config, crate::config::ConfigError> + Send>>,
     /// Set in a successor process: the old process's hand-over socket.
@@ -684,6 +689,11 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             crate::upgrade::notify_systemd("READY=1\n");
             admin
         }
+    };
+    // Before dropping privileges: the file may live where only root writes (/run).
+    let _pid_file = match &options.pid_file {
+        Some(path) => Some(crate::pidfile::PidFile::write(path)?),
+        None => None,
     };
     if let Some(user) = &config.user {
         drop_privileges(user)?;
