@@ -148,6 +148,8 @@ struct FileListener {
     connection_rate_per_source: Option<f64>,
     connection_burst_per_source: Option<f64>,
     source: Option<Spanned<String>>,
+    proxy_protocol: Option<Spanned<bool>>,
+    proxy_protocol_trusted: Option<Spanned<Vec<Spanned<String>>>>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -191,6 +193,42 @@ pub fn known_keys() -> Vec<(&'static str, Vec<String>)> {
             expected("[[listener]]\nlisten = \"x\"\nbackends = [{ zz_unknown = 1 }]\n"),
         ),
     ]
+}
+
+/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent and tcp kinds only.
+fn proxy_protocol_of(
+    l: &FileListener,
+    kind: ListenerKind,
+    src: &Source<'_>,
+) -> Result<Option<wazuh_proxy_core::proxy_protocol::ProxyProtocol>, ConfigError> {
+    let on = l.proxy_protocol.as_ref().map(|p| (*p.get_ref(), p.span()));
+    match (on, &l.proxy_protocol_trusted) {
+        (None | Some((false, _)), None) => Ok(None),
+        (None | Some((false, _)), Some(t)) => Err(src.error(
+            Some(t.span()),
+            "proxy_protocol_trusted is only used with proxy_protocol = true",
+        )),
+        (Some((true, span)), None) => Err(src.error(
+            Some(span),
+            "proxy_protocol = true needs proxy_protocol_trusted = [\"CIDR\", ...]: the load balancers allowed to send the header",
+        )),
+        (Some((true, span)), Some(t)) => {
+            if !matches!(kind, ListenerKind::Agent | ListenerKind::Tcp) {
+                return Err(src.error(
+                    Some(span),
+                    "proxy_protocol is supported on kind = \"agent\" and \"tcp\" listeners",
+                ));
+            }
+            if t.get_ref().is_empty() {
+                return Err(src.error(Some(t.span()), "proxy_protocol_trusted is empty"));
+            }
+            let mut trusted = Vec::new();
+            for c in t.get_ref() {
+                trusted.push(c.get_ref().parse().map_err(|e| src.error(Some(c.span()), e))?);
+            }
+            Ok(Some(wazuh_proxy_core::proxy_protocol::ProxyProtocol { trusted }))
+        }
+    }
 }
 
 /// What a listener carries.
@@ -546,6 +584,7 @@ impl Config {
                     }
                 };
             }
+            agent.proxy_protocol = proxy_protocol_of(&l, kind, &src)?;
             let enroll = if kind == ListenerKind::Enroll {
                 use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
                 let tls_dir = l
@@ -776,6 +815,11 @@ impl Config {
                     "proxy"
                 };
                 let _ = writeln!(out, "source = {source:?}");
+            }
+            if let Some(pp) = &a.proxy_protocol {
+                let trusted: Vec<String> = pp.trusted.iter().map(|c| format!("\"{c}\"")).collect();
+                let _ = writeln!(out, "proxy_protocol = true");
+                let _ = writeln!(out, "proxy_protocol_trusted = [{}]", trusted.join(", "));
             }
             let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
             let _ = writeln!(out, "idle_timeout = {:?}", od(a.idle_timeout));

@@ -367,6 +367,7 @@ async fn start_listener(
                 connect_timeout: l.agent.connect_timeout,
                 idle_timeout: l.agent.idle_timeout,
                 tcp_keepalive: l.agent.tcp_keepalive,
+                proxy_protocol: l.agent.proxy_protocol.clone(),
                 ..TcpRelayConfig::default()
             };
             let relay = Arc::new(TcpRelay::new(l.name.clone(), config, balancer));

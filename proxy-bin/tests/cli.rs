@@ -205,9 +205,36 @@ fn check_config_nginx_prints_every_importer_notice() {
         "ignoring the top-level directive pid",
         "skipping the events {} block",
         "skipping the http {} block",
-        "proxy_protocol",
+        "listen proxy_protocol without set_real_ip_from",
     ] {
         assert!(err.contains(want), "no notice {want:?} in:\n{err}");
     }
+    // The listen flag maps to the listener's PROXY protocol: from anyone, as nginx does...
+    let out_text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out_text.contains("proxy_protocol = true")
+            && out_text.contains("proxy_protocol_trusted = [\"0.0.0.0/0\", \"::/0\"]"),
+        "{out_text}"
+    );
+    // ...or from the set_real_ip_from networks.
+    let text = std::fs::read_to_string(&conf).unwrap().replace(
+        "stream {",
+        "stream {\n    set_real_ip_from 10.0.0.0/8;\n    set_real_ip_from 192.0.2.7;",
+    );
+    std::fs::write(&conf, text).unwrap();
+    let out = bin()
+        .args(["check-config", "--nginx", conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let out_text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out_text.contains("proxy_protocol_trusted = [\"10.0.0.0/8\", \"192.0.2.7/32\"]"),
+        "{out_text}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -93,6 +93,9 @@ pub struct AgentRelayConfig {
     /// which keys bound to an IP or a network need. Needs `CAP_NET_ADMIN`, and replies to the
     /// agents' addresses routed back through this host (see [`Balancer::connect_from`]).
     pub transparent: bool,
+    /// Read a PROXY protocol header (v1 or v2) first, from trusted senders only, and take the
+    /// client's address from it (default off).
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
 impl Default for AgentRelayConfig {
@@ -110,6 +113,7 @@ impl Default for AgentRelayConfig {
             reply_timeout: Some(Duration::from_secs(20)),
             source_limits: crate::limits::SourceLimits::default(),
             transparent: false,
+            proxy_protocol: None,
         }
     }
 }
@@ -663,7 +667,17 @@ impl AgentRelay {
         // Accepted sockets inherit the listener's TCP settings: none to set per connection.
         crate::net::tune_listener(&listener, self.config.tcp_keepalive);
         crate::net::accept_loop(&listener, &self.name, &stop, |stream, peer| {
-            tracker.spawn(self.clone().handle_tuned(stream, peer));
+            let relay = self.clone();
+            match self.config.proxy_protocol.clone() {
+                None => drop(tracker.spawn(relay.handle_tuned(stream, peer))),
+                Some(pp) => drop(tracker.spawn(pp.then(
+                    stream,
+                    peer,
+                    self.stats.clone(),
+                    self.name.clone(),
+                    move |s, p| relay.handle_tuned(s, p),
+                ))),
+            }
         })
         .await;
     }

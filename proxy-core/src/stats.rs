@@ -39,11 +39,13 @@ pub enum Rejection {
     ManagerPartialFrame,
     /// The source address reached its connection limit or opened connections too fast.
     SourceLimit,
+    /// A PROXY protocol listener got no valid header, or one from an untrusted sender.
+    ProxyProtocol,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 15] = [
+    pub const ALL: [Rejection; 16] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -59,6 +61,7 @@ impl Rejection {
         Rejection::Unverified,
         Rejection::ManagerPartialFrame,
         Rejection::SourceLimit,
+        Rejection::ProxyProtocol,
     ];
 
     /// The metric label.
@@ -79,6 +82,7 @@ impl Rejection {
             Rejection::Unverified => "unverified",
             Rejection::ManagerPartialFrame => "manager_partial_frame",
             Rejection::SourceLimit => "source_limit",
+            Rejection::ProxyProtocol => "proxy_protocol",
         }
     }
 
