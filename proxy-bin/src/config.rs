@@ -148,6 +148,7 @@ struct FileListener {
     connection_rate_per_source: Option<f64>,
     connection_burst_per_source: Option<f64>,
     source: Option<Spanned<String>>,
+    resolve_interval: Option<Dur>,
     proxy_protocol: Option<Spanned<bool>>,
     proxy_protocol_trusted: Option<Spanned<Vec<Spanned<String>>>>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
@@ -284,6 +285,31 @@ pub struct Listener {
     /// Agents moved back to their preferred manager every interval, at most this many (kind
     /// `agent`; `None`: only on request).
     pub rebalance: Option<(Duration, usize)>,
+    /// Backend names resolved again every interval (`resolve_interval`); `None`: resolved
+    /// once, when the configuration is loaded.
+    pub resolve: Option<Resolve>,
+}
+
+/// Periodic re-resolution of a listener's backend names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolve {
+    /// How often.
+    pub interval: Duration,
+    /// Backends given as addresses: always in the set.
+    pub literal: Vec<BackendConfig>,
+    /// Backends given as names: every address a name resolves to, with its settings.
+    pub named: Vec<NamedBackend>,
+}
+
+/// A backend given as `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBackend {
+    /// The name as written, `host:port`.
+    pub name: String,
+    /// Its settings; `addr` is replaced by each resolved address.
+    pub template: BackendConfig,
+    /// Whether it resolved when the configuration was loaded.
+    pub resolved_at_load: bool,
 }
 
 /// Where the admin HTTP API listens and who may use it.
@@ -506,10 +532,42 @@ impl Config {
                 agent.max_payload = *m.get_ref();
             }
             let mut backends = Vec::new();
+            let resolve_every = l.resolve_interval.map(|d| d.0).filter(|d| !d.is_zero());
+            let mut named = Vec::new();
+            let mut literal = Vec::new();
             for b in l.backends.get_ref() {
                 let fb = b.get_ref();
-                let addrs = resolve_all(fb.address.get_ref())
-                    .map_err(|e| src.error(Some(fb.address.span()), e))?;
+                let text = fb.address.get_ref();
+                let is_literal = text.parse::<SocketAddr>().is_ok();
+                let addrs = match resolve_all(text) {
+                    Ok(a) => a,
+                    // With re-resolution a name may resolve later: the backend waits for it.
+                    Err(_) if resolve_every.is_some() && !is_literal => Vec::new(),
+                    Err(e) => return Err(src.error(Some(fb.address.span()), e)),
+                };
+                let mut template = BackendConfig::new(SocketAddr::from(([0, 0, 0, 0], 0)));
+                if let Some(w) = fb.weight {
+                    template = template.with_weight(w);
+                }
+                if let Some(m) = fb.max_fails {
+                    template = template.with_max_fails(m);
+                }
+                if let Some(Dur(t)) = fb.fail_timeout {
+                    template = template.with_fail_timeout(t);
+                }
+                if fb.backup {
+                    template = template.as_backup();
+                }
+                if fb.down {
+                    template = template.as_down();
+                }
+                if resolve_every.is_some() && !is_literal {
+                    named.push(NamedBackend {
+                        name: text.clone(),
+                        template: template.clone(),
+                        resolved_at_load: !addrs.is_empty(),
+                    });
+                }
                 for addr in addrs {
                     let mut c = BackendConfig::new(addr);
                     if let Some(w) = fb.weight {
@@ -527,9 +585,25 @@ impl Config {
                     if fb.down {
                         c = c.as_down();
                     }
+                    if is_literal || resolve_every.is_none() {
+                        literal.push(c.clone());
+                    }
                     backends.push(c);
                 }
             }
+            if backends.is_empty() && !named.is_empty() {
+                return Err(src.error(
+                    Some(l.backends.span()),
+                    "no backend of this listener resolves yet: at least one must, to start (the others are added when they resolve)",
+                ));
+            }
+            let resolve = resolve_every
+                .filter(|_| !named.is_empty())
+                .map(|interval| Resolve {
+                    interval,
+                    literal,
+                    named,
+                });
             // The balancer's own validation (empty set, duplicates, weights, all down).
             if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
                 return Err(src.error(Some(l.backends.span()), e));
@@ -686,6 +760,7 @@ impl Config {
                 health,
                 rebalance,
                 enroll,
+                resolve,
             });
         }
         if let Some(u) = &file.user {
@@ -748,6 +823,7 @@ impl Config {
                 health: Some(wazuh_proxy_core::health::HealthCheck::default()),
                 rebalance: Some(DEFAULT_REBALANCE),
                 enroll: None,
+                resolve: None,
             }],
         })
     }
@@ -886,12 +962,24 @@ impl Config {
                 let _ = writeln!(out, "keys = {}", toml_str(&path.display().to_string()));
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));
             }
+            // With re-resolution the names stay names (and the output loads again).
+            let shown: Vec<(String, &BackendConfig)> = match &l.resolve {
+                Some(r) => {
+                    let _ = writeln!(out, "resolve_interval = {:?}", d(r.interval));
+                    r.literal
+                        .iter()
+                        .map(|b| (b.addr.to_string(), b))
+                        .chain(r.named.iter().map(|n| (n.name.clone(), &n.template)))
+                        .collect()
+                }
+                None => l.backends.iter().map(|b| (b.addr.to_string(), b)).collect(),
+            };
             let _ = writeln!(out, "backends = [");
-            for b in &l.backends {
+            for (address, b) in shown {
                 let _ = writeln!(
                     out,
-                    "  {{ address = \"{}\", weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
-                    b.addr, b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
+                    "  {{ address = {}, weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
+                    toml_str(&address), b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
                 );
             }
             let _ = writeln!(out, "]");

@@ -4,6 +4,7 @@ mod admin;
 mod demo;
 mod inspect;
 mod pidfile;
+mod resolve;
 mod server;
 mod upgrade;
 

@@ -269,6 +269,7 @@ impl Proxy {
                         || l.health != x.spec.health
                         || l.rebalance != x.spec.rebalance
                         || l.agent.transparent != x.spec.agent.transparent
+                        || l.agent.proxy_protocol != x.spec.agent.proxy_protocol
                     {
                         tracing::warn!(listener = %l.name,
                             "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
@@ -700,6 +701,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
         drop_privileges(user)?;
     }
     warn_if_not_transparent_capable(&config);
+    let mut watchers = crate::resolve::start(&config, &proxy);
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     loop {
@@ -719,6 +721,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                             if let Some(admin) = &admin {
                                 admin.refresh(&proxy);
                             }
+                            watchers.stop();
+                            watchers = crate::resolve::start(&new, &proxy);
                             warn_if_not_transparent_capable(&new);
                             tracing::info!("reload applied");
                         }
@@ -741,6 +745,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             }
         }
     }
+    watchers.stop();
     tokio::select! {
         _ = proxy.drain() => {}
         _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),
