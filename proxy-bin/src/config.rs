@@ -108,6 +108,7 @@ struct FileConfig {
     admin: Option<Spanned<String>>,
     admin_token_file: Option<Spanned<PathBuf>>,
     user: Option<Spanned<String>>,
+    log_format: Option<crate::logging::LogFormat>,
     #[serde(default)]
     listener: Vec<Spanned<FileListener>>,
 }
@@ -152,6 +153,9 @@ struct FileListener {
     connection_rate_per_source: Option<f64>,
     connection_burst_per_source: Option<f64>,
     source: Option<Spanned<String>>,
+    resolve_interval: Option<Dur>,
+    proxy_protocol: Option<Spanned<bool>>,
+    proxy_protocol_trusted: Option<Spanned<Vec<Spanned<String>>>>,
     backends: Spanned<Vec<Spanned<FileBackend>>>,
 }
 
@@ -166,6 +170,71 @@ struct FileBackend {
     backup: bool,
     #[serde(default)]
     down: bool,
+}
+
+/// Every key the configuration file accepts, by section: `top`, `listener` (`[[listener]]`)
+/// and `backend` (an entry of `backends`). Read from the parser itself (serde lists the
+/// expected fields when it meets an unknown one), so it cannot drift from what is parsed.
+pub fn known_keys() -> Vec<(&'static str, Vec<String>)> {
+    fn expected(text: &str) -> Vec<String> {
+        let message = match toml::from_str::<FileConfig>(text) {
+            Err(e) => e.message().to_owned(),
+            Ok(_) => String::new(),
+        };
+        let list = message.split_once("expected").map_or("", |(_, l)| l);
+        let mut keys: Vec<String> = list
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        keys.sort();
+        keys
+    }
+    vec![
+        ("top", expected("zz_unknown = 1\n")),
+        ("listener", expected("[[listener]]\nzz_unknown = 1\n")),
+        (
+            "backend",
+            expected("[[listener]]\nlisten = \"x\"\nbackends = [{ zz_unknown = 1 }]\n"),
+        ),
+    ]
+}
+
+/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent and tcp kinds only.
+fn proxy_protocol_of(
+    l: &FileListener,
+    kind: ListenerKind,
+    src: &Source<'_>,
+) -> Result<Option<wazuh_proxy_core::proxy_protocol::ProxyProtocol>, ConfigError> {
+    let on = l.proxy_protocol.as_ref().map(|p| (*p.get_ref(), p.span()));
+    match (on, &l.proxy_protocol_trusted) {
+        (None | Some((false, _)), None) => Ok(None),
+        (None | Some((false, _)), Some(t)) => Err(src.error(
+            Some(t.span()),
+            "proxy_protocol_trusted is only used with proxy_protocol = true",
+        )),
+        (Some((true, span)), None) => Err(src.error(
+            Some(span),
+            "proxy_protocol = true needs proxy_protocol_trusted = [\"CIDR\", ...]: the load balancers allowed to send the header",
+        )),
+        (Some((true, span)), Some(t)) => {
+            if !matches!(kind, ListenerKind::Agent | ListenerKind::Tcp) {
+                return Err(src.error(
+                    Some(span),
+                    "proxy_protocol is supported on kind = \"agent\" and \"tcp\" listeners",
+                ));
+            }
+            if t.get_ref().is_empty() {
+                return Err(src.error(Some(t.span()), "proxy_protocol_trusted is empty"));
+            }
+            let mut trusted = Vec::new();
+            for c in t.get_ref() {
+                trusted.push(c.get_ref().parse().map_err(|e| src.error(Some(c.span()), e))?);
+            }
+            Ok(Some(wazuh_proxy_core::proxy_protocol::ProxyProtocol { trusted }))
+        }
+    }
 }
 
 /// What a listener carries.
@@ -221,6 +290,31 @@ pub struct Listener {
     /// Agents moved back to their preferred manager every interval, at most this many (kind
     /// `agent`; `None`: only on request).
     pub rebalance: Option<(Duration, usize)>,
+    /// Backend names resolved again every interval (`resolve_interval`); `None`: resolved
+    /// once, when the configuration is loaded.
+    pub resolve: Option<Resolve>,
+}
+
+/// Periodic re-resolution of a listener's backend names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolve {
+    /// How often.
+    pub interval: Duration,
+    /// Backends given as addresses: always in the set.
+    pub literal: Vec<BackendConfig>,
+    /// Backends given as names: every address a name resolves to, with its settings.
+    pub named: Vec<NamedBackend>,
+}
+
+/// A backend given as `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedBackend {
+    /// The name as written, `host:port`.
+    pub name: String,
+    /// Its settings; `addr` is replaced by each resolved address.
+    pub template: BackendConfig,
+    /// Whether it resolved when the configuration was loaded.
+    pub resolved_at_load: bool,
 }
 
 /// Where the admin HTTP API listens and who may use it.
@@ -288,6 +382,8 @@ pub struct Config {
     /// that its next round moves more per system call (see `wazuh_proxy_core::pace`). Zero
     /// turns it off; a quiet proxy never waits.
     pub batch_window: Duration,
+    /// How log lines are written (read at start; a reload does not change it).
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Accepts a `batch_window` (file or command line) up to `pace::MAX_WINDOW`.
@@ -440,10 +536,42 @@ impl Config {
                 agent.max_payload = *m.get_ref();
             }
             let mut backends = Vec::new();
+            let resolve_every = l.resolve_interval.map(|d| d.0).filter(|d| !d.is_zero());
+            let mut named = Vec::new();
+            let mut literal = Vec::new();
             for b in l.backends.get_ref() {
                 let fb = b.get_ref();
-                let addrs = resolve_all(fb.address.get_ref())
-                    .map_err(|e| src.error(Some(fb.address.span()), e))?;
+                let text = fb.address.get_ref();
+                let is_literal = text.parse::<SocketAddr>().is_ok();
+                let addrs = match resolve_all(text) {
+                    Ok(a) => a,
+                    // With re-resolution a name may resolve later: the backend waits for it.
+                    Err(_) if resolve_every.is_some() && !is_literal => Vec::new(),
+                    Err(e) => return Err(src.error(Some(fb.address.span()), e)),
+                };
+                let mut template = BackendConfig::new(SocketAddr::from(([0, 0, 0, 0], 0)));
+                if let Some(w) = fb.weight {
+                    template = template.with_weight(w);
+                }
+                if let Some(m) = fb.max_fails {
+                    template = template.with_max_fails(m);
+                }
+                if let Some(Dur(t)) = fb.fail_timeout {
+                    template = template.with_fail_timeout(t);
+                }
+                if fb.backup {
+                    template = template.as_backup();
+                }
+                if fb.down {
+                    template = template.as_down();
+                }
+                if resolve_every.is_some() && !is_literal {
+                    named.push(NamedBackend {
+                        name: text.clone(),
+                        template: template.clone(),
+                        resolved_at_load: !addrs.is_empty(),
+                    });
+                }
                 for addr in addrs {
                     let mut c = BackendConfig::new(addr);
                     if let Some(w) = fb.weight {
@@ -461,9 +589,25 @@ impl Config {
                     if fb.down {
                         c = c.as_down();
                     }
+                    if is_literal || resolve_every.is_none() {
+                        literal.push(c.clone());
+                    }
                     backends.push(c);
                 }
             }
+            if backends.is_empty() && !named.is_empty() {
+                return Err(src.error(
+                    Some(l.backends.span()),
+                    "no backend of this listener resolves yet: at least one must, to start (the others are added when they resolve)",
+                ));
+            }
+            let resolve = resolve_every
+                .filter(|_| !named.is_empty())
+                .map(|interval| Resolve {
+                    interval,
+                    literal,
+                    named,
+                });
             // The balancer's own validation (empty set, duplicates, weights, all down).
             if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
                 return Err(src.error(Some(l.backends.span()), e));
@@ -538,6 +682,7 @@ impl Config {
             agent
                 .validate()
                 .map_err(|e| src.error(Some(span.clone()), format!("listener {}: {e}", i + 1)))?;
+            agent.proxy_protocol = proxy_protocol_of(&l, kind, &src)?;
             let enroll = if kind == ListenerKind::Enroll {
                 use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
                 let tls_dir = l
@@ -639,6 +784,7 @@ impl Config {
                 health,
                 rebalance,
                 enroll,
+                resolve,
             });
         }
         if let Some(u) = &file.user {
@@ -658,6 +804,7 @@ impl Config {
             admin,
             listeners,
             user: file.user.map(|u| u.into_inner()),
+            log_format: file.log_format.unwrap_or_default(),
         })
     }
 
@@ -688,6 +835,7 @@ impl Config {
             batch_window: DEFAULT_BATCH_WINDOW,
             admin: AdminSettings::default(),
             user: None,
+            log_format: crate::logging::LogFormat::default(),
             listeners: vec![Listener {
                 name: "agents".into(),
                 listen,
@@ -699,6 +847,7 @@ impl Config {
                 health: Some(wazuh_proxy_core::health::HealthCheck::default()),
                 rebalance: Some(DEFAULT_REBALANCE),
                 enroll: None,
+                resolve: None,
             }],
         })
     }
@@ -730,6 +879,7 @@ impl Config {
         if let Some(u) = &self.user {
             let _ = writeln!(out, "user = {}", toml_str(u));
         }
+        let _ = writeln!(out, "log_format = \"{}\"", self.log_format.name());
         for l in &self.listeners {
             let a = &l.agent;
             let _ = writeln!(out, "\n[[listener]]");
@@ -774,6 +924,11 @@ impl Config {
                     "proxy"
                 };
                 let _ = writeln!(out, "source = {source:?}");
+            }
+            if let Some(pp) = &a.proxy_protocol {
+                let trusted: Vec<String> = pp.trusted.iter().map(|c| format!("\"{c}\"")).collect();
+                let _ = writeln!(out, "proxy_protocol = true");
+                let _ = writeln!(out, "proxy_protocol_trusted = [{}]", trusted.join(", "));
             }
             let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
             let _ = writeln!(out, "idle_timeout = {:?}", od(a.idle_timeout));
@@ -840,12 +995,24 @@ impl Config {
                 let _ = writeln!(out, "keys = {}", toml_str(&path.display().to_string()));
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));
             }
+            // With re-resolution the names stay names (and the output loads again).
+            let shown: Vec<(String, &BackendConfig)> = match &l.resolve {
+                Some(r) => {
+                    let _ = writeln!(out, "resolve_interval = {:?}", d(r.interval));
+                    r.literal
+                        .iter()
+                        .map(|b| (b.addr.to_string(), b))
+                        .chain(r.named.iter().map(|n| (n.name.clone(), &n.template)))
+                        .collect()
+                }
+                None => l.backends.iter().map(|b| (b.addr.to_string(), b)).collect(),
+            };
             let _ = writeln!(out, "backends = [");
-            for b in &l.backends {
+            for (address, b) in shown {
                 let _ = writeln!(
                     out,
-                    "  {{ address = \"{}\", weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
-                    b.addr, b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
+                    "  {{ address = {}, weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
+                    toml_str(&address), b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
                 );
             }
             let _ = writeln!(out, "]");

@@ -2,4 +2,5 @@
 //! be fuzzed and tested on their own; the binary uses them from here.
 
 pub mod config;
+pub mod logging;
 pub mod nginx;

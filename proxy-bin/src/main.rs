@@ -3,13 +3,16 @@
 mod admin;
 mod demo;
 mod inspect;
+mod pidfile;
+mod resolve;
 mod server;
 mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use wazuh_proxy::logging::{self, LogFormat};
 use wazuh_proxy::{config, nginx};
 use wazuh_proxy_core::balance::Policy;
 
@@ -23,11 +26,24 @@ use crate::config::Config;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Exit statuses, for scripts and service managers (docs/operations.md).
+mod exit {
+    /// Success.
+    pub(crate) const OK: u8 = 0;
+    /// A runtime failure: a listener that cannot bind, a proxy that cannot be reached, ...
+    pub(crate) const RUNTIME: u8 = 1;
+    /// Bad command-line usage (clap exits with the same status for its own errors).
+    pub(crate) const USAGE: u8 = 2;
+    /// The configuration is invalid (nothing was started).
+    pub(crate) const CONFIG: u8 = 3;
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "wazuh-proxy",
     version,
-    about = "A load balancer that understands the Wazuh agent protocol"
+    about = "A load balancer that understands the Wazuh agent protocol",
+    after_help = "Exit status: 0 ok, 1 runtime failure, 2 usage error, 3 invalid configuration."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,17 +63,21 @@ enum Command {
         nginx: bool,
     },
     /// Upgrade a running proxy to the binary now installed, without refusing a connection or
-    /// disconnecting an agent (sends it SIGUSR2).
-    Upgrade {
-        /// The running proxy's process ID.
-        #[arg(long)]
-        pid: u32,
+    /// disconnecting an agent (SIGUSR2, or POST /upgrade on the admin API).
+    Upgrade(ControlArgs),
+    /// Re-read a running proxy's configuration (SIGHUP, or POST /reload on the admin API).
+    Reload(ControlArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
-    /// Re-read a running proxy's configuration (sends it SIGHUP).
-    Reload {
-        /// The running proxy's process ID.
-        #[arg(long)]
-        pid: u32,
+    /// Print the manual page (roff) to standard output (`wazuh-proxy man > wazuh-proxy.1`), or
+    /// write it and one page per subcommand (wazuh-proxy-run.1, ...) into a directory.
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
     },
     /// Start two stand-in managers, the proxy and a few agents on loopback, and show where each agent goes.
     Demo {
@@ -79,8 +99,33 @@ enum Command {
     Drain(admin::client::DrainArgs),
 }
 
+/// Which running proxy `reload` and `upgrade` address: exactly one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false, id = "target")]
+struct ControlArgs {
+    /// The running proxy's process ID (it is sent the signal).
+    #[arg(long, group = "target")]
+    pid: Option<u32>,
+    /// A file holding the running proxy's process ID (`run --pid-file`).
+    #[arg(long, value_name = "PATH", group = "target")]
+    pid_file: Option<PathBuf>,
+    /// The running proxy's admin API (host:port): asks it over HTTP instead of a signal.
+    #[arg(long, value_name = "ADDR", group = "target")]
+    admin: Option<String>,
+    /// With --admin: file holding the bearer token.
+    #[arg(long, value_name = "PATH", requires = "admin")]
+    admin_token_file: Option<PathBuf>,
+}
+
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// Log format: text (default: the config's `log_format`, else text) or json (one object
+    /// per line).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Write this process's ID to PATH once the listeners are bound (removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     /// TOML config file.
     #[arg(long, short, conflicts_with_all = ["listen", "backend"])]
     config: Option<PathBuf>,
@@ -127,16 +172,6 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
     s.parse::<Policy>().map_err(|e| e.to_string())
 }
 
-fn init_logs() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(wazuh_proxy_core::pace::before_park)
@@ -145,31 +180,64 @@ fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("wazuh-proxy: {message}");
-    ExitCode::FAILURE
+    fail_with(exit::RUNTIME, message)
 }
 
-/// Sends a signal to a running proxy (the `kill` utility: no libc binding needed for one call).
-fn signal(pid: u32, sig: &str) -> ExitCode {
-    match std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-    {
-        Ok(s) if s.success() => ExitCode::SUCCESS,
-        Ok(s) => fail(format!("kill -{sig} {pid} failed ({s})")),
-        Err(e) => fail(format!("cannot run kill: {e}")),
+fn fail_with(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("wazuh-proxy: {message}");
+    ExitCode::from(code)
+}
+
+/// A configuration error: exit status 3, except a file that cannot be read at all (1).
+fn config_failed(e: config::ConfigError) -> ExitCode {
+    match e {
+        config::ConfigError::Read { .. } => fail(e),
+        config::ConfigError::Invalid { .. } => fail_with(exit::CONFIG, e),
+    }
+}
+
+/// `reload` and `upgrade`: a signal to the process (by ID or PID file), or a request to its
+/// admin API. The signal is sent with kill(2) directly.
+fn control(args: &ControlArgs, signal: nix::sys::signal::Signal, path: &str) -> ExitCode {
+    if let Some(admin) = &args.admin {
+        return admin::client::control(
+            admin,
+            args.admin_token_file.clone(),
+            std::time::Duration::from_secs(5),
+            path,
+        );
+    }
+    let pid = match (&args.pid, &args.pid_file) {
+        (Some(pid), _) => *pid,
+        (None, Some(file)) => match pidfile::read(file) {
+            Ok(pid) => pid,
+            Err(e) => return fail(e),
+        },
+        (None, None) => return fail_with(exit::USAGE, "give --pid, --pid-file or --admin"),
+    };
+    let Ok(raw) = i32::try_from(pid) else {
+        return fail_with(exit::USAGE, format!("{pid} is not a process ID"));
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => fail(format!("cannot send {signal} to process {pid}: {e}")),
     }
 }
 
 fn main() -> ExitCode {
+    admin::process::started();
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
-            init_logs();
+            // The file's log_format is read first, so the load itself logs in that format.
+            let format = args
+                .log_format
+                .or_else(|| args.config.as_deref().and_then(logging::format_in_file))
+                .unwrap_or_default();
+            logging::init(format);
             let admin_listen = match args.admin.as_deref().map(config::parse_admin).transpose() {
                 Ok(a) => a,
-                Err(e) => return fail(format!("--{e}")),
+                Err(e) => return fail_with(exit::USAGE, format!("--{e}")),
             };
             let token = args.admin_token_file.clone();
             let window = args.batch_window;
@@ -202,14 +270,15 @@ fn main() -> ExitCode {
                 (Some(load), _) => load(),
                 (None, Some(listen)) => Config::quick(listen, &args.backend, args.balance).map(&apply),
                 (None, None) => {
-                    return fail("run needs --config FILE, --nginx-config FILE, or --listen ADDR with --backend ADDR")
+                    return fail_with(exit::USAGE, "run needs --config FILE, --nginx-config FILE, or --listen ADDR with --backend ADDR")
                 }
             };
             let config = match config {
                 Ok(c) => c,
-                Err(e) => return fail(e),
+                Err(e) => return config_failed(e),
             };
             let options = server::RunOptions {
+                pid_file: args.pid_file.clone(),
                 reload,
                 takeover: args.takeover.clone(),
                 upgrade_socket: args.upgrade_socket.clone(),
@@ -223,20 +292,43 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::CheckConfig { file, nginx } => match if nginx {
-            nginx::load(&file)
-        } else {
-            Config::load(&file)
-        } {
-            Ok(c) => {
-                print!("{}", c.to_toml());
-                ExitCode::SUCCESS
+        Command::CheckConfig { file, nginx } => {
+            // The importer's notices (what it skipped or reads differently) go to stderr.
+            logging::init(LogFormat::Text);
+            match if nginx {
+                nginx::load(&file)
+            } else {
+                Config::load(&file)
+            } {
+                Ok(c) => {
+                    print!("{}", c.to_toml());
+                    ExitCode::from(exit::OK)
+                }
+                Err(e) => config_failed(e),
             }
-            Err(e) => fail(e),
-        },
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "wazuh-proxy",
+                &mut std::io::stdout(),
+            );
+            ExitCode::from(exit::OK)
+        }
+        Command::Man { out_dir } => {
+            let written = match &out_dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            };
+            match written {
+                Ok(()) => ExitCode::from(exit::OK),
+                Err(e) => fail(format!("cannot write the manual pages: {e}")),
+            }
+        }
         Command::Demo { agents } => {
             if std::env::var_os("RUST_LOG").is_some() {
-                init_logs();
+                logging::init(LogFormat::Text);
             }
             let rt = match runtime() {
                 Ok(rt) => rt,
@@ -251,8 +343,8 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         },
-        Command::Upgrade { pid } => signal(pid, "USR2"),
-        Command::Reload { pid } => signal(pid, "HUP"),
+        Command::Upgrade(args) => control(&args, nix::sys::signal::Signal::SIGUSR2, "/upgrade"),
+        Command::Reload(args) => control(&args, nix::sys::signal::Signal::SIGHUP, "/reload"),
         Command::Health(args) => admin::client::health(&args),
         Command::Sessions(args) => admin::client::sessions(&args),
         Command::Backends(args) => admin::client::backends(&args),

@@ -10,7 +10,8 @@
 //!     hash $remote_addr [consistent];   # or: least_conn; or: random [two [least_conn]];
 //! }
 //! server {
-//!     listen [ADDR:]PORT [udp];         # other listen flags are ignored with a notice
+//!     listen [ADDR:]PORT [udp] [proxy_protocol];   # other flags are ignored with a notice
+//!     set_real_ip_from ADDR|CIDR;       # who may send the PROXY header (also in stream)
 //!     proxy_pass NAME | ADDR:PORT;
 //!     proxy_timeout T;                  # idle_timeout
 //!     proxy_connect_timeout T;          # connect_timeout
@@ -36,6 +37,11 @@
 //!   overall limit: that is `proxy_next_upstream on` with `tries 0` and `timeout 0`. Other
 //!   values are accepted with a warning.
 //! * `worker_shutdown_timeout` (top level) is the drain time after SIGTERM.
+//! * `listen ... proxy_protocol` is the listener's `proxy_protocol = true`, trusting the
+//!   `set_real_ip_from` networks of the server (else of the stream). Without any, the header
+//!   is accepted from every address, as nginx does, with a warning that any client can then
+//!   claim any address. Unlike nginx, a sender outside the trusted networks is refused rather
+//!   than served under its own address.
 //!
 //! Everything else at the top level (`user`, `worker_processes`, `pid`, `load_module`,
 //! `error_log`, and the `http`, `events` and `mail` blocks) is skipped with a notice, and
@@ -59,6 +65,7 @@ use std::time::Duration;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 
 use crate::config::{Config, ConfigError, Listener, ListenerKind, DEFAULT_DRAIN};
+use wazuh_proxy_core::proxy_protocol::{Cidr, ProxyProtocol};
 
 /// The largest file read (main file or include).
 pub const MAX_FILE_SIZE: u64 = 1024 * 1024;
@@ -632,8 +639,10 @@ impl Loader<'_> {
         let mut upstreams: Vec<Upstream> = Vec::new();
         let mut servers: Vec<Server> = Vec::new();
         let mut defaults = Proxy::default();
+        let mut real_ip_from: Vec<Cidr> = Vec::new();
         for d in block {
             match d.name() {
+                "set_real_ip_from" => real_ip_from.push(self.real_ip_from(&d)?),
                 "upstream" => {
                     let up = self.upstream(d)?;
                     if let Some(o) = upstreams.iter().find(|u| u.name == up.name) {
@@ -703,7 +712,8 @@ impl Loader<'_> {
             {
                 tracing::warn!("nginx: proxy_next_upstream_tries and proxy_next_upstream_timeout are not enforced; every manager is tried once");
             }
-            for l in &s.listens {
+            for lst in &s.listens {
+                let l = lst;
                 let kind = if l.udp {
                     ListenerKind::Udp
                 } else if l.port == AGENT_PORT {
@@ -736,6 +746,14 @@ impl Loader<'_> {
                     l.balance = policy;
                     l.backends = backends.clone();
                     l.agent = agent.clone();
+                    if lst.proxy_protocol {
+                        let from = if s.real_ip_from.is_empty() {
+                            &real_ip_from
+                        } else {
+                            &s.real_ip_from
+                        };
+                        l.agent.proxy_protocol = Some(proxy_protocol_from(&l.name, addr, from));
+                    }
                     listeners.push(l);
                 }
             }
@@ -970,6 +988,7 @@ impl Loader<'_> {
             listens: Vec::new(),
             proxy_pass: None,
             proxy: Proxy::default(),
+            real_ip_from: Vec::new(),
         };
         for s in block {
             match s.name() {
@@ -990,6 +1009,7 @@ impl Loader<'_> {
                     }
                     server.proxy_pass = Some(target.clone());
                 }
+                "set_real_ip_from" => server.real_ip_from.push(self.real_ip_from(&s)?),
                 _ if self.proxy_setting(&mut server.proxy, &s)? => {}
                 _ if self.harmless(&s) => {}
                 other => {
@@ -1015,10 +1035,12 @@ impl Loader<'_> {
             return Err(arg_count(self, &d.name));
         };
         let mut udp = false;
+        let mut proxy_protocol = false;
         for f in flags {
             match f.text.as_str() {
                 "udp" => udp = true,
-                "ssl" | "proxy_protocol" => tracing::warn!(
+                "proxy_protocol" => proxy_protocol = true,
+                "ssl" => tracing::warn!(
                     "nginx: listen {} {}: flag ignored; the proxy relays the bytes as they come",
                     addr.text,
                     f.text
@@ -1048,12 +1070,28 @@ impl Loader<'_> {
                 (self.addrs(host, port, addr)?, port)
             }
         };
+        if udp && proxy_protocol {
+            return Err(self.err(addr.pos, "proxy_protocol on a udp listen is not supported"));
+        }
         Ok(Listen {
             addrs,
             port,
             udp,
+            proxy_protocol,
             pos: addr.pos,
         })
+    }
+
+    /// `set_real_ip_from ADDRESS|CIDR;` (the realip module): who may send a PROXY header.
+    fn real_ip_from(&self, d: &Directive) -> Result<Cidr, ConfigError> {
+        no_block(self, d)?;
+        let [w] = d.args.as_slice() else {
+            return Err(arg_count(self, &d.name));
+        };
+        if w.text == "unix:" {
+            return Err(self.err(w.pos, "set_real_ip_from unix: is not supported"));
+        }
+        w.text.parse().map_err(|e: String| self.err(w.pos, e))
     }
 
     /// Reads a `proxy_*` setting into `p`; false if `d` is not one.
@@ -1173,10 +1211,32 @@ struct Upstream {
     backends: Vec<BackendConfig>,
 }
 
+/// `listen ... proxy_protocol`: the header is read from the `set_real_ip_from` networks; with
+/// none, from anyone, as nginx does (with a warning: any client can then claim any address).
+fn proxy_protocol_from(name: &str, addr: SocketAddr, from: &[Cidr]) -> ProxyProtocol {
+    if from.is_empty() {
+        tracing::warn!(
+            "nginx: {name} on {addr}: listen proxy_protocol without set_real_ip_from: the header is accepted from any address, as nginx does, so any client can claim any address; add set_real_ip_from (proxy_protocol_trusted in TOML) to restrict it"
+        );
+        return ProxyProtocol {
+            trusted: Cidr::ANY.to_vec(),
+        };
+    }
+    let list: Vec<String> = from.iter().map(ToString::to_string).collect();
+    tracing::info!(
+        "nginx: {name} on {addr}: PROXY protocol header read from set_real_ip_from ({}); connections from other addresses are refused",
+        list.join(", ")
+    );
+    ProxyProtocol {
+        trusted: from.to_vec(),
+    }
+}
+
 struct Listen {
     addrs: Vec<SocketAddr>,
     port: u16,
     udp: bool,
+    proxy_protocol: bool,
     pos: Pos,
 }
 
@@ -1185,6 +1245,8 @@ struct Server {
     listens: Vec<Listen>,
     proxy_pass: Option<Word>,
     proxy: Proxy,
+    /// `set_real_ip_from` of this server (replaces the stream's, as in nginx).
+    real_ip_from: Vec<Cidr>,
 }
 
 /// The `proxy_*` settings of one level (stream or server); unset ones inherit.

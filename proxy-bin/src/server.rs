@@ -69,6 +69,9 @@ pub enum StartError {
     /// Taking over from a previous process failed.
     #[error(transparent)]
     Upgrade(#[from] crate::upgrade::UpgradeError),
+    /// The PID file could not be written.
+    #[error(transparent)]
+    PidFile(#[from] crate::pidfile::PidFileError),
     /// The admin API could not start.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -266,6 +269,7 @@ impl Proxy {
                         || l.health != x.spec.health
                         || l.rebalance != x.spec.rebalance
                         || l.agent.transparent != x.spec.agent.transparent
+                        || l.agent.proxy_protocol != x.spec.agent.proxy_protocol
                     {
                         tracing::warn!(listener = %l.name,
                             "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
@@ -364,6 +368,7 @@ async fn start_listener(
                 connect_timeout: l.agent.connect_timeout,
                 idle_timeout: l.agent.idle_timeout,
                 tcp_keepalive: l.agent.tcp_keepalive,
+                proxy_protocol: l.agent.proxy_protocol.clone(),
                 ..TcpRelayConfig::default()
             };
             let relay = Arc::new(TcpRelay::new(l.name.clone(), config, balancer));
@@ -630,6 +635,8 @@ pub async fn shutdown_signal() {
 
 /// How `run` reloads and upgrades.
 pub struct RunOptions {
+    /// Where to write this process's ID once it serves.
+    pub pid_file: Option<std::path::PathBuf>,
     /// Reads the configuration again (SIGHUP); `None` when it came from the command line.
     pub reload: Option<Box<dyn Fn() -> Result<Config, crate::config::ConfigError> + Send>>,
     /// Set in a successor process: the old process's hand-over socket.
@@ -685,10 +692,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             admin
         }
     };
+    // Before dropping privileges: the file may live where only root writes (/run).
+    let _pid_file = match &options.pid_file {
+        Some(path) => Some(crate::pidfile::PidFile::write(path)?),
+        None => None,
+    };
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
     warn_if_not_transparent_capable(&config);
+    let mut watchers = crate::resolve::start(&config, &proxy);
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     loop {
@@ -708,6 +721,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                             if let Some(admin) = &admin {
                                 admin.refresh(&proxy);
                             }
+                            watchers.stop();
+                            watchers = crate::resolve::start(&new, &proxy);
                             warn_if_not_transparent_capable(&new);
                             tracing::info!("reload applied");
                         }
@@ -730,6 +745,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             }
         }
     }
+    watchers.stop();
     tokio::select! {
         _ = proxy.drain() => {}
         _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),

@@ -116,7 +116,22 @@ fn write_config(
 fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.last(), Some(&"# EOF"), "no EOF marker:\n{text}");
-    let samples = lines.iter().filter(|l| !l.starts_with('#')).count();
+    // The parser folds a histogram's _bucket lines into one sample (the histograms here have
+    // no labels); _sum and _count are samples of their own.
+    let histograms: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" histogram"))
+        .collect();
+    let samples = lines
+        .iter()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            !histograms
+                .iter()
+                .any(|h| l.starts_with(&format!("{h}_bucket")))
+        })
+        .count()
+        + histograms.len();
     let scrape = prometheus_parse::Scrape::parse(lines.iter().map(|l| Ok(l.to_string()))).unwrap();
     assert_eq!(
         scrape.samples.len(),
@@ -125,7 +140,10 @@ fn parse_metrics(text: &str) -> prometheus_parse::Scrape {
     );
     for l in lines.iter().filter(|l| l.starts_with("# TYPE ")) {
         let name = l.split(' ').nth(2).unwrap();
-        assert!(name.starts_with("wazuh_proxy_"), "{l}");
+        assert!(
+            name.starts_with("wazuh_proxy_") || name.starts_with("process_"),
+            "{l}"
+        );
     }
     scrape
 }

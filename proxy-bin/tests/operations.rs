@@ -282,9 +282,9 @@ async fn a_drained_manager_stays_drained_across_reload_and_upgrade() {
         at_m1,
         "an agent reached the drained manager after an upgrade"
     );
-    // Undrained, it is back in rotation.
-    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
-    assert!(ok, "{out}");
+    // Undrained (once the new process's admin API is up), it is back in rotation.
+    let undo = ["drain", &m1.addr().to_string(), "--undo", "--admin", &admin];
+    until("undrained through the new process", || cli(&undo).0).await;
     let _fourth = agents(listen, 101..=140).await;
     assert!(m1.accepted() > at_m1, "the undrained manager got no agent");
 }

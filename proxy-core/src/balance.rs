@@ -1009,7 +1009,7 @@ impl Balancer {
     /// made IP-transparent (`IP_TRANSPARENT`, which needs `CAP_NET_ADMIN` or `CAP_NET_RAW`)
     /// and bound to `(source, 0)` before it connects, so the manager sees the agent's own
     /// address. Replies reach the socket only if the managers route `source` back through
-    /// this host and the host delivers them locally (see the README, "Agent source
+    /// this host and the host delivers them locally (see docs/configuration.md, "Agent source
     /// addresses"); replies that go elsewhere look like a manager that does not answer.
     ///
     /// A source of the other address family than a backend, or a socket that cannot be set up
@@ -1060,8 +1060,10 @@ impl Balancer {
                 // marked (the all-failed fallback) would repeat it for every agent.
                 let was_available = self.is_available(idx, Instant::now());
                 let guard = self.open(idx);
+                let dialed = Instant::now();
                 let error = match tokio::time::timeout(connect_timeout, dial(addr, source)).await {
                     Ok(Ok(stream)) => {
+                        crate::timing::UPSTREAM_CONNECT.record(dialed.elapsed());
                         if let Err(e) = stream.set_nodelay(true) {
                             tracing::debug!(backend = %addr, error = %e, "TCP_NODELAY not set");
                         }

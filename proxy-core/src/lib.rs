@@ -9,6 +9,7 @@
 // One audited exception: taking ownership of descriptors received over SCM_RIGHTS (handover).
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod balance;
 pub mod cipher;
 pub mod control;
@@ -22,10 +23,12 @@ pub mod keys;
 pub mod limits;
 pub mod net;
 pub mod pace;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod sim;
 pub mod stats;
 pub mod tcp;
+pub mod timing;
 pub mod udp;
 pub mod verify;

@@ -45,11 +45,13 @@ pub enum Rejection {
     AgentBackoff,
     /// Another connection of the same agent is live and was heard from recently.
     Overtake,
+    /// A PROXY protocol listener got no valid header, or one from an untrusted sender.
+    ProxyProtocol,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 18] = [
+    pub const ALL: [Rejection; 19] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -68,6 +70,7 @@ impl Rejection {
         Rejection::AgentRefused,
         Rejection::AgentBackoff,
         Rejection::Overtake,
+        Rejection::ProxyProtocol,
     ];
 
     /// The metric label.
@@ -91,6 +94,7 @@ impl Rejection {
             Rejection::AgentRefused => "agent_refused",
             Rejection::AgentBackoff => "agent_backoff",
             Rejection::Overtake => "overtake",
+            Rejection::ProxyProtocol => "proxy_protocol",
         }
     }
 

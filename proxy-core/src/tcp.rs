@@ -65,6 +65,8 @@ pub struct TcpRelayConfig {
     /// Bytes asked of the kernel per read, per direction (default 16 KiB). The buffer exists
     /// only while bytes are in flight.
     pub buffer_size: usize,
+    /// Read a PROXY protocol header first, from trusted senders only (default off).
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
 impl Default for TcpRelayConfig {
@@ -74,6 +76,7 @@ impl Default for TcpRelayConfig {
             idle_timeout: Some(Duration::from_secs(600)),
             tcp_keepalive: Some(Duration::from_secs(60)),
             buffer_size: 16 * 1024,
+            proxy_protocol: None,
         }
     }
 }
@@ -216,7 +219,17 @@ impl TcpRelay {
         tracker: TaskTracker,
     ) {
         crate::net::accept_loop(&listener, &self.name, &stop, |stream, peer| {
-            tracker.spawn(self.clone().handle(stream, peer));
+            let relay = self.clone();
+            match self.config.proxy_protocol.clone() {
+                None => drop(tracker.spawn(relay.handle(stream, peer))),
+                Some(pp) => drop(tracker.spawn(pp.then(
+                    stream,
+                    peer,
+                    self.stats.clone(),
+                    self.name.clone(),
+                    move |s, p| relay.handle(s, p),
+                ))),
+            }
         })
         .await;
     }

@@ -462,7 +462,7 @@ async fn a_half_open_agent_is_closed_after_its_frames_are_delivered() {
     wait_for("the session to end", 5, || {
         lines_about(client)
             .iter()
-            .any(|l| l.contains("reason=agent closed the connection"))
+            .any(|l| l.contains("reason=\"agent_closed\""))
     })
     .await;
     assert!(lines_about(client).iter().all(|l| !l.contains("WARN")));

@@ -80,7 +80,19 @@ pub(crate) fn health(shared: &Shared) -> (bool, Value) {
                 "backends_available": available,
                 "backends_total": balancer.backends().len(),
             });
-            if let Some(p) = problem {
+            // Backend names that do not resolve (resolve_interval): unavailable until they do.
+            let unresolved = crate::resolve::unresolved(&t.name);
+            if !unresolved.is_empty() {
+                v["unresolved"] = json!(unresolved
+                    .iter()
+                    .map(|(name, error)| json!({"backend": name, "error": error}))
+                    .collect::<Vec<_>>());
+            }
+            if let Some(mut p) = problem {
+                if !unresolved.is_empty() {
+                    let names: Vec<&str> = unresolved.iter().map(|(n, _)| n.as_str()).collect();
+                    p.push_str(&format!("; not resolving: {}", names.join(", ")));
+                }
                 v["reason"] = json!(p);
                 reasons.push(p);
             }

@@ -498,6 +498,22 @@ pub fn drain(args: &DrainArgs) -> ExitCode {
     )
 }
 
+/// `wazuh-proxy reload|upgrade --admin ADDR`: asks the proxy behind the admin API to re-read
+/// its configuration (`/reload`) or to upgrade to the installed binary (`/upgrade`).
+pub fn control(
+    admin: &str,
+    token_file: Option<PathBuf>,
+    timeout: Duration,
+    path: &str,
+) -> ExitCode {
+    let conn = Connection {
+        admin: admin.to_owned(),
+        admin_token_file: token_file,
+        timeout,
+    };
+    act(&conn, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,6 +72,27 @@ pub(crate) mod names {
     pub(crate) const UDP_SEND_FAILURES: &str = "wazuh_proxy_udp_send_failures";
     /// Counter (process-wide): pauses taken before sleeping after a busy round (`batch_window`).
     pub(crate) const BATCH_PAUSES: &str = "wazuh_proxy_batch_pauses";
+    /// Counter: agents kept connected and moved after their manager failed.
+    pub(crate) const FAILOVERS: &str = "wazuh_proxy_failovers";
+    /// Counter: agents moved on request (drain, rebalance) without disconnecting.
+    pub(crate) const MOVES: &str = "wazuh_proxy_moves";
+    /// Counter: frames written to managers that then failed.
+    pub(crate) const FRAMES_AT_RISK: &str = "wazuh_proxy_frames_at_risk";
+    /// Gauge (process-wide): agents held, waiting for a reachable manager.
+    pub(crate) const AGENTS_HELD: &str = "wazuh_proxy_agents_held";
+    /// Gauge 1, label `version`.
+    pub(crate) const BUILD_INFO: &str = "wazuh_proxy_build_info";
+    /// Histogram (process-wide): TCP connect time to managers.
+    pub(crate) const UPSTREAM_CONNECT_SECONDS: &str = "wazuh_proxy_upstream_connect_seconds";
+    /// Histogram (process-wide): manager failure to relaying through the next one.
+    pub(crate) const FAILOVER_SECONDS: &str = "wazuh_proxy_failover_seconds";
+    /// Process metrics, the names client libraries use.
+    pub(crate) const PROCESS_OPEN_FDS: &str = "process_open_fds";
+    pub(crate) const PROCESS_MAX_FDS: &str = "process_max_fds";
+    pub(crate) const PROCESS_RESIDENT_MEMORY: &str = "process_resident_memory_bytes";
+    pub(crate) const PROCESS_VIRTUAL_MEMORY: &str = "process_virtual_memory_bytes";
+    pub(crate) const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds";
+    pub(crate) const PROCESS_START_TIME: &str = "process_start_time_seconds";
 }
 
 use names::*;
@@ -140,6 +161,94 @@ impl Sample for G {
     }
 }
 
+/// A counter with a fractional value (seconds).
+struct CF(f64);
+
+impl Sample for CF {
+    const TYPE: MetricType = MetricType::Counter;
+    fn encode(&self, m: &mut prometheus_client::encoding::MetricEncoder) -> fmt::Result {
+        m.encode_counter::<NoLabelSet, f64, u64>(&self.0, None)
+    }
+}
+
+/// A histogram.
+struct H(wazuh_proxy_core::timing::HistogramSnapshot);
+
+impl Sample for H {
+    const TYPE: MetricType = MetricType::Histogram;
+    fn encode(&self, m: &mut prometheus_client::encoding::MetricEncoder) -> fmt::Result {
+        m.encode_histogram::<NoLabelSet>(self.0.sum, self.0.count, &self.0.buckets, None)
+    }
+}
+
+/// Build, process and process-wide relay metrics (no listener label).
+fn process_wide(e: &mut DescriptorEncoder) -> fmt::Result {
+    family(
+        e,
+        BUILD_INFO,
+        "The running build (always 1).",
+        [(
+            vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+            G(1),
+        )],
+    )?;
+    single(
+        e,
+        AGENTS_HELD,
+        "Agents held now: connected, waiting for a manager to become reachable (hold_timeout).",
+        gauge_of(wazuh_proxy_core::timing::held()),
+    )?;
+    single(
+        e,
+        UPSTREAM_CONNECT_SECONDS,
+        "Time to establish a TCP connection to a manager (successful connects).",
+        H(wazuh_proxy_core::timing::UPSTREAM_CONNECT.snapshot()),
+    )?;
+    single(
+        e,
+        FAILOVER_SECONDS,
+        "Time from a manager's failure to the agent relaying through the next manager, without disconnecting it.",
+        H(wazuh_proxy_core::timing::FAILOVER.snapshot()),
+    )?;
+    let p = super::process::read();
+    if let Some(v) = p.open_fds {
+        single(e, PROCESS_OPEN_FDS, "Open file descriptors.", G(v))?;
+    }
+    if let Some(v) = p.max_fds {
+        single(
+            e,
+            PROCESS_MAX_FDS,
+            "Limit of open file descriptors (soft).",
+            G(v),
+        )?;
+    }
+    if let Some(v) = p.resident_bytes {
+        single(
+            e,
+            PROCESS_RESIDENT_MEMORY,
+            "Resident memory, in bytes.",
+            G(v),
+        )?;
+    }
+    if let Some(v) = p.virtual_bytes {
+        single(e, PROCESS_VIRTUAL_MEMORY, "Virtual memory, in bytes.", G(v))?;
+    }
+    if let Some(v) = p.cpu_seconds {
+        single(
+            e,
+            PROCESS_CPU_SECONDS,
+            "User and system CPU time, in seconds.",
+            CF(v),
+        )?;
+    }
+    single(
+        e,
+        PROCESS_START_TIME,
+        "Start of the process, in seconds since the Unix epoch.",
+        G(p.start_time_seconds),
+    )
+}
+
 fn gauge_of(n: impl TryInto<i64>) -> G {
     G(n.try_into().unwrap_or(i64::MAX))
 }
@@ -162,6 +271,7 @@ impl Collector for RelayCollector {
             "Pauses of batch_window taken by a worker before sleeping, after a round that read 64 KiB or more.",
             C(wazuh_proxy_core::pace::pauses()),
         )?;
+        process_wide(&mut enc)?;
         let now = Instant::now();
         let draining = self.shared.draining();
         let per = |f: &dyn Fn(&RelayStats) -> u64| -> Vec<(Labels, C)> {
@@ -278,6 +388,24 @@ impl Collector for RelayCollector {
             LOST_SESSIONS,
             "Sessions that ended any other way.",
             per(&|s| load(&s.lost)),
+        )?;
+        family(
+            e,
+            FAILOVERS,
+            "Agents kept connected and moved to another manager after theirs failed.",
+            per(&|s| load(&s.failovers)),
+        )?;
+        family(
+            e,
+            MOVES,
+            "Agents moved on request (drain, rebalance) without disconnecting.",
+            per(&|s| load(&s.moves)),
+        )?;
+        family(
+            e,
+            FRAMES_AT_RISK,
+            "Frames written to managers that then failed, which they may not have processed.",
+            per(&|s| load(&s.frames_at_risk)),
         )?;
         family(
             e,

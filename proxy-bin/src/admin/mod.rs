@@ -2,10 +2,12 @@
 //!
 //! | endpoint | answer |
 //! | --- | --- |
+//! | `GET /live` | 200 `{"status":"live"}` whenever the process serves requests (liveness) |
 //! | `GET /health` | 200 `{"status":"ok",...}` when every listener is bound and accepting and every agent-facing listener (agent, udp) has a backend it can use now; 503 with the reason otherwise |
 //! | `GET /metrics` | Prometheus (OpenMetrics) text, read from the relays' atomics at scrape time |
 //! | `GET /sessions?agent=ID&backend=ADDR` | JSON array of live agent sessions (filters optional) |
 //! | `GET /backends` | JSON: per listener, every backend with its state and counters |
+//! | `POST /reload`, `POST /upgrade` | raise SIGHUP or SIGUSR2 at the proxy (reload, binary upgrade) |
 //!
 //! With a token file, every request needs `Authorization: Bearer <token>` (compared in constant
 //! time), or gets 401.
@@ -13,6 +15,7 @@
 mod api;
 pub mod client;
 mod metrics;
+pub(crate) mod process;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -318,6 +321,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
     }
     let shared = &state.shared;
     if req.method() == Method::POST {
+        if let Some(answer) = signal_self(req.uri().path()) {
+            return answer;
+        }
         return match api::act(shared, req.uri().path(), req.uri().query()) {
             Ok(body) => json(StatusCode::OK, &body),
             Err((status, e)) => json(status, &serde_json::json!({"error": e})),
@@ -333,6 +339,9 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
         return r;
     }
     match req.uri().path() {
+        // Liveness: the process answers; nothing about listeners or backends (that is
+        // `/health`), so an orchestrator does not restart a proxy whose managers are down.
+        "/live" => json(StatusCode::OK, &serde_json::json!({"status": "live"})),
         "/health" => {
             let (healthy, body) = api::health(shared);
             let status = if healthy {
@@ -365,10 +374,31 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Body> {
             StatusCode::NOT_FOUND,
             &serde_json::json!({
                 "error": "no such endpoint",
-                "endpoints": ["/health", "/metrics", "/sessions", "/backends", "POST /rebalance", "POST /drain?backend=ADDR", "POST /undrain?backend=ADDR"],
+                "endpoints": ["/live", "/health", "/metrics", "/sessions", "/backends", "POST /rebalance", "POST /drain?backend=ADDR", "POST /undrain?backend=ADDR", "POST /reload", "POST /upgrade"],
             }),
         ),
     }
+}
+
+/// `POST /reload` and `POST /upgrade`: the same as SIGHUP and SIGUSR2, raised at this process
+/// so that both paths run the one signal loop (and no caller needs the right to signal it).
+fn signal_self(path: &str) -> Option<Response<Body>> {
+    use nix::sys::signal::{kill, Signal};
+    let (sig, what) = match path {
+        "/reload" => (Signal::SIGHUP, "reload"),
+        "/upgrade" => (Signal::SIGUSR2, "upgrade"),
+        _ => return None,
+    };
+    Some(match kill(nix::unistd::Pid::this(), sig) {
+        Ok(()) => json(
+            StatusCode::OK,
+            &serde_json::json!({"requested": what, "pid": std::process::id(), "see": "the proxy's log for the outcome"}),
+        ),
+        Err(e) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({"error": format!("cannot signal this process: {e}")}),
+        ),
+    })
 }
 
 /// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.

@@ -26,20 +26,26 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts `wazuh-proxy` with `args` and waits until `ready` accepts connections.
     pub fn start(args: &[&str], ready: SocketAddr) -> ProxyProcess {
-        let log = std::env::temp_dir().join(format!(
-            "wazuh-proxy-test-{}-{}.log",
-            std::process::id(),
-            ready.port()
-        ));
-        let file = std::fs::File::create(&log).unwrap();
         // Tests that do not talk to the admin API leave its default port alone, so several
         // proxies can run at once.
         let mut args: Vec<&str> = args.to_vec();
         if args.first() == Some(&"run") && !args.contains(&"--admin") {
             args.extend(["--admin", "none"]);
         }
-        let child = bin()
-            .args(&args)
+        let mut cmd = bin();
+        cmd.args(&args);
+        Self::start_command(cmd, ready)
+    }
+
+    /// Starts `cmd` (a `wazuh-proxy run`, however launched) and waits until `ready` accepts.
+    pub fn start_command(mut cmd: Command, ready: SocketAddr) -> ProxyProcess {
+        let log = std::env::temp_dir().join(format!(
+            "wazuh-proxy-test-{}-{}.log",
+            std::process::id(),
+            ready.port()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -115,4 +121,37 @@ pub fn successor_pid(old_logs: &str) -> Option<u32> {
         .and_then(|l| l.split("pid=").nth(1))
         .and_then(|p| p.split_whitespace().next())
         .and_then(|p| p.parse().ok())
+}
+
+/// A plain HTTP/1.0 GET (or POST) to the admin API: (status, body).
+pub fn http(method: &str, addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
+    (status, body)
+}
+
+/// Loud notice for a test that cannot run here; a failure when CI=true (CI provides it).
+pub fn skip_or_fail_in_ci(why: &str) {
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED: {why}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    assert!(
+        !ci,
+        "CI=true and this test's prerequisite is missing: {why}"
+    );
 }

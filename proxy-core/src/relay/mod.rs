@@ -123,6 +123,9 @@ pub struct AgentRelayConfig {
     /// which keys bound to an IP or a network need. Needs `CAP_NET_ADMIN`, and replies to the
     /// agents' addresses routed back through this host (see [`Balancer::connect_from`]).
     pub transparent: bool,
+    /// Read a PROXY protocol header (v1 or v2) first, from trusted senders only, and take the
+    /// client's address from it (default off).
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
 /// A setting of [`AgentRelayConfig`] that cannot work, alone or with another one.
@@ -255,6 +258,7 @@ impl Default for AgentRelayConfig {
             overtake_time: Duration::from_secs(60),
             refused_backoff: Duration::from_secs(2),
             refused_backoff_max: Duration::from_secs(60),
+            proxy_protocol: None,
         }
     }
 }
@@ -748,7 +752,17 @@ impl AgentRelay {
         // Accepted sockets inherit the listener's TCP settings: none to set per connection.
         crate::net::tune_listener(&listener, self.config.tcp_keepalive);
         crate::net::accept_loop(&listener, &self.name, &stop, |stream, peer| {
-            tracker.spawn(self.clone().handle_tuned(stream, peer));
+            let relay = self.clone();
+            match self.config.proxy_protocol.clone() {
+                None => drop(tracker.spawn(relay.handle_tuned(stream, peer))),
+                Some(pp) => drop(tracker.spawn(pp.then(
+                    stream,
+                    peer,
+                    self.stats.clone(),
+                    self.name.clone(),
+                    move |s, p| relay.handle_tuned(s, p),
+                ))),
+            }
         })
         .await;
     }
@@ -919,17 +933,25 @@ impl AgentRelay {
     /// flow, this future holds a few words, so an idle agent's task is small.
     async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
         let session = conn.handle.session().clone();
+        // When the manager carrying the agent failed (for the failover-time histogram).
+        let mut failed_at: Option<Instant> = None;
         let end = loop {
             let awaiting_reply = match Box::pin(self.attach(&mut conn, &session, adopted)).await {
-                Attach::Relay { awaiting_reply } => awaiting_reply,
+                Attach::Relay { awaiting_reply } => {
+                    if let Some(t) = failed_at.take() {
+                        crate::timing::FAILOVER.record(t.elapsed());
+                    }
+                    awaiting_reply
+                }
                 Attach::Retry => continue,
                 Attach::Stop(end) => break end,
             };
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
             let end = self.relay(&mut conn, &session, awaiting_reply).await;
             let answered = session.stats().frames_down.load(Ordering::Relaxed) != replies_before;
+            let failing = (!matches!(end, End::Moved)).then(Instant::now);
             match Box::pin(self.detach(&mut conn, &session, end, answered)).await {
-                Detach::Next => {}
+                Detach::Next => failed_at = failed_at.or(failing),
                 Detach::Stop(end) => break end,
                 Detach::HandOver => return self.hand_over(conn),
             }
@@ -1008,15 +1030,10 @@ impl AgentRelay {
                 tracing::info!(listener = %self.name, agent = %key, client = %client, from = %from, to = %addr,
                     "agent moved to another manager without disconnecting");
             }
-            None if adopted => {
-                self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                    "agent taken over from the previous process");
-            }
             None => {
                 self.stats.sessions.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(listener = %self.name, agent = %key, client = %client, backend = %addr,
-                    "agent connected");
+                let how = if adopted { "taken_over" } else { "connected" };
+                crate::access::session_start(&self.name, &session.snapshot(), how);
             }
         }
         conn.manager = Some(connected);
@@ -1233,18 +1250,8 @@ impl AgentRelay {
             "lost" => self.stats.lost.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
-        let s = session.snapshot();
-        let backend = session
-            .backend()
-            .map_or_else(|| "-".to_owned(), |b| b.to_string());
-        let (key, peer) = (session.key(), session.client());
-        if end.rejection().is_some() || matches!(end, End::NoManager) {
-            tracing::warn!(listener = %self.name, agent = %key, client = %peer, backend,
-                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
-        } else {
-            tracing::info!(listener = %self.name, agent = %key, client = %peer, backend,
-                frames_up = s.frames_up, frames_down = s.frames_down, stop, reason = %end, "agent disconnected");
-        }
+        let fault = end.rejection().is_some() || matches!(end, End::NoManager);
+        crate::access::session_end(&self.name, &session.snapshot(), &end, stop, fault);
         // The manager connection is already closed (by `detach`), before the handle goes: a
         // replacing connection of the same agent must not reach a manager that still holds
         // this one. (Fields drop in order: the agent's socket, then the handle.)
@@ -1265,6 +1272,7 @@ impl AgentRelay {
         };
         let deadline = Instant::now() + cfg.hold_timeout;
         let mut pause = Duration::from_millis(250);
+        let mut _held = None;
         let source = cfg.transparent.then(|| session.client().ip());
         loop {
             let balancer = self.balancer.load_full();
@@ -1287,6 +1295,7 @@ impl AgentRelay {
                     }
                     tracing::debug!(listener = %self.name, agent = %session.key(), error = %e,
                         "no manager reachable; holding the agent");
+                    _held.get_or_insert_with(crate::timing::Held::start);
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }

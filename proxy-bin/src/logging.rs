@@ -1,0 +1,69 @@
+//! Log output: human-readable text (the default) or one JSON object per line.
+//!
+//! JSON lines have a stable schema: `timestamp` (RFC 3339, UTC), `level`, `target`, `message`,
+//! then the event's fields at the top level. The access log (target `wazuh_proxy::access`,
+//! see `wazuh_proxy_core::access`) is one `session_start` and one `session_end` line per agent
+//! session. `RUST_LOG` filters as usual (default `info`).
+
+use std::io::IsTerminal;
+
+use serde::{Deserialize, Serialize};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in the configuration and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Sends logs to standard error in `format`. A second call does nothing (the first wins).
+pub fn init(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// The `log_format` of a TOML configuration file, read before the file is loaded (so that the
+/// loading itself logs in that format); `None` when absent or unreadable (the load reports it).
+pub fn format_in_file(path: &std::path::Path) -> Option<LogFormat> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(crate::config::MAX_CONFIG_SIZE)
+        .read_to_string(&mut text)
+        .ok()?;
+    let value: toml::Table = text.parse().ok()?;
+    match value.get("log_format")?.as_str()? {
+        "text" => Some(LogFormat::Text),
+        "json" => Some(LogFormat::Json),
+        _ => None,
+    }
+}

@@ -1,0 +1,259 @@
+//! `resolve_interval`: a backend name that does not resolve at start leaves the proxy starting
+//! (with `/health` naming it), becomes a backend when it resolves, and when a name's address
+//! changes the agents on the old address move to the new set without being disconnected.
+//!
+//! Names come from a hosts file bind-mounted over /etc/hosts in a mount namespace of the proxy
+//! alone (`unshare -m`; needs root), so the test changes what the proxy resolves without
+//! touching the machine's resolver. Managers listen on 127.0.0.1 and 127.0.0.3.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use support::*;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+use wazuh_proxy_core::envelope::AgentId;
+use wazuh_proxy_core::frame::FrameCodec;
+use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+
+async fn get(admin: SocketAddr, path: &'static str) -> (u16, Value) {
+    let (status, body) = tokio::task::spawn_blocking(move || http("GET", admin, path))
+        .await
+        .unwrap();
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn backend_addrs(backends: &Value) -> Vec<String> {
+    let mut v: Vec<String> = backends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["backends"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| b["address"].as_str().map(str::to_owned))
+        .collect();
+    v.sort();
+    v
+}
+
+fn can_unshare() -> bool {
+    Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[tokio::test]
+async fn names_are_followed_as_they_resolve_and_move() {
+    if !can_unshare() {
+        skip_or_fail_in_ci("cannot create a mount namespace (unshare -m needs root)");
+        return;
+    }
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    // The same port as m1 on another address: where mgr-a moves to.
+    let m3_addr = SocketAddr::new("127.0.0.3".parse().unwrap(), m1.addr().port());
+    let m3 = Manager::start(m3_addr, "m3", Reply::AckFirst)
+        .await
+        .unwrap();
+    let (p1, p2) = (m1.addr().port(), m2.addr().port());
+
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-resolve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n127.0.0.1 mgr-a.test\n").unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"admin = "{admin}"
+[[listener]]
+name = "agents"
+listen = "{listen}"
+resolve_interval = "200ms"
+health_check_interval = "200ms"
+backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}]
+"#
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && exec {} run --config {}",
+        hosts.display(),
+        env!("CARGO_BIN_EXE_wazuh-proxy"),
+        config.display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "sh", "-c", &script]);
+    let mut proxy = ProxyProcess::start_command(cmd, listen);
+
+    // 1. Started with mgr-b unresolvable: healthy on mgr-a, and /health names mgr-b.
+    let (status, health) = get(admin, "/health").await;
+    assert_eq!(status, 200, "{health}");
+    let unresolved = &health["listeners"][0]["unresolved"];
+    assert_eq!(
+        unresolved[0]["backend"],
+        format!("mgr-b.test:{p2}"),
+        "{health}"
+    );
+    let (_, backends) = get(admin, "/backends").await;
+    assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
+
+    let mut agent = Framed::new(
+        TcpStream::connect(listen).await.unwrap(),
+        FrameCodec::default(),
+    );
+    agent
+        .send(Bytes::from(agent_payload(AgentId::parse(b"001"), 0, 64)))
+        .await
+        .unwrap();
+    let ack = tokio::time::timeout(Duration::from_secs(5), agent.next()).await;
+    assert!(matches!(ack, Ok(Some(Ok(_)))), "{ack:?}");
+    assert_eq!(m1.frames_from("001").len(), 1);
+
+    // 2. mgr-b resolves: it becomes a backend, and /health stops naming it.
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 mgr-a.test\n127.0.0.1 mgr-b.test\n",
+    )
+    .unwrap();
+    until("mgr-b to be added", || async {
+        let (_, b) = get(admin, "/backends").await;
+        backend_addrs(&b).len() == 2
+    })
+    .await;
+    let (status, health) = get(admin, "/health").await;
+    assert_eq!(status, 200);
+    assert!(health["listeners"][0]["unresolved"].is_null(), "{health}");
+
+    // 3. mgr-a moves to 127.0.0.3: the agent on the old address moves without a disconnect.
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.3 mgr-a.test\n127.0.0.1 mgr-b.test\n",
+    )
+    .unwrap();
+    until("mgr-a's new address", || async {
+        let (_, b) = get(admin, "/backends").await;
+        backend_addrs(&b).contains(&m3_addr.to_string())
+            && !backend_addrs(&b).contains(&m1.addr().to_string())
+    })
+    .await;
+    let old = m1.addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let now_on = loop {
+        let (_, s) = get(admin, "/sessions").await;
+        let b = s[0]["backend"].as_str().unwrap_or_default().to_owned();
+        if !b.is_empty() && b != old {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the agent stayed on {old}: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, s) = get(admin, "/sessions").await;
+    assert_eq!(
+        s.as_array().unwrap().len(),
+        1,
+        "one session, never closed: {s}"
+    );
+    assert_eq!(s[0]["agent"], "001");
+    // The same connection carries on to the new manager.
+    agent
+        .send(Bytes::from(agent_payload(AgentId::parse(b"001"), 1, 64)))
+        .await
+        .unwrap();
+    let new_manager = if now_on == m3_addr.to_string() {
+        &m3
+    } else {
+        &m2
+    };
+    until("the next frame at the new manager", || async {
+        new_manager
+            .frames_from("001")
+            .iter()
+            .any(|f| f.windows(6).any(|w| w == b"seq=1;"))
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("agent disconnected"), "{logs}");
+    assert!(logs.contains("applied like a reload"), "{logs}");
+
+    proxy.signal("TERM");
+    drop(agent);
+    assert!(proxy.wait_exit(40).is_some_and(|s| s.success()));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn without_resolve_interval_an_unresolvable_name_stops_the_start() {
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-resolve-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.toml");
+    let body = "[[listener]]\nlisten = \"127.0.0.1:0\"\nbackends = [{ address = \"127.0.0.1:1\" }, { address = \"no-such-host.invalid:1514\" }]\n";
+    std::fs::write(&f, body).unwrap();
+    let out = bin()
+        .args(["check-config", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    // With it, the start is allowed and the name stays a name in the effective configuration.
+    std::fs::write(
+        &f,
+        body.replace(
+            "[[listener]]\n",
+            "[[listener]]\nresolve_interval = \"30s\"\n",
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check-config", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("resolve_interval = \"30s\""), "{text}");
+    assert!(
+        text.contains("address = \"no-such-host.invalid:1514\""),
+        "{text}"
+    );
+    // Every name unresolvable: refused (a listener needs one backend to start).
+    std::fs::write(
+        &f,
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\nresolve_interval = \"30s\"\nbackends = [{ address = \"no-such-host.invalid:1514\" }]\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check-config", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no backend of this listener resolves yet")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
