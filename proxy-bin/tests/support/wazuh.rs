@@ -175,10 +175,31 @@ pub fn key_lines(file: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A daemon in its own process group: TERM then KILL to the group on drop.
+/// A daemon in its own process group: TERM then KILL to the group on drop. The group, not the
+/// first process, is the daemon: wazuh-remoted forks its listener and the parent returns.
 pub struct Daemon {
     pub name: String,
     child: Child,
+}
+
+/// Live (not zombie) processes of process group `pgid`, from /proc.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = read_lossy(e.path().join("stat"));
+        // "pid (comm) state ppid pgrp ...": comm may hold anything, so read after its ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 impl Daemon {
@@ -198,13 +219,14 @@ impl Daemon {
         }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub fn pgid(&self) -> u32 {
         self.child.id()
     }
 
-    /// Whether it has exited.
-    pub fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+    /// Whether any process of its group still runs (the first one reaped if it exited).
+    pub fn alive(&mut self) -> bool {
+        let _ = self.child.try_wait();
+        !group_members(self.pgid()).is_empty()
     }
 
     /// Sends `sig` to its process group.
@@ -212,7 +234,7 @@ impl Daemon {
         let _ = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg("--")
-            .arg(format!("-{}", self.child.id()))
+            .arg(format!("-{}", self.pgid()))
             .stderr(Stdio::null())
             .status();
     }
@@ -223,18 +245,13 @@ impl Daemon {
     }
 
     fn stop_now(&mut self) {
-        if self.exited() {
-            return;
-        }
-        self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if self.exited() {
-                break;
+        if self.alive() {
+            self.signal("TERM");
+            if !wait_until(Duration::from_secs(3), || !self.alive()) {
+                self.signal("KILL");
+                wait_until(Duration::from_secs(3), || !self.alive());
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        self.signal("KILL");
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -507,10 +524,11 @@ impl Manager {
             if tcp_listening(port) {
                 return Ok(());
             }
-            if self
-                .daemons
-                .iter_mut()
-                .any(|d| d.name == daemon && d.exited())
+            if read_lossy(self.out(daemon)).contains("Unable to Bind port")
+                || self
+                    .daemons
+                    .iter_mut()
+                    .any(|d| d.name == daemon && !d.alive())
             {
                 break;
             }
