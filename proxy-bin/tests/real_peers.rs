@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::wazuh::{
-    event_numbers, wait_until, Agent, Blackhole, Build, Delivery, Key, Lab, Manager,
+    event_numbers, free_loopback, wait_until, Agent, Blackhole, Build, Delivery, Key, Lab, Manager,
 };
 use support::*;
 
@@ -38,8 +38,8 @@ fn agent_listener(listen: SocketAddr, managers: &[&Manager]) -> String {
 }
 
 fn start_proxy(lab: &Lab, managers: &[&Manager], extra: &str) -> Proxy {
-    let listen = free_addr();
-    let admin = free_addr();
+    let listen = free_loopback();
+    let admin = free_loopback();
     let file = lab.dir.join("proxy.toml");
     let text = format!(
         "drain_timeout = \"5s\"\n{}{extra}",
@@ -134,7 +134,7 @@ fn real_agent_events_reach_real_remoted_through_the_proxy_each_once() {
     };
     let lab = Lab::new(&build);
     let key = Key::new("001", "agent-a");
-    let mut m = Manager::new(&lab, "m1", &[key.clone()]);
+    let mut m = Manager::new(&lab, "m1", std::slice::from_ref(&key));
     m.start();
     let proxy = start_proxy(&lab, &[&m], "");
     let mut a = Agent::new(&lab, "a1", Some(&key), proxy.listen.port(), None);
@@ -209,7 +209,19 @@ fn agent_removed_on_the_managers_leaves_them_available_and_others_streaming() {
     // What an operator's keepalived and dashboards see meanwhile.
     let mut bad_health = Vec::new();
     let mut failed = Vec::new();
+    let mut polls = 0;
+    // The other agent's longest pause in delivery meanwhile (it sends 40 events a second).
+    let delivered = || Delivery::count(&all_events(&[&m1, &m2]), "002", "steady", N).delivered;
+    let (mut last_count, mut last_change, mut longest_pause) =
+        (delivered(), Instant::now(), 0.0f64);
     while refused_at.elapsed() < 10 * SEC {
+        polls += 1;
+        let now = delivered();
+        if now != last_count {
+            last_count = now;
+            last_change = Instant::now();
+        }
+        longest_pause = longest_pause.max(last_change.elapsed().as_secs_f64());
         let (status, doc) = proxy.get("/health");
         if status != 200 {
             bad_health.push(format!(
@@ -219,10 +231,7 @@ fn agent_removed_on_the_managers_leaves_them_available_and_others_streaming() {
             ));
         }
         for b in proxy.unavailable_backends() {
-            failed.push(format!(
-                "{:.1}s: {b}",
-                refused_at.elapsed().as_secs_f64()
-            ));
+            failed.push(format!("{:.1}s: {b}", refused_at.elapsed().as_secs_f64()));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -233,8 +242,10 @@ fn agent_removed_on_the_managers_leaves_them_available_and_others_streaming() {
     let refusals = m1.remoted_log().matches("(1408): Invalid ID 001").count()
         + m2.remoted_log().matches("(1408): Invalid ID 001").count();
     println!(
-        "removed agent: {refusals} refusals by remoted; /health not 200: {} of the polls; \
-         backends marked failed: {} observations; the other agent: {d}, reconnects {}",
+        "removed agent: {refusals} refusals by remoted, {} reconnects by the removed agent; \
+         /health not 200: {} of {polls} polls; backends not available: {} observations; \
+         the other agent: {d}, reconnects {}, longest pause in its delivery {longest_pause:.2} s",
+        removed.disconnections(),
         bad_health.len(),
         failed.len(),
         other.disconnections()
@@ -270,15 +281,13 @@ struct FaultReport {
 fn manager_fault(
     what: &str,
     fault: impl FnOnce(&mut Manager) -> Option<Blackhole>,
+    events: usize,
     resume_limit: Duration,
 ) -> Option<FaultReport> {
     let build = Build::find(what)?;
     let lab = Lab::new(&build);
     let ks = keys(4, "agent-f");
-    let mut managers = [
-        Manager::new(&lab, "m1", &ks),
-        Manager::new(&lab, "m2", &ks),
-    ];
+    let mut managers = [Manager::new(&lab, "m1", &ks), Manager::new(&lab, "m2", &ks)];
     for m in &mut managers {
         m.start();
     }
@@ -303,6 +312,7 @@ fn manager_fault(
         a.wait_connected(1, 30 * SEC);
     }
     let placement = proxy.placement();
+    assert_eq!(placement.len(), ks.len(), "{placement:?}");
     let victim = if placement
         .values()
         .filter(|b| **b == managers[0].remoted_addr())
@@ -325,10 +335,10 @@ fn manager_fault(
         managers[victim].remoted_addr()
     );
 
-    const N: usize = 1600;
+    let n = events;
     const EPS: u32 = 40;
     let tag = "fault";
-    let injections: Vec<_> = agents.iter().map(|a| a.inject(N, EPS, tag)).collect();
+    let injections: Vec<_> = agents.iter().map(|a| a.inject(n, EPS, tag)).collect();
     std::thread::sleep(3 * SEC);
     let before: BTreeMap<String, usize> = moved
         .iter()
@@ -357,7 +367,7 @@ fn manager_fault(
     let events = all_events(&[&managers[0], &managers[1]]);
     let mut deliveries = BTreeMap::new();
     for k in &ks {
-        let d = Delivery::count(&events, &k.id, tag, N);
+        let d = Delivery::count(&events, &k.id, tag, n);
         println!(
             "{what}: agent {} ({}): {d}",
             k.id,
@@ -370,6 +380,12 @@ fn manager_fault(
         deliveries.insert(k.id.clone(), d);
     }
     println!("{what}: time to resume on the other manager (s): {resumed:?}");
+    let logs = proxy.process.logs();
+    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains(" WARN ")).collect();
+    println!("{what}: the proxy's warnings ({}):", warnings.len());
+    for l in warnings.iter().take(8) {
+        println!("  {l}");
+    }
     // Losses, if any, are the frames in flight at the fault: one window per moved agent,
     // after what the faulty manager received and before what the survivor received.
     for id in &moved {
@@ -380,8 +396,8 @@ fn manager_fault(
             .keys()
             .find(|n| **n > last_before)
             .copied()
-            .unwrap_or(N as u64 + 1);
-        let outside: Vec<u64> = (1..=N as u64)
+            .unwrap_or(n as u64 + 1);
+        let outside: Vec<u64> = (1..=n as u64)
             .filter(|n| !on_victim.contains_key(n) && !on_survivor.contains_key(n))
             .filter(|n| *n <= last_before || *n >= first_after)
             .collect();
@@ -425,11 +441,7 @@ fn summary(what: &str, r: &FaultReport) {
     let lost: usize = r.deliveries.values().map(|d| d.lost).sum();
     let dup: usize = r.deliveries.values().map(|d| d.duplicated).sum();
     let injected: usize = r.deliveries.values().map(|d| d.injected).sum();
-    let worst = r
-        .resumed
-        .values()
-        .flatten()
-        .fold(0.0f64, |a, b| a.max(*b));
+    let worst = r.resumed.values().flatten().fold(0.0f64, |a, b| a.max(*b));
     println!(
         "{what}: {injected} events injected, {lost} lost, {dup} duplicated; agents resumed \
          within {worst:.2} s"
@@ -445,6 +457,7 @@ fn a_real_manager_killed_under_real_agents_they_continue_on_the_other() {
             m.kill();
             None
         },
+        800,
         60 * SEC,
     ) {
         summary(what, &r);
@@ -464,6 +477,7 @@ fn a_real_manager_blackholed_under_real_agents_they_resume_on_the_other() {
     if let Some(r) = manager_fault(
         what,
         |m| Some(Blackhole::port(m.remoted_port)),
+        1600,
         90 * SEC,
     ) {
         summary(what, &r);
@@ -488,7 +502,7 @@ fn upgrade_under_a_streaming_real_agent_keeps_its_connection_and_every_event() {
     };
     let lab = Lab::new(&build);
     let key = Key::new("001", "agent-u");
-    let mut m = Manager::new(&lab, "m1", &[key.clone()]);
+    let mut m = Manager::new(&lab, "m1", std::slice::from_ref(&key));
     m.start();
     let mut proxy = start_proxy(&lab, &[&m], "");
     let mut a = Agent::new(&lab, "a1", Some(&key), proxy.listen.port(), None);
@@ -517,7 +531,10 @@ fn upgrade_under_a_streaming_real_agent_keeps_its_connection_and_every_event() {
     streaming.wait(60 * SEC);
     settle(&[&m], 15 * SEC);
     let d = Delivery::count(&[m.events()], "001", "upgrade", N);
-    println!("upgrade under a real agent: {d}; agent reconnects {}", a.disconnections());
+    println!(
+        "upgrade under a real agent: {d}; agent reconnects {}",
+        a.disconnections()
+    );
     assert_eq!((d.lost, d.duplicated), (0, 0), "{d}");
     assert_eq!((a.connections(), a.disconnections()), (1, 0), "{}", a.log());
     // The new process serves the session and answers the admin API.
@@ -554,7 +571,7 @@ fn enrollment(mode: Mode, client: Client) {
     let lab = Lab::new(&build);
     let mut m = Manager::new(&lab, "m1", &[]).with_authd();
     m.start();
-    let enroll = free_addr();
+    let enroll = free_loopback();
     let listener = match mode {
         Mode::Terminate => format!(
             "[[listener]]\nname = \"enrollment\"\nlisten = \"{enroll}\"\nkind = \"enroll\"\n\
@@ -621,11 +638,34 @@ fn enrollment(mode: Mode, client: Client) {
         // With the key it enrolled for, the agent connects through the proxy's 1514 listener
         // (remoted may refuse it once until it has re-read client.keys; the agent retries).
         a.wait_connected(1, 90 * SEC);
+        // How it got there: its attempts, and what the proxy made of remoted's refusals.
+        for l in a.log().lines().filter(|l| {
+            [
+                "(4102)",
+                "(1137)",
+                "Trying to connect",
+                "Requesting a key",
+                "Valid key",
+            ]
+            .iter()
+            .any(|w| l.contains(w))
+        }) {
+            println!("  agent: {l}");
+        }
+        for l in proxy
+            .process
+            .logs()
+            .lines()
+            .filter(|l| l.contains(" WARN "))
+            .take(6)
+        {
+            println!("  proxy: {l}");
+        }
         let id = agent_keys[0].split_whitespace().next().unwrap().to_owned();
         assert!(
-            wait_until(30 * SEC, || m
-                .events()
-                .contains(&format!("[{id}] ({name}) any->wazuh-agent:ossec: Agent started"))),
+            wait_until(30 * SEC, || m.events().contains(&format!(
+                "[{id}] ({name}) any->wazuh-agent:ossec: Agent started"
+            ))),
             "no startup event from {id}:\n{}",
             m.events()
         );

@@ -162,14 +162,14 @@ impl Key {
 /// The `client.keys` lines of a file, without removed (`!`/`#`) entries.
 pub fn key_lines(file: &Path) -> Vec<String> {
     read_lossy(file)
-        
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .filter(|l| {
             let mut f = l.split_whitespace();
             let _id = f.next();
-            !f.next().is_some_and(|n| n.starts_with('!') || n.starts_with('#'))
+            !f.next()
+                .is_some_and(|n| n.starts_with('!') || n.starts_with('#'))
         })
         .map(str::to_owned)
         .collect()
@@ -299,8 +299,35 @@ pub fn read_lossy(path: impl AsRef<Path>) -> String {
         .unwrap_or_default()
 }
 
-fn free_port() -> u16 {
+static PORTS: AtomicUsize = AtomicUsize::new(0);
+
+/// A TCP port free on every address, chosen below the kernel's ephemeral range when there is
+/// room: authd binds 0.0.0.0, which fails while any loopback connection (the proxy's, the
+/// agents') uses the port as its local port, and those are taken from the ephemeral range.
+pub fn free_port() -> u16 {
+    let low = read_lossy("/proc/sys/net/ipv4/ip_local_port_range")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<usize>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        let span = low - 10_000;
+        // Spread by process so that parallel test binaries rarely try the same ports.
+        let base = std::process::id() as usize * 97;
+        for _ in 0..span {
+            let n = PORTS.fetch_add(1, Ordering::Relaxed);
+            let port = (10_000 + (base + n * 7) % span) as u16;
+            if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     super::free_addr().port()
+}
+
+/// A loopback address with a port from [`free_port`].
+pub fn free_loopback() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -478,10 +505,7 @@ impl Manager {
         if !wait_until(Duration::from_secs(10), || wdb_sock.exists()) {
             return Err(format!(
                 "wazuh-db did not start:\n{}",
-                tail(
-                    &read_lossy(self.out("wazuh-db")),
-                    5
-                )
+                tail(&read_lossy(self.out("wazuh-db")), 5)
             ));
         }
         // wazuh-modulesd (not built) normally creates the groups found in etc/shared; retried
@@ -536,10 +560,7 @@ impl Manager {
         }
         Err(format!(
             "{daemon} is not listening on {port}:\n{}",
-            tail(
-                &read_lossy(self.out(daemon)),
-                5
-            )
+            tail(&read_lossy(self.out(daemon)), 5)
         ))
     }
 
@@ -677,7 +698,9 @@ impl Agent {
 
     /// How many connections to the server it has completed (each one logs (4102)).
     pub fn connections(&self) -> usize {
-        self.log().matches("(4102): Connected to the server").count()
+        self.log()
+            .matches("(4102): Connected to the server")
+            .count()
     }
 
     /// How many times it noticed it had lost its server.
@@ -803,7 +826,10 @@ pub fn event_numbers(mq: &str, id: &str, tag: &str) -> BTreeMap<u64, usize> {
     let mut seen = BTreeMap::new();
     for line in mq.lines().filter(|l| l.contains(&agent)) {
         if let Some((_, n)) = line.split_once(&marker) {
-            if let Ok(n) = n.trim_matches(|c: char| c == '\0' || c.is_whitespace()).parse::<u64>() {
+            if let Ok(n) = n
+                .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+                .parse::<u64>()
+            {
                 *seen.entry(n).or_insert(0) += 1;
             }
         }
@@ -859,13 +885,18 @@ pub struct Blackhole {
 impl Blackhole {
     /// Whether iptables can be used here; the reason when not.
     pub fn available() -> Result<(), String> {
-        match Command::new("iptables").args(["-w", "-S", "INPUT"]).output() {
+        match Command::new("iptables")
+            .args(["-w", "-S", "INPUT"])
+            .output()
+        {
             Ok(o) if o.status.success() => Ok(()),
             Ok(o) => Err(format!(
                 "iptables -S INPUT failed: {}",
                 String::from_utf8_lossy(&o.stderr).trim()
             )),
-            Err(e) => Err(format!("iptables not found ({e}); apt-get install iptables")),
+            Err(e) => Err(format!(
+                "iptables not found ({e}); apt-get install iptables"
+            )),
         }
     }
 
