@@ -245,7 +245,9 @@ impl Daemon {
     }
 
     fn stop_now(&mut self) {
-        if self.alive() {
+        // The group is not reused while any process is in it: signalling it is safe while the
+        // first process is not reaped, or while it is seen alive.
+        if !matches!(self.child.try_wait(), Ok(Some(_))) || self.alive() {
             self.signal("TERM");
             if !wait_until(Duration::from_secs(3), || !self.alive()) {
                 self.signal("KILL");
@@ -542,24 +544,24 @@ impl Manager {
         Ok(())
     }
 
+    /// Waits for `daemon` to listen on `port`: at most 15 s, less when it says it cannot bind.
+    /// Its processes are not watched here: remoted's parent exits as soon as it has forked.
     fn wait_listening(&mut self, daemon: &str, port: u16) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
+        let why = loop {
             if tcp_listening(port) {
                 return Ok(());
             }
-            if read_lossy(self.out(daemon)).contains("Unable to Bind port")
-                || self
-                    .daemons
-                    .iter_mut()
-                    .any(|d| d.name == daemon && !d.alive())
-            {
-                break;
+            if read_lossy(self.out(daemon)).contains("Unable to Bind port") {
+                break "it could not bind";
+            }
+            if Instant::now() >= deadline {
+                break "timed out after 15 s";
             }
             std::thread::sleep(Duration::from_millis(50));
-        }
+        };
         Err(format!(
-            "{daemon} is not listening on {port}:\n{}",
+            "{daemon} is not listening on {port} ({why}):\n{}",
             tail(&read_lossy(self.out(daemon)), 5)
         ))
     }
