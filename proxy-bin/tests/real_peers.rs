@@ -473,7 +473,7 @@ fn a_real_manager_blackholed_under_real_agents_they_resume_on_the_other() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{what}: {why}; CI=true installs iptables, so this is a failure");
         }
-        eprintln!("!!!!! SKIPPED {what}: {why} !!!!!");
+        support::wazuh::skipped(&format!("{what}: {why}"));
         return;
     }
     if let Some(r) = manager_fault(

@@ -58,13 +58,20 @@ impl Build {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{test}: {why}; CI=true, so this is a failure, not a skip");
         }
-        eprintln!("!!!!! SKIPPED {test}: {why} !!!!!");
+        skipped(&format!("{test}: {why}"));
         None
     }
 
     fn helper(&self, name: &str) -> PathBuf {
         self.root.join("bin").join(name)
     }
+}
+
+/// Says loudly that a test skipped, on the real standard error: the test harness captures
+/// `eprintln!`, and shows it only for failing tests.
+pub fn skipped(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!!!! SKIPPED {what} !!!!!\n");
 }
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
