@@ -383,9 +383,15 @@ fn manager_fault(
     }
     println!("{what}: time to resume on the other manager (s): {resumed:?}");
     let logs = proxy.process.logs();
-    let warnings: Vec<&str> = logs.lines().filter(|l| l.contains(" WARN ")).collect();
-    println!("{what}: the proxy's warnings ({}):", warnings.len());
-    for l in warnings.iter().take(8) {
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains("moved"))
+        .collect();
+    println!(
+        "{what}: the proxy's warnings and moves ({}):",
+        warnings.len()
+    );
+    for l in warnings.iter().take(10) {
         println!("  {l}");
     }
     // Losses, if any, are the frames in flight at the fault: one window per moved agent,
