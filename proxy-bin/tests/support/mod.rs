@@ -1,6 +1,9 @@
 //! Shared helpers for the binary's tests: start `wazuh-proxy`, signal it, wait for it.
 #![allow(dead_code)]
 
+pub mod wazuh;
+
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -125,7 +128,6 @@ pub fn successor_pid(old_logs: &str) -> Option<u32> {
 
 /// A plain HTTP/1.0 GET (or POST) to the admin API: (status, body).
 pub fn http(method: &str, addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(
@@ -154,4 +156,26 @@ pub fn skip_or_fail_in_ci(why: &str) {
         !ci,
         "CI=true and this test's prerequisite is missing: {why}"
     );
+}
+
+/// A plain HTTP/1.1 GET (the admin API); the status code and the body, or the error.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP header in {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
 }
