@@ -78,6 +78,15 @@ pub(crate) mod names {
     pub(crate) const MOVES: &str = "wazuh_proxy_moves";
     /// Counter: frames written to managers that then failed.
     pub(crate) const FRAMES_AT_RISK: &str = "wazuh_proxy_frames_at_risk";
+    /// Counter: frames re-sent to the next manager (the failed one's TCP never acknowledged them).
+    pub(crate) const FRAMES_RESENT: &str = "wazuh_proxy_frames_resent";
+    /// Counter: manager connections a manager closed (or never answered) before answering the
+    /// agent: refusals of one agent, which never mark the manager failed.
+    pub(crate) const MANAGER_REFUSALS: &str = "wazuh_proxy_manager_refusals";
+    /// Counter: manager connections a manager closed after serving the agent.
+    pub(crate) const MANAGER_CLOSES: &str = "wazuh_proxy_manager_closes";
+    /// Gauge: agents every manager refused that the proxy keeps away for now.
+    pub(crate) const AGENTS_KEPT_AWAY: &str = "wazuh_proxy_agents_kept_away";
     /// Gauge (process-wide): agents held, waiting for a reachable manager.
     pub(crate) const AGENTS_HELD: &str = "wazuh_proxy_agents_held";
     /// Gauge 1, label `version`.
@@ -406,6 +415,33 @@ impl Collector for RelayCollector {
             FRAMES_AT_RISK,
             "Frames written to managers that then failed, which they may not have processed.",
             per(&|s| load(&s.frames_at_risk)),
+        )?;
+        family(
+            e,
+            FRAMES_RESENT,
+            "Frames re-sent to the next manager because the failed one's TCP never acknowledged them.",
+            per(&|s| load(&s.frames_resent)),
+        )?;
+        family(
+            e,
+            MANAGER_REFUSALS,
+            "Manager connections closed (or never answered) before the manager answered the agent: one agent refused, the manager not marked failed.",
+            per(&|s| load(&s.manager_refusals)),
+        )?;
+        family(
+            e,
+            MANAGER_CLOSES,
+            "Manager connections the manager closed after serving the agent (the agent was reconnected).",
+            per(&|s| load(&s.manager_closes)),
+        )?;
+        family(
+            e,
+            AGENTS_KEPT_AWAY,
+            "Agents every manager refused that the proxy keeps away for now (their reconnections are closed by the proxy).",
+            targets.iter().filter_map(|t| match &t.relay {
+                Running::Agent(r) => Some((listener(t), gauge_of(r.kept_away()))),
+                _ => None,
+            }),
         )?;
         family(
             e,

@@ -246,6 +246,11 @@ impl RefusalBook {
         self.entries.is_empty()
     }
 
+    /// Agents that must still stay away at `now`.
+    pub fn waiting(&self, now: Instant) -> usize {
+        self.entries.values().filter(|b| b.until > now).count()
+    }
+
     /// How long the agent must still stay away, if it must.
     pub fn wait(&self, key: SessionKey, ip: IpAddr, now: Instant) -> Option<Duration> {
         let b = self.entries.get(&(key, ip))?;

@@ -504,6 +504,14 @@ impl AgentRelay {
         }
     }
 
+    /// Agents every manager refused that are kept away now (see [`RefusalBook`]).
+    pub fn kept_away(&self) -> usize {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .waiting(Instant::now())
+    }
+
     /// The backends drained by the operator (they survive reloads and upgrades).
     pub fn drained(&self) -> Vec<SocketAddr> {
         self.drained
