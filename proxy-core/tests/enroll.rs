@@ -44,64 +44,147 @@ fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// How a stand-in authd behaves.
+#[derive(Clone, Default)]
+struct Behaviour {
+    /// The enrollment password, if one is required.
+    password: Option<&'static str>,
+    /// Time between the request and the reply.
+    delay: Duration,
+    /// Keep the connection open after the reply until the client closes it, as the QA
+    /// team's authd simulator does (real authd closes at once).
+    keep_open: bool,
+    /// Refuse in two writes, the error text then `ERROR: Unable to add agent`, as 4.0-4.12
+    /// authd does.
+    two_write_errors: bool,
+    /// Require a client certificate signed by this CA (PEM), as authd with `<ssl_agent_ca>`.
+    client_ca: Option<String>,
+}
+
 /// A stand-in authd: TLS with a self-signed certificate for `localhost`, optional password,
-/// names registered in memory.
+/// names registered in memory (a second request for a registered name is refused with
+/// "Duplicate agent name", as authd's default `<force>` rules do within an hour of
+/// registration).
 struct StandIn {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
     issued: Arc<Mutex<HashMap<String, String>>>,
+    /// Every request line received, in order.
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Subjects (DER) of the client certificates presented.
+    client_certs: Arc<Mutex<Vec<Vec<u8>>>>,
     cert_pem: String,
 }
 
 impl StandIn {
     async fn start(password: Option<&'static str>, delay: Duration) -> StandIn {
+        StandIn::with(Behaviour {
+            password,
+            delay,
+            ..Behaviour::default()
+        })
+        .await
+    }
+
+    async fn with(behaviour: Behaviour) -> StandIn {
         let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
         let cert_pem = generated.cert.pem();
         let key =
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
-        let config = ServerConfig::builder_with_provider(provider())
+        let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let builder = match &behaviour.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls::pki_types::pem::PemObject;
+                for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider(),
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = builder
             .with_single_cert(vec![generated.cert.der().clone()], key)
             .unwrap();
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let requests = Arc::new(AtomicU64::new(0));
-        let issued: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let standin = StandIn {
+            addr,
+            requests: Arc::default(),
+            issued: Arc::default(),
+            lines: Arc::default(),
+            client_certs: Arc::default(),
+            cert_pem,
+        };
         let next_id = Arc::new(AtomicU64::new(1));
-        let (r, i) = (requests.clone(), issued.clone());
+        let (r, i, l, c) = (
+            standin.requests.clone(),
+            standin.issued.clone(),
+            standin.lines.clone(),
+            standin.client_certs.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (acceptor, requests, issued, next_id) =
-                    (acceptor.clone(), r.clone(), i.clone(), next_id.clone());
+                let (acceptor, requests, issued, lines, certs, next_id, b) = (
+                    acceptor.clone(),
+                    r.clone(),
+                    i.clone(),
+                    l.clone(),
+                    c.clone(),
+                    next_id.clone(),
+                    behaviour.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(mut tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    if let Some(chain) = tls.get_ref().1.peer_certificates() {
+                        certs.lock().unwrap().push(chain[0].to_vec());
+                    }
                     let mut line = Vec::new();
                     let mut byte = [0u8; 1];
                     while tls.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
                         line.push(byte[0]);
                     }
                     requests.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(delay).await;
-                    let reply = authd_answer(&line, password, &issued, &next_id);
-                    let _ = tls.write_all(reply.as_bytes()).await;
+                    lines
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&line).into_owned());
+                    tokio::time::sleep(b.delay).await;
+                    let reply = authd_answer(&line, b.password, &issued, &next_id);
+                    match reply.strip_suffix(". Unable to add agent") {
+                        Some(text) if b.two_write_errors => {
+                            let _ = tls.write_all(text.as_bytes()).await;
+                            let _ = tls.flush().await;
+                            let _ = tls.write_all(b"ERROR: Unable to add agent").await;
+                        }
+                        _ => {
+                            let _ = tls.write_all(reply.as_bytes()).await;
+                        }
+                    }
+                    let _ = tls.flush().await;
+                    if b.keep_open {
+                        let mut rest = Vec::new();
+                        let _ = tls.read_to_end(&mut rest).await;
+                    }
                     let _ = tls.shutdown().await;
                 });
             }
         });
-        StandIn {
-            addr,
-            requests,
-            issued,
-            cert_pem,
-        }
+        standin
     }
 
     fn requests(&self) -> u64 {
@@ -194,6 +277,15 @@ impl Drop for Proxy {
 }
 
 async fn start_proxy(backend: SocketAddr, backend_tls: BackendTls, tag: &str) -> Proxy {
+    start_proxy_with(backend, backend_tls, tag, |_| {}).await
+}
+
+async fn start_proxy_with(
+    backend: SocketAddr,
+    backend_tls: BackendTls,
+    tag: &str,
+    tweak: impl FnOnce(&mut EnrollConfig),
+) -> Proxy {
     support::capture_logs();
     let dir = temp_dir(tag);
     let mut config = EnrollConfig::new(
@@ -201,6 +293,7 @@ async fn start_proxy(backend: SocketAddr, backend_tls: BackendTls, tag: &str) ->
         backend_tls,
     );
     config.confirm_timeout = Duration::from_secs(2);
+    tweak(&mut config);
     let balancer = Balancer::new(Policy::Source, vec![BackendConfig::new(backend)]).unwrap();
     let front = Arc::new(EnrollFront::new(config, balancer).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -501,4 +594,67 @@ async fn passthrough_relays_tls_untouched_to_an_agent_that_does_not_verify() {
     assert!(again.contains("Duplicate agent name"), "{again}");
     assert_eq!((first.requests(), other.requests()), (2, 0));
     stop.cancel();
+}
+
+// The QA team's authd simulator answers and keeps the connection open until the agent
+// closes. A key reply is whole at its closing quote: the agent is answered at once, without
+// waiting for the manager to close (which it never would: every enrollment would then end at
+// the backend timeout without a reply).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_that_keeps_the_connection_open_enrolls_50_agents() {
+    let standin = StandIn::with(Behaviour {
+        keep_open: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let proxy = start_proxy_with(standin.addr, BackendTls::NoVerify, "keepopen", |c| {
+        c.backend_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let replies = tokio::time::timeout(
+        Duration::from_secs(15),
+        futures_util::future::join_all((0..50).map(|i| {
+            let line = format!("OSSEC A:'sim-{i:02}' V:'v4.14.7'\n");
+            async move { enroll(proxy.addr, &line).await }
+        })),
+    )
+    .await
+    .expect("50 enrollments, each answered without waiting for the manager to close");
+    let elapsed = started.elapsed();
+    for (i, reply) in replies.iter().enumerate() {
+        let name = format!("sim-{i:02}");
+        assert_is_key(reply, &name);
+        assert_eq!(standin.issued(&name).as_ref(), Some(reply));
+    }
+    println!("50 enrollments through a manager that keeps connections open: {elapsed:?}");
+    let stats = proxy.front.stats().clone();
+    support::wait_for("50 key outcomes", 10, || stats.count(Outcome::Key) == 50).await;
+    assert_eq!(stats.count(Outcome::BackendUnreachable), 0);
+    assert_eq!(proxy.front.kept_replies(), 0, "every key was delivered");
+
+    // A refusal from such a manager ends after the quiet period.
+    let again = enroll(proxy.addr, "OSSEC A:'sim-00' V:'v4.14.7'\n").await;
+    assert_eq!(again, "ERROR: Duplicate agent name: sim-00. Unable to add agent");
+}
+
+// 4.0-4.12 authd refuses in two writes; both reach the agent, as two records, as they would
+// directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_two_writes_is_relayed_whole() {
+    for keep_open in [false, true] {
+        let standin = StandIn::with(Behaviour {
+            password: Some(PASSWORD),
+            two_write_errors: true,
+            keep_open,
+            ..Behaviour::default()
+        })
+        .await;
+        let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "twowrites").await;
+        let reply = enroll(proxy.addr, "OSSEC PASS: wrong OSSEC A:'old-01'\n").await;
+        assert_eq!(
+            reply, "ERROR: Invalid passwordERROR: Unable to add agent",
+            "keep_open = {keep_open}"
+        );
+    }
 }

@@ -62,6 +62,8 @@ pub(crate) enum Upstream {
     Reply {
         /// The reply exactly as received.
         bytes: Arc<Secret>,
+        /// Where each of the backend's writes ended in `bytes`, as it was read.
+        writes: Vec<usize>,
         /// The reply, classified.
         reply: EnrollReply,
         /// The backend that answered.

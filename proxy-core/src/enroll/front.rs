@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
 use super::cache::{follow, Flights, Join, ReplayCache, RequestKey, Secret, Upstream};
-use super::reply::{error_reply, EnrollReply};
+use super::reply::{error_reply, reply_progress, EnrollReply, ReplyProgress};
 use super::request::{EnrollRequest, RequestError, MAX_REQUEST};
 use super::tls::{backend_name, client_config, server_config, BackendTls, ServerCert, TlsError};
 use crate::balance::{BalanceKey, Balancer};
@@ -45,6 +45,11 @@ pub struct EnrollConfig {
     pub confirm_timeout: Duration,
     /// How long an unconfirmed key reply is kept for a retry (default 10 min).
     pub replay_ttl: Duration,
+    /// How long a manager may stay quiet before a refusal it has not closed after is taken as
+    /// whole (default 1 s). A key reply is whole at its closing quote and never waits; a
+    /// manager that closes ends a refusal at once. 4.0-4.12 managers write a refusal in two
+    /// parts back to back, which this joins.
+    pub reply_quiet: Duration,
     /// How many unconfirmed replies are kept at most (default 1024; 0 disables replay).
     pub replay_capacity: usize,
     /// Agent connections handled at once; more are closed at accept (default 1000, authd's
@@ -65,6 +70,7 @@ impl EnrollConfig {
             confirm_timeout: Duration::from_secs(5),
             replay_ttl: Duration::from_secs(600),
             replay_capacity: 1024,
+            reply_quiet: Duration::from_secs(1),
             max_connections: 1000,
         }
     }
@@ -197,6 +203,7 @@ impl EnrollFront {
             (config.request_timeout, "request_timeout"),
             (config.connect_timeout, "connect_timeout"),
             (config.backend_timeout, "backend_timeout"),
+            (config.reply_quiet, "reply_quiet"),
         ] {
             if value.is_zero() {
                 return Err(EnrollError::Zero(name));
@@ -317,7 +324,7 @@ impl EnrollFront {
                 tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e,
                     "enrollment refused: malformed request (not forwarded)");
                 let reply = error_reply(&e.manager_text());
-                let _ = self.deliver(&mut agent, &reply).await;
+                let _ = self.deliver(&mut agent, &reply, &[]).await;
                 return;
             }
         };
@@ -325,7 +332,7 @@ impl EnrollFront {
 
         // 2. A kept reply for this very request from this address.
         if let Some(kept) = self.replay.get(&key, Instant::now()) {
-            let delivered = self.deliver(&mut agent, kept.as_bytes()).await;
+            let delivered = self.deliver(&mut agent, kept.as_bytes(), &[]).await;
             if delivered {
                 self.replay.remove(&key);
             }
@@ -369,10 +376,12 @@ impl EnrollFront {
             }
             Upstream::Reply {
                 bytes,
+                writes,
                 reply,
                 backend,
             } => {
-                let delivered = !agent_gone && self.deliver(&mut agent, bytes.as_bytes()).await;
+                let delivered =
+                    !agent_gone && self.deliver(&mut agent, bytes.as_bytes(), writes).await;
                 let outcome = match (coalesced, reply) {
                     (true, _) => Outcome::Coalesced,
                     (false, EnrollReply::Key(_)) => Outcome::Key,
@@ -444,15 +453,23 @@ impl EnrollFront {
             tls.flush()
                 .await
                 .map_err(|e| format!("sending the request failed: {e}"))?;
-            read_reply(&mut tls, self.config.max_reply).await
+            let received = read_reply(&mut tls, self.config.max_reply, self.config.reply_quiet).await?;
+            // Close our side properly (close_notify, FIN) without making the agent wait for
+            // it: a manager that keeps the connection open (the QA simulators) does not need
+            // to answer.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
+            });
+            Ok(received)
         };
         let result = tokio::time::timeout(self.config.backend_timeout, exchange).await;
         drop(connected.guard);
         match result {
-            Ok(Ok(bytes)) if bytes.is_empty() => fail("closed without a reply".to_owned()),
-            Ok(Ok(bytes)) => Upstream::Reply {
-                reply: EnrollReply::parse(&bytes),
-                bytes: Arc::new(Secret::new(bytes.to_vec())),
+            Ok(Ok(got)) if got.bytes.is_empty() => fail("closed without a reply".to_owned()),
+            Ok(Ok(got)) => Upstream::Reply {
+                reply: EnrollReply::parse(&got.bytes),
+                bytes: Arc::new(Secret::new(got.bytes.to_vec())),
+                writes: got.writes,
                 backend,
             },
             Ok(Err(reason)) => fail(reason),
@@ -466,9 +483,21 @@ impl EnrollFront {
     /// Writes a reply, closes the write side (TLS close_notify, then FIN) and waits for the
     /// agent to close its side. True when the agent closed cleanly (close_notify or a plain
     /// EOF) after the reply, i.e. it read it; false on any error, reset or timeout.
-    async fn deliver(&self, agent: &mut TlsStream<TcpStream>, reply: &[u8]) -> bool {
+    async fn deliver(
+        &self,
+        agent: &mut TlsStream<TcpStream>,
+        reply: &[u8],
+        writes: &[usize],
+    ) -> bool {
         let written = async {
-            agent.write_all(reply).await?;
+            // One TLS record per backend write, as the agent would have read them directly.
+            let mut at = 0;
+            for &end in writes.iter().chain([&reply.len()]) {
+                if end > at && end <= reply.len() {
+                    agent.write_all(&reply[at..end]).await?;
+                    at = end;
+                }
+            }
             agent.flush().await?;
             agent.shutdown().await
         };
@@ -496,6 +525,9 @@ impl EnrollFront {
             .unwrap_or(false)
     }
 }
+
+/// Time allowed for closing a connection properly (close_notify) before it is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The request line as read.
 enum Line {
@@ -537,26 +569,56 @@ async fn read_line<S: AsyncRead + Unpin>(agent: &mut S) -> io::Result<Line> {
     }
 }
 
-/// Reads a backend's reply until it closes. A close without close_notify ends the reply too
-/// (authd does not always send one).
+/// A backend's reply as received: the bytes, and where each of the backend's reads ended
+/// (a 4.0-4.12 refusal comes in two writes; they are relayed as two).
+pub(crate) struct Received {
+    pub(crate) bytes: Zeroizing<Vec<u8>>,
+    pub(crate) writes: Vec<usize>,
+}
+
+/// Reads a backend's reply until it is complete: a key at its closing quote (the manager's
+/// close is not awaited: the QA simulators keep the connection open), anything else at the
+/// manager's close or after `quiet` without a byte. A close without close_notify ends the
+/// reply too (authd does not always send one).
 async fn read_reply<S: AsyncRead + Unpin>(
     backend: &mut S,
     max: usize,
-) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    quiet: Duration,
+) -> Result<Received, String> {
+    let mut got = Received {
+        bytes: Zeroizing::new(Vec::with_capacity(4096)),
+        writes: Vec::new(),
+    };
     let mut chunk = Zeroizing::new([0u8; 4096]);
     loop {
-        match backend.read(&mut chunk[..]).await {
-            Ok(0) => return Ok(buf),
+        let progress = reply_progress(&got.bytes);
+        if let ReplyProgress::Key(end) = progress {
+            got.bytes.truncate(end);
+            got.writes.retain(|&w| w < end);
+            got.writes.push(end);
+            return Ok(got);
+        }
+        let read = if progress == ReplyProgress::Other {
+            match tokio::time::timeout(quiet, backend.read(&mut chunk[..])).await {
+                Ok(r) => r,
+                // Quiet: the refusal is whole.
+                Err(_) => return Ok(got),
+            }
+        } else {
+            backend.read(&mut chunk[..]).await
+        };
+        match read {
+            Ok(0) => return Ok(got),
             Ok(n) => {
-                if buf.len() + n > max {
+                if got.bytes.len() + n > max {
                     return Err(format!("reply longer than {max} bytes"));
                 }
-                buf.extend_from_slice(&chunk[..n]);
+                got.bytes.extend_from_slice(&chunk[..n]);
+                got.writes.push(got.bytes.len());
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(got),
             // A reset after some bytes still leaves a whole reply (authd writes it in one go).
-            Err(_) if !buf.is_empty() => return Ok(buf),
+            Err(_) if !got.bytes.is_empty() => return Ok(got),
             Err(e) => return Err(format!("reading the reply failed: {e}")),
         }
     }
