@@ -173,7 +173,8 @@ pub enum ListenerKind {
     Udp,
     /// Any TCP service relayed as bytes (1515 enrollment in passthrough, 55000 API).
     Tcp,
-    /// Enrollment (1515) with TLS terminated here: single-flight and lost-reply replay.
+    /// Enrollment (1515) with TLS terminated here: whole replies, delivery judged by what the
+    /// agent acknowledged, lost-reply replay.
     Enroll,
 }
 

@@ -98,7 +98,7 @@ impl Running {
             Running::Agent(r) => r.sessions().len(),
             Running::Tcp(r) => r.stats().active.load(Ordering::Relaxed).max(0) as usize,
             Running::Udp(r) => r.flows(),
-            Running::Enroll(f) => f.in_flight(),
+            Running::Enroll(f) => f.active(),
         }
     }
 }

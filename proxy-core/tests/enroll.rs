@@ -260,6 +260,47 @@ async fn enroll_from(proxy: SocketAddr, local: &str, line: &str, read: bool) -> 
     String::from_utf8(reply).unwrap()
 }
 
+/// Like a real agent: reads until its key has come, then closes without close_notify, with a
+/// reset (SO_LINGER 0).
+async fn enroll_then_reset(proxy: SocketAddr, line: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut tls = agent_connector()
+        .connect(ServerName::try_from("wazuh-proxy").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(line.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !EnrollReply::parse(&reply).is_key() {
+        match tls.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => reply.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let (tcp, _) = tls.into_inner();
+    socket2::SockRef::from(&tcp)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(tcp);
+    String::from_utf8(reply).unwrap()
+}
+
+/// Sends the request, waits `pause` before reading the reply, then reads to the close.
+async fn enroll_slowly(proxy: SocketAddr, line: &str, pause: Duration) -> String {
+    let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut tls = agent_connector()
+        .connect(ServerName::try_from("wazuh-proxy").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(line.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(pause).await;
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply).await;
+    String::from_utf8(reply).unwrap()
+}
+
 async fn enroll(proxy: SocketAddr, line: &str) -> String {
     enroll_from(proxy, "127.0.0.1", line, true).await
 }
@@ -323,57 +364,115 @@ fn assert_is_key(reply: &str, name: &str) {
     }
 }
 
+// Identical requests in flight at once are never merged: each goes to the manager on its own
+// and gets the manager's own answer (a real agent never has two requests in flight, so
+// merging could only ever hand one identity to two hosts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_identical_requests_go_upstream_once() {
-    let standin = StandIn::start(None, Duration::from_millis(500)).await;
+async fn concurrent_identical_requests_each_get_the_managers_own_answer() {
+    let standin = StandIn::start(None, Duration::from_millis(300)).await;
     let proxy = start_proxy(
         standin.addr,
-        verify_standin(&standin, "coalesce"),
-        "coalesce",
+        verify_standin(&standin, "concurrent"),
+        "concurrent",
     )
     .await;
     let line = "OSSEC A:'web-01' V:'v4.14.7'\n";
     let replies = futures_util::future::join_all((0..20).map(|_| enroll(proxy.addr, line))).await;
-    assert_eq!(
-        standin.requests(),
-        1,
-        "one upstream request for 20 identical ones"
-    );
-    assert_is_key(&replies[0], "web-01");
-    assert!(
-        replies.iter().all(|r| r == &replies[0]),
-        "every agent gets the same key"
-    );
-    assert_eq!(Some(&replies[0]), standin.issued("web-01").as_ref());
+    assert_eq!(standin.requests(), 20, "every connection went upstream");
+    let keys: Vec<&String> = replies
+        .iter()
+        .filter(|r| r.starts_with("OSSEC K:"))
+        .collect();
+    assert_eq!(keys.len(), 1, "one key: {replies:?}");
+    assert_is_key(keys[0], "web-01");
+    assert_eq!(Some(keys[0]), standin.issued("web-01").as_ref());
+    for r in replies.iter().filter(|r| !r.starts_with("OSSEC K:")) {
+        assert_eq!(
+            r,
+            "ERROR: Duplicate agent name: web-01. Unable to add agent"
+        );
+    }
     let stats = proxy.front.stats().clone();
     // Outcomes are counted once each connection has ended.
     support::wait_for("20 outcomes", 10, || {
-        stats.count(Outcome::Key) + stats.count(Outcome::Coalesced) == 20
+        stats.count(Outcome::Key) + stats.count(Outcome::Error) == 20
     })
     .await;
     assert_eq!(stats.count(Outcome::Key), 1);
-    assert_eq!(stats.count(Outcome::Coalesced), 19);
-    assert_eq!(stats.upstream_requests.load(Ordering::Relaxed), 1);
-    // All delivered and confirmed: nothing kept.
-    assert_eq!(proxy.front.kept_replies(), 0);
-
-    // A later, separate request is forwarded and the manager's refusal relayed unchanged.
-    let again = enroll(proxy.addr, line).await;
-    assert_eq!(
-        again,
-        "ERROR: Duplicate agent name: web-01. Unable to add agent"
-    );
-    assert_eq!(standin.requests(), 2);
-    support::wait_for("the error outcome", 10, || stats.count(Outcome::Error) == 1).await;
+    assert_eq!(stats.upstream_requests.load(Ordering::Relaxed), 20);
+    // Delivered and acknowledged: nothing kept.
     assert_eq!(proxy.front.kept_replies(), 0, "errors are never kept");
 
     let logs = support::logs();
-    let key = replies[0]
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim_end_matches('\'');
+    let key = keys[0].rsplit(' ').next().unwrap().trim_end_matches('\'');
     assert!(!logs.contains(key), "the key must never be logged");
+}
+
+// Two hosts behind one NAT address with the same name (cloned VMs), one after the other: the
+// second gets the manager's refusal, as it would without the proxy, never the first's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_host_with_the_same_name_gets_the_managers_refusal() {
+    let standin = StandIn::start(Some(PASSWORD), Duration::from_millis(50)).await;
+    let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "clones").await;
+    let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'clone-01' V:'v4.14.7'\n");
+    // The first host reads its key and closes the way real agents do: no close_notify, a
+    // reset.
+    let first = enroll_then_reset(proxy.addr, &line).await;
+    assert_is_key(&first, "clone-01");
+    let second = enroll(proxy.addr, &line).await;
+    assert_eq!(
+        second,
+        "ERROR: Duplicate agent name: clone-01. Unable to add agent"
+    );
+    assert_eq!(standin.requests(), 2);
+    // The same while the first is still connected (it has not read its reply yet).
+    let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'clone-02' V:'v4.14.7'\n");
+    let slow = tokio::spawn({
+        let (addr, line) = (proxy.addr, line.clone());
+        async move { enroll_slowly(addr, &line, Duration::from_millis(400)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let other = enroll(proxy.addr, &line).await;
+    let first = slow.await.unwrap();
+    let mut replies = [first, other];
+    replies.sort();
+    assert_is_key(&replies[1], "clone-02");
+    assert_eq!(
+        replies[0],
+        "ERROR: Duplicate agent name: clone-02. Unable to add agent"
+    );
+    assert_eq!(standin.requests(), 4);
+    assert_eq!(proxy.front.kept_replies(), 0);
+}
+
+// Delivery is what the agent's TCP acknowledged, however the agent closes afterwards: a
+// client that reads its key and resets without close_notify was answered, so an identical
+// retry from the same address goes to the manager (which refuses it), not to a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_read_then_reset_counts_as_delivered() {
+    let standin = StandIn::start(None, Duration::ZERO).await;
+    let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "reset").await;
+    let stats = proxy.front.stats().clone();
+    for i in 0..10 {
+        let name = format!("reset-{i:02}");
+        let line = format!("OSSEC A:'{name}' V:'v4.14.7'\n");
+        let reply = enroll_then_reset(proxy.addr, &line).await;
+        assert_is_key(&reply, &name);
+        support::wait_for("the key outcome", 10, || stats.count(Outcome::Key) == i + 1).await;
+        assert_eq!(
+            proxy.front.kept_replies(),
+            0,
+            "{name}: acknowledged, not kept"
+        );
+        let retry = enroll(proxy.addr, &line).await;
+        assert_eq!(
+            retry,
+            format!("ERROR: Duplicate agent name: {name}. Unable to add agent"),
+            "the manager's own answer, not a replay"
+        );
+    }
+    assert_eq!(stats.count(Outcome::Replayed), 0);
+    assert_eq!(stats.kept_for_replay.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -635,7 +734,10 @@ async fn a_manager_that_keeps_the_connection_open_enrolls_50_agents() {
 
     // A refusal from such a manager ends after the quiet period.
     let again = enroll(proxy.addr, "OSSEC A:'sim-00' V:'v4.14.7'\n").await;
-    assert_eq!(again, "ERROR: Duplicate agent name: sim-00. Unable to add agent");
+    assert_eq!(
+        again,
+        "ERROR: Duplicate agent name: sim-00. Unable to add agent"
+    );
 }
 
 // 4.0-4.12 authd refuses in two writes; both reach the agent, as two records, as they would

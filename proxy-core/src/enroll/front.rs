@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-use super::cache::{follow, Flights, Join, ReplayCache, RequestKey, Secret, Upstream};
+use super::cache::{ReplayCache, RequestKey, Secret, Upstream};
 use super::reply::{error_reply, reply_progress, EnrollReply, ReplyProgress};
 use super::request::{EnrollRequest, RequestError, MAX_REQUEST};
 use super::tls::{backend_name, client_config, server_config, BackendTls, ServerCert, TlsError};
@@ -98,8 +98,6 @@ pub enum Outcome {
     Error,
     /// Answered with a kept key whose first delivery was unconfirmed.
     Replayed,
-    /// Answered with the reply to an identical request already in flight.
-    Coalesced,
     /// The request was malformed: answered by the proxy, never forwarded.
     Malformed,
     /// No backend answered: unreachable, TLS failure, timeout, or closed without a reply.
@@ -110,11 +108,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Key,
         Outcome::Error,
         Outcome::Replayed,
-        Outcome::Coalesced,
         Outcome::Malformed,
         Outcome::BackendUnreachable,
         Outcome::Incomplete,
@@ -126,7 +123,6 @@ impl Outcome {
             Outcome::Key => "key",
             Outcome::Error => "error",
             Outcome::Replayed => "replayed",
-            Outcome::Coalesced => "coalesced",
             Outcome::Malformed => "malformed",
             Outcome::BackendUnreachable => "backend_unreachable",
             Outcome::Incomplete => "incomplete",
@@ -177,7 +173,7 @@ pub struct EnrollFront {
     connector: TlsConnector,
     fingerprint: String,
     stats: Arc<EnrollStats>,
-    flights: Flights,
+    active: Arc<AtomicUsize>,
     replay: ReplayCache,
     permits: Arc<Semaphore>,
 }
@@ -234,7 +230,7 @@ impl EnrollFront {
             connector: TlsConnector::from(client),
             fingerprint,
             stats: Arc::new(EnrollStats::default()),
-            flights: Flights::default(),
+            active: Arc::default(),
         })
     }
 
@@ -268,9 +264,9 @@ impl EnrollFront {
         self.replay.len()
     }
 
-    /// Requests in flight upstream right now.
-    pub fn in_flight(&self) -> usize {
-        self.flights.len()
+    /// Agent connections being handled right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Accepts agents until `stop` is cancelled; each connection runs as a task of `tracker`.
@@ -299,6 +295,7 @@ impl EnrollFront {
     /// Runs one agent connection to its end.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _active = Active::enter(&self.active);
         let _ = stream.set_nodelay(true);
         let source = peer.ip().to_canonical();
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
@@ -324,55 +321,41 @@ impl EnrollFront {
                 tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e,
                     "enrollment refused: malformed request (not forwarded)");
                 let reply = error_reply(&e.manager_text());
-                let _ = self.deliver(&mut agent, &reply, &[]).await;
+                let _ = self.answer(agent, &reply, &[]).await;
                 return;
             }
         };
         let key = RequestKey::new(source, Secret::new(request.to_line().to_vec()));
 
-        // 2. A kept reply for this very request from this address.
-        if let Some(kept) = self.replay.get(&key, Instant::now()) {
-            let delivered = self.deliver(&mut agent, kept.as_bytes(), &[]).await;
-            if delivered {
-                self.replay.remove(&key);
-            }
+        // 2. A kept reply for this very request from this address, given out once. It is in
+        // the cache only once the connection it was issued for has ended without the agent's
+        // TCP acknowledging it, so this connection is indistinguishable from that agent's
+        // retry. A connection that arrives while the first is still open finds nothing here
+        // and goes to the manager on its own.
+        if let Some(kept) = self.replay.take(&key, Instant::now()) {
+            let delivered = self.answer(agent, kept.as_bytes(), &[]).await;
             self.stats.record(Outcome::Replayed);
             tracing::info!(name = request.name(), client = %peer, outcome = %Outcome::Replayed,
-                delivered, "enrollment answered with the kept reply of an earlier attempt");
+                delivered, "enrollment answered with the kept reply of an earlier attempt (given out once)");
             return;
         }
 
-        // 3. One upstream exchange per identical request in flight. The exchange is not
-        // cancelled when this agent goes away: its reply is what a retry will need.
-        let (result, coalesced, agent_gone) = match self.flights.join(&key) {
-            Join::Lead(lead) => {
-                let (result, gone) = watch_agent(&mut agent, self.upstream(&key, source)).await;
-                let result = Arc::new(result);
-                lead.finish(result.clone());
-                (Some(result), false, gone)
-            }
-            Join::Follow(rx) => {
-                let (result, gone) = watch_agent(&mut agent, follow(rx)).await;
-                (result, true, gone)
-            }
-        };
+        // 3. This connection's own upstream exchange, never shared with another connection.
+        // The exchange is not cancelled when the agent goes away: a key it brings back is
+        // what the agent's retry will need.
+        let (result, agent_gone) = watch_agent(&mut agent, self.upstream(&key, source)).await;
 
         // 4. Relay.
-        let Some(result) = result else {
-            self.stats.record(Outcome::BackendUnreachable);
-            tracing::warn!(name = request.name(), client = %peer, outcome = %Outcome::BackendUnreachable,
-                "enrollment failed: the identical request in flight was abandoned");
-            return;
-        };
-        match &*result {
+        match result {
             Upstream::Failed { reason, backend } => {
                 self.stats.record(Outcome::BackendUnreachable);
                 let backend = backend
                     .map(|b| b.to_string())
                     .unwrap_or_else(|| "-".to_owned());
-                tracing::warn!(name = request.name(), client = %peer, backend, coalesced,
+                tracing::warn!(name = request.name(), client = %peer, backend,
                     outcome = %Outcome::BackendUnreachable, reason, "enrollment failed: no reply from a backend");
                 // The agent sees what a dead manager gives it: a close without a reply.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
             }
             Upstream::Reply {
                 bytes,
@@ -380,24 +363,22 @@ impl EnrollFront {
                 reply,
                 backend,
             } => {
-                let delivered =
-                    !agent_gone && self.deliver(&mut agent, bytes.as_bytes(), writes).await;
-                let outcome = match (coalesced, reply) {
-                    (true, _) => Outcome::Coalesced,
-                    (false, EnrollReply::Key(_)) => Outcome::Key,
-                    (false, EnrollReply::Error(_)) => Outcome::Error,
+                let delivered = self.answer(agent, bytes.as_bytes(), &writes).await;
+                let outcome = match &reply {
+                    EnrollReply::Key(_) => Outcome::Key,
+                    EnrollReply::Error(_) => Outcome::Error,
                 };
                 self.stats.record(outcome);
-                match reply {
+                match &reply {
                     EnrollReply::Key(issued) => {
-                        let kept =
-                            !delivered && self.replay.put(key, bytes.clone(), Instant::now());
+                        // Kept only now that this connection is over.
+                        let kept = !delivered && self.replay.put(key, bytes, Instant::now());
                         if kept {
                             self.stats.kept_for_replay.fetch_add(1, Ordering::Relaxed);
                         }
                         tracing::info!(name = request.name(), client = %peer, backend = %backend,
-                            outcome = %outcome, agent_id = issued.id(), delivered, kept_for_replay = kept,
-                            "enrollment: key issued");
+                            outcome = %outcome, agent_id = issued.id(), delivered, agent_gone,
+                            kept_for_replay = kept, "enrollment: key issued");
                     }
                     EnrollReply::Error(text) => {
                         tracing::info!(name = request.name(), client = %peer, backend = %backend,
@@ -453,7 +434,8 @@ impl EnrollFront {
             tls.flush()
                 .await
                 .map_err(|e| format!("sending the request failed: {e}"))?;
-            let received = read_reply(&mut tls, self.config.max_reply, self.config.reply_quiet).await?;
+            let received =
+                read_reply(&mut tls, self.config.max_reply, self.config.reply_quiet).await?;
             // Close our side properly (close_notify, FIN) without making the agent wait for
             // it: a manager that keeps the connection open (the QA simulators) does not need
             // to answer.
@@ -480,49 +462,89 @@ impl EnrollFront {
         }
     }
 
-    /// Writes a reply, closes the write side (TLS close_notify, then FIN) and waits for the
-    /// agent to close its side. True when the agent closed cleanly (close_notify or a plain
-    /// EOF) after the reply, i.e. it read it; false on any error, reset or timeout.
-    async fn deliver(
+    /// Answers the agent and closes the connection. Returns whether the agent's TCP
+    /// acknowledged every byte of the reply ([`crate::net::unacked_bytes`] at zero) before the
+    /// close, whatever the agent did afterwards (close_notify, FIN, reset). A reset or error
+    /// before that, or no acknowledgement within `confirm_timeout`, means not delivered.
+    ///
+    /// The reply's TLS bytes go out as two TCP segments: a receiver acknowledges at once when
+    /// a second segment arrives before it acknowledged the first, instead of after its
+    /// delayed-ACK timer (40 ms or more), so an agent that reads its key and closes at once
+    /// (real agents close without close_notify, often with a reset) has acknowledged it by then.
+    async fn answer(
         &self,
-        agent: &mut TlsStream<TcpStream>,
+        mut agent: TlsStream<TcpStream>,
         reply: &[u8],
         writes: &[usize],
     ) -> bool {
-        let written = async {
-            // One TLS record per backend write, as the agent would have read them directly.
-            let mut at = 0;
-            for &end in writes.iter().chain([&reply.len()]) {
-                if end > at && end <= reply.len() {
-                    agent.write_all(&reply[at..end]).await?;
-                    at = end;
+        let delivered = async {
+            let mut wire = Vec::with_capacity(reply.len() + 64);
+            {
+                let (_, conn) = agent.get_mut();
+                // One TLS record per backend write, as the agent would have read them directly.
+                let mut at = 0;
+                for &end in writes.iter().chain([&reply.len()]) {
+                    if end > at && end <= reply.len() {
+                        io::Write::write_all(&mut conn.writer(), &reply[at..end])?;
+                        at = end;
+                    }
+                }
+                while conn.wants_write() {
+                    conn.write_tls(&mut wire)?;
                 }
             }
-            agent.flush().await?;
-            agent.shutdown().await
+            let tcp = agent.get_mut().0;
+            let half = wire.len() / 2;
+            tcp.write_all(&wire[..half]).await?;
+            tcp.write_all(&wire[half..]).await?;
+            Ok::<_, io::Error>(acknowledged(agent.get_ref().0, self.config.confirm_timeout).await)
         };
-        if tokio::time::timeout(self.config.confirm_timeout, written)
+        let delivered = tokio::time::timeout(self.config.confirm_timeout, delivered)
             .await
-            .map_or(true, |r| r.is_err())
-        {
+            .is_ok_and(|r| r.unwrap_or(false));
+        // Close properly: close_notify, then FIN, as authd does.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
+        delivered
+    }
+}
+
+/// Counts a connection as active while alive.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn enter(count: &Arc<AtomicUsize>) -> Active {
+        count.fetch_add(1, Ordering::Relaxed);
+        Active(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits until the peer's TCP has acknowledged every byte written to `tcp`: true at zero
+/// outstanding bytes, false on a reset or error first, or at `limit`.
+async fn acknowledged(tcp: &TcpStream, limit: Duration) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match crate::net::unacked_bytes(tcp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        // A reset: nothing more will be acknowledged (the count above was taken first, so
+        // bytes acknowledged before the reset were seen).
+        if !matches!(tcp.take_error(), Ok(None)) {
+            return matches!(crate::net::unacked_bytes(tcp), Ok(0));
+        }
+        if tokio::time::Instant::now() >= until {
             return false;
         }
-        let mut scratch = [0u8; 512];
-        let closed = async {
-            loop {
-                match agent.read(&mut scratch).await {
-                    Ok(0) => return true,
-                    Ok(_) => continue,
-                    // A TCP close without close_notify: what real agents do once they have
-                    // the key.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return true,
-                    Err(_) => return false,
-                }
-            }
-        };
-        tokio::time::timeout(self.config.confirm_timeout, closed)
-            .await
-            .unwrap_or(false)
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
 }
 

@@ -95,6 +95,11 @@ impl EnrollReply {
         }
     }
 
+    /// Whether this is a key.
+    pub fn is_key(&self) -> bool {
+        matches!(self, EnrollReply::Key(_))
+    }
+
     /// Whether this is a refusal (or no answer).
     pub fn is_error(&self) -> bool {
         matches!(self, EnrollReply::Error(_))
@@ -214,16 +219,40 @@ mod tests {
 
     #[test]
     fn progress() {
-        for partial in [&b""[..], b"O", b"OSSEC K", b"OSSEC K:'", b"OSSEC K:'001 a1 any 0123"] {
-            assert_eq!(reply_progress(partial), ReplyProgress::Partial, "{partial:?}");
+        for partial in [
+            &b""[..],
+            b"O",
+            b"OSSEC K",
+            b"OSSEC K:'",
+            b"OSSEC K:'001 a1 any 0123",
+        ] {
+            assert_eq!(
+                reply_progress(partial),
+                ReplyProgress::Partial,
+                "{partial:?}"
+            );
         }
-        for other in [&b"E"[..], b"ERROR: Invalid password", b"OSSEC A:'x'", b". Unable to add agent"] {
+        for other in [
+            &b"E"[..],
+            b"ERROR: Invalid password",
+            b"OSSEC A:'x'",
+            b". Unable to add agent",
+        ] {
             assert_eq!(reply_progress(other), ReplyProgress::Other, "{other:?}");
         }
-        assert_eq!(reply_progress(b"OSSEC K:'001 a1 any k'"), ReplyProgress::Key(22));
-        assert_eq!(reply_progress(b"OSSEC K:'001 a1 any k'\n\n"), ReplyProgress::Key(24));
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'"),
+            ReplyProgress::Key(22)
+        );
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'\n\n"),
+            ReplyProgress::Key(24)
+        );
         // Whatever follows the quote and its line feeds is not part of the reply.
-        assert_eq!(reply_progress(b"OSSEC K:'001 a1 any k'\nxyz"), ReplyProgress::Key(23));
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'\nxyz"),
+            ReplyProgress::Key(23)
+        );
     }
 
     #[test]
