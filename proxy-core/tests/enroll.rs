@@ -760,3 +760,15 @@ async fn a_refusal_in_two_writes_is_relayed_whole() {
         );
     }
 }
+
+// Fields the grammar does not know (a newer agent's) are ignored by authd; the proxy forwards
+// them unchanged instead of refusing the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_trailing_fields_are_forwarded_unchanged() {
+    let standin = StandIn::start(None, Duration::ZERO).await;
+    let proxy = start_proxy(standin.addr, BackendTls::NoVerify, "trailing").await;
+    let line = "OSSEC A:'future-01' V:'v4.14.7' K:'0123' Z:'something new'";
+    let reply = enroll(proxy.addr, &format!("{line}\n")).await;
+    assert_is_key(&reply, "future-01");
+    assert_eq!(*standin.lines.lock().unwrap(), vec![line.to_owned()]);
+}
