@@ -427,6 +427,7 @@ async fn start_listener(
             );
             config.connect_timeout = l.agent.connect_timeout;
             config.replay_ttl = settings.replay_ttl;
+            config.backend_client_cert = settings.backend_client_cert;
             let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
                 name: l.name.clone(),
                 why: e.to_string(),

@@ -21,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 use wazuh_proxy_core::enroll::{
-    BackendTls, EnrollConfig, EnrollFront, EnrollReply, EnrollRequest, Outcome, ServerCert,
+    BackendTls, ClientCert, EnrollConfig, EnrollFront, EnrollReply, EnrollRequest, Outcome,
+    ServerCert,
 };
 
 const PASSWORD: &str = "Str0ngPassw0rd";
@@ -71,7 +72,7 @@ struct StandIn {
     issued: Arc<Mutex<HashMap<String, String>>>,
     /// Every request line received, in order.
     lines: Arc<Mutex<Vec<String>>>,
-    /// Subjects (DER) of the client certificates presented.
+    /// The client certificates presented (leaf, DER).
     client_certs: Arc<Mutex<Vec<Vec<u8>>>>,
     cert_pem: String,
 }
@@ -771,4 +772,52 @@ async fn unknown_trailing_fields_are_forwarded_unchanged() {
     let reply = enroll(proxy.addr, &format!("{line}\n")).await;
     assert_is_key(&reply, "future-01");
     assert_eq!(*standin.lines.lock().unwrap(), vec![line.to_owned()]);
+}
+
+// authd with <ssl_agent_ca> requires a client certificate signed by that CA: the proxy
+// presents the one configured (backend_cert/backend_key), and without it the manager refuses
+// the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manager_that_requires_a_client_certificate_gets_it() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "agents CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut params = CertificateParams::new(vec!["wazuh-proxy".to_owned()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let dir = temp_dir("clientcert");
+    std::fs::write(dir.join("agent.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("agent.key"), key.serialize_pem()).unwrap();
+
+    let standin = StandIn::with(Behaviour {
+        client_ca: Some(ca.pem()),
+        ..Behaviour::default()
+    })
+    .await;
+    let proxy = start_proxy_with(standin.addr, BackendTls::NoVerify, "clientcert", |c| {
+        c.backend_client_cert = Some(ClientCert {
+            cert: dir.join("agent.pem"),
+            key: dir.join("agent.key"),
+        });
+    })
+    .await;
+    let reply = enroll(proxy.addr, "OSSEC A:'signed-01' V:'v4.14.7'\n").await;
+    assert_is_key(&reply, "signed-01");
+    assert_eq!(
+        *standin.client_certs.lock().unwrap(),
+        vec![cert.der().to_vec()]
+    );
+
+    // Without the certificate the manager refuses the handshake: no reply.
+    let bare = start_proxy(standin.addr, BackendTls::NoVerify, "noclientcert").await;
+    assert_eq!(enroll(bare.addr, "OSSEC A:'signed-02'\n").await, "");
+    assert_eq!(standin.requests(), 1);
 }

@@ -20,7 +20,9 @@ use zeroize::Zeroizing;
 use super::cache::{ReplayCache, RequestKey, Secret, Upstream};
 use super::reply::{error_reply, reply_progress, EnrollReply, ReplyProgress};
 use super::request::{EnrollRequest, RequestError, MAX_REQUEST};
-use super::tls::{backend_name, client_config, server_config, BackendTls, ServerCert, TlsError};
+use super::tls::{
+    backend_name, client_config, server_config, BackendTls, ClientCert, ServerCert, TlsError,
+};
 use crate::balance::{BalanceKey, Balancer};
 
 /// Settings of the enrollment front. [`EnrollConfig::new`] fills in the documented defaults.
@@ -30,6 +32,9 @@ pub struct EnrollConfig {
     pub server_cert: ServerCert,
     /// How backend certificates are checked.
     pub backend_tls: BackendTls,
+    /// The certificate presented to backends that ask for one (`<ssl_agent_ca>`); none by
+    /// default.
+    pub backend_client_cert: Option<ClientCert>,
     /// Time allowed for an agent's TLS handshake and request line together (default 10 s;
     /// agents send the request right after the handshake).
     pub request_timeout: Duration,
@@ -63,6 +68,7 @@ impl EnrollConfig {
         EnrollConfig {
             server_cert,
             backend_tls,
+            backend_client_cert: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             backend_timeout: Duration::from_secs(30),
@@ -212,7 +218,7 @@ impl EnrollFront {
             return Err(EnrollError::Zero("max_reply"));
         }
         let (server, fingerprint) = server_config(&config.server_cert)?;
-        let client = client_config(&config.backend_tls)?;
+        let client = client_config(&config.backend_tls, config.backend_client_cert.as_ref())?;
         tracing::info!(sha256 = %fingerprint, "enrollment certificate");
         if config.backend_tls == BackendTls::NoVerify {
             tracing::warn!(

@@ -61,4 +61,4 @@ pub mod tls;
 pub use front::{EnrollConfig, EnrollError, EnrollFront, EnrollStats, Outcome};
 pub use reply::{error_reply, EnrollReply, IssuedKey};
 pub use request::{EnrollRequest, RequestError};
-pub use tls::{fingerprint, BackendTls, ServerCert, TlsError};
+pub use tls::{fingerprint, BackendTls, ClientCert, ServerCert, TlsError};
