@@ -428,6 +428,9 @@ async fn start_listener(
             config.connect_timeout = l.agent.connect_timeout;
             config.replay_ttl = settings.replay_ttl;
             config.backend_client_cert = settings.backend_client_cert;
+            config.source_limits = l.agent.source_limits;
+            // The deadline for the TLS handshake and the request line.
+            config.request_timeout = l.agent.first_frame_timeout;
             let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
                 name: l.name.clone(),
                 why: e.to_string(),

@@ -821,3 +821,62 @@ async fn a_manager_that_requires_a_client_certificate_gets_it() {
     assert_eq!(enroll(bare.addr, "OSSEC A:'signed-02'\n").await, "");
     assert_eq!(standin.requests(), 1);
 }
+
+// Per-source limits apply before the TLS handshake, a connection that sends no whole request
+// in time is closed, and refusals are logged at most once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_limits_and_the_request_deadline_apply() {
+    let standin = StandIn::start(None, Duration::ZERO).await;
+    let proxy = start_proxy_with(standin.addr, BackendTls::NoVerify, "limits", |c| {
+        c.source_limits = wazuh_proxy_core::limits::SourceLimits {
+            max_open: 2,
+            rate: 0.0,
+            burst: 1.0,
+        };
+        c.request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    // Two idle connections from 127.0.0.1 hold its places.
+    let idle: Vec<_> =
+        futures_util::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(proxy.addr)))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+    let stats = proxy.front.stats().clone();
+    support::wait_for("two accepted", 10, || {
+        stats.accepted.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    // Further ones from that address are closed at once, many times over.
+    for _ in 0..50 {
+        let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        assert!(support::closed_within(&mut tcp, 5).await, "refused");
+    }
+    assert_eq!(stats.refused_source.load(Ordering::Relaxed), 50);
+    let lines = support::log_lines_with("enrollment: refusing connection");
+    assert!(
+        (1..=3).contains(&lines),
+        "refusals are logged, at most once a second: {lines} lines"
+    );
+    // Another address is not affected.
+    assert_is_key(
+        &enroll_from(proxy.addr, "127.0.0.2", "OSSEC A:'other-01'\n", true).await,
+        "other-01",
+    );
+    // The idle ones are closed at the request deadline, which frees the address.
+    for mut tcp in idle {
+        assert!(
+            support::closed_within(&mut tcp, 5).await,
+            "closed at the deadline"
+        );
+    }
+    support::wait_for("two incomplete", 10, || {
+        stats.count(Outcome::Incomplete) == 2
+    })
+    .await;
+    assert_is_key(
+        &enroll(proxy.addr, "OSSEC A:'after-01'\n").await,
+        "after-01",
+    );
+}

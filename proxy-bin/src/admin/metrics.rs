@@ -48,6 +48,9 @@ pub(crate) mod names {
     /// Counter: sessions that ended any other way.
     pub(crate) const LOST_SESSIONS: &str = "wazuh_proxy_lost_sessions";
     pub(crate) const ENROLLMENTS: &str = "wazuh_proxy_enrollments";
+    /// Counter, label `reason` (`too_many_connections`, `source_limit`): enrollment
+    /// connections closed at accept.
+    pub(crate) const ENROLL_REFUSED: &str = "wazuh_proxy_enroll_refused";
     /// Gauge per backend, label `state` (`available`, `failed`, `down`): 1 for the current one.
     pub(crate) const BACKEND_STATE: &str = "wazuh_proxy_backend_state";
     /// Gauge per backend: 1 for a backup server.
@@ -294,6 +297,29 @@ impl Collector for RelayCollector {
                         let mut l = listener(t);
                         l.push(("outcome", o.label().to_owned()));
                         (l, C(stats.count(*o)))
+                    })
+                }),
+        )?;
+        family(
+            e,
+            ENROLL_REFUSED,
+            "Enrollment connections closed at accept, by reason (enroll listeners).",
+            targets
+                .iter()
+                .filter_map(|t| match &t.relay {
+                    Running::Enroll(f) => Some((t, f.stats().clone())),
+                    _ => None,
+                })
+                .flat_map(|(t, stats)| {
+                    [
+                        ("too_many_connections", load(&stats.refused)),
+                        ("source_limit", load(&stats.refused_source)),
+                    ]
+                    .into_iter()
+                    .map(move |(reason, n)| {
+                        let mut l = listener(t);
+                        l.push(("reason", reason.to_owned()));
+                        (l, C(n))
                     })
                 }),
         )?;

@@ -60,6 +60,9 @@ pub struct EnrollConfig {
     /// Agent connections handled at once; more are closed at accept (default 1000, authd's
     /// own pool size).
     pub max_connections: usize,
+    /// Per-source admission limits (open connections, new connections per second), checked
+    /// before the TLS handshake; defaults as for the agent relay.
+    pub source_limits: crate::limits::SourceLimits,
 }
 
 impl EnrollConfig {
@@ -78,6 +81,7 @@ impl EnrollConfig {
             replay_capacity: 1024,
             reply_quiet: Duration::from_secs(1),
             max_connections: 1000,
+            source_limits: crate::limits::SourceLimits::default(),
         }
     }
 }
@@ -153,6 +157,8 @@ pub struct EnrollStats {
     pub accepted: AtomicU64,
     /// Agent connections closed at accept because `max_connections` were busy.
     pub refused: AtomicU64,
+    /// Agent connections closed at accept because their source address was over its limits.
+    pub refused_source: AtomicU64,
     /// Requests sent to a backend.
     pub upstream_requests: AtomicU64,
     /// Key replies kept for a retry because their delivery was unconfirmed.
@@ -182,6 +188,9 @@ pub struct EnrollFront {
     active: Arc<AtomicUsize>,
     replay: ReplayCache,
     permits: Arc<Semaphore>,
+    admission: crate::limits::Admission,
+    refusal_log: RateLog,
+    malformed_log: RateLog,
 }
 
 impl fmt::Debug for EnrollFront {
@@ -230,6 +239,7 @@ impl EnrollFront {
         Ok(EnrollFront {
             replay: ReplayCache::new(config.replay_ttl, config.replay_capacity),
             permits: Arc::new(Semaphore::new(config.max_connections)),
+            admission: crate::limits::Admission::new(config.source_limits),
             config,
             balancer: crate::balance::SharedBalancer::new(balancer),
             acceptor: TlsAcceptor::from(server),
@@ -237,6 +247,8 @@ impl EnrollFront {
             fingerprint,
             stats: Arc::new(EnrollStats::default()),
             active: Arc::default(),
+            refusal_log: RateLog::default(),
+            malformed_log: RateLog::default(),
         })
     }
 
@@ -285,8 +297,11 @@ impl EnrollFront {
     ) {
         crate::net::accept_loop(&listener, "enrollment", &stop, |stream, peer| {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %peer, "enrollment: too many connections; closing");
+                let total = self.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(client = %peer, refused_total = total, suppressed,
+                        "enrollment: too many connections ({}); closing", self.config.max_connections);
+                }
                 return;
             };
             let front = self.clone();
@@ -301,6 +316,20 @@ impl EnrollFront {
     /// Runs one agent connection to its end.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _admitted = match self
+            .admission
+            .admit(peer.ip().to_canonical(), Instant::now())
+        {
+            Ok(a) => a,
+            Err(why) => {
+                let total = self.stats.refused_source.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(client = %peer, refused_total = total, suppressed,
+                        "enrollment: refusing connection: {why}");
+                }
+                return;
+            }
+        };
         let _active = Active::enter(&self.active);
         let _ = stream.set_nodelay(true);
         let source = peer.ip().to_canonical();
@@ -324,8 +353,10 @@ impl EnrollFront {
             Ok(r) => r,
             Err(e) => {
                 self.stats.record(Outcome::Malformed);
-                tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e,
-                    "enrollment refused: malformed request (not forwarded)");
+                if let Some(suppressed) = self.malformed_log.allow() {
+                    tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e, suppressed,
+                        "enrollment refused: malformed request (not forwarded)");
+                }
                 let reply = error_reply(&e.manager_text());
                 let _ = self.answer(agent, &reply, &[]).await;
                 return;
@@ -511,6 +542,29 @@ impl EnrollFront {
         // Close properly: close_notify, then FIN, as authd does.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
         delivered
+    }
+}
+
+/// One log line per second at most for a kind of refusal, so that a flood does not become a
+/// log flood; the line says how many were not logged since the last one.
+#[derive(Debug, Default)]
+struct RateLog {
+    /// Second (since `START`) of the last line, plus one; 0 before the first.
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLog {
+    /// `Some(suppressed since the last line)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        if self.last.swap(now, Ordering::Relaxed) == now {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        } else {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        }
     }
 }
 
