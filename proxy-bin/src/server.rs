@@ -179,6 +179,17 @@ impl Proxy {
             .collect()
     }
 
+    /// Every enroll listener's front, by listener name.
+    pub(crate) fn enroll_fronts(&self) -> Vec<(String, Arc<EnrollFront>)> {
+        self.live
+            .iter()
+            .filter_map(|l| match &l.running {
+                Running::Enroll(f) => Some((l.spec.name.clone(), f.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every listening socket, for a successor process.
     pub(crate) fn listener_sockets(&self) -> Vec<(String, std::net::SocketAddr, bool, &OwnedFd)> {
         self.live

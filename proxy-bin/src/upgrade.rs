@@ -4,7 +4,8 @@
 //! successor: the same command line plus `--takeover SOCKET`. The successor connects to that
 //! Unix socket, receives the listening sockets and starts serving on them; the old process
 //! then stops accepting and hands every agent session over at a frame boundary (see
-//! `wazuh_proxy_core::handover`), drains what is left (plain TCP and UDP listeners) and exits.
+//! `wazuh_proxy_core::handover`) and the enrollment replies kept for a retry, drains what is
+//! left (plain TCP and UDP listeners) and exits.
 //! Under systemd the successor tells the service manager its PID (`MAINPID=`), so the
 //! service stays up across the upgrade.
 
@@ -85,9 +86,18 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
     }
     tracing::info!("upgrade: the new process serves the listeners; handing over agent sessions");
     proxy.stop_accepting().cancel();
-    let handed =
-        handover::hand_over_sessions(&stream, &proxy.agent_relays(), proxy.drain_timeout()).await?;
-    tracing::info!(sessions = handed, "upgrade: agent sessions handed over");
+    let (handed, replies) = handover::hand_over_all(
+        &stream,
+        &proxy.agent_relays(),
+        &proxy.enroll_fronts(),
+        proxy.drain_timeout(),
+    )
+    .await?;
+    tracing::info!(
+        sessions = handed,
+        enrollment_replies = replies,
+        "upgrade: agent sessions handed over (and kept enrollment replies)"
+    );
     // The child is now the service; do not wait for it.
     drop(child);
     Ok(handed)
@@ -136,7 +146,19 @@ pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener
 /// # Errors
 /// When the protocol fails.
 pub async fn adopt(stream: UnixStream, proxy: &Proxy) -> Result<usize, UpgradeError> {
-    let adopted = handover::adopt_sessions(&stream, &proxy.agent_relays(), proxy.tracker()).await?;
+    let (adopted, replies) = handover::adopt_all(
+        &stream,
+        &proxy.agent_relays(),
+        &proxy.enroll_fronts(),
+        proxy.tracker(),
+    )
+    .await?;
+    if replies > 0 {
+        tracing::info!(
+            enrollment_replies = replies,
+            "upgrade: kept enrollment replies taken over"
+        );
+    }
     notify_systemd(&format!("MAINPID={}\nREADY=1\n", std::process::id()));
     Ok(adopted)
 }

@@ -19,6 +19,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
+use zeroize::Zeroizing;
+
 use crate::envelope::AgentId;
 use crate::session::SessionKey;
 
@@ -62,6 +64,14 @@ pub enum Message {
     Ready,
     /// An agent connection.
     Agent(Handed),
+    /// A key reply the enrollment front keeps for a retry (on the listener of that name).
+    /// Its bytes travel in zeroized buffers.
+    EnrollReply {
+        /// The enroll listener's name.
+        listener: String,
+        /// The kept reply.
+        kept: crate::enroll::KeptReply,
+    },
     /// Nothing more follows.
     Done,
 }
@@ -89,14 +99,17 @@ const LISTENERS_DONE: u8 = 2;
 const READY: u8 = 3;
 const AGENT: u8 = 4;
 const DONE: u8 = 5;
+const ENROLL_REPLY: u8 = 6;
 
 fn put(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(&(field.len() as u32).to_le_bytes());
     out.extend_from_slice(field);
 }
 
-fn encode(msg: &Message) -> (Vec<u8>, Option<RawFd>) {
-    let mut body = Vec::new();
+/// Encodes a message. The buffers are zeroized when dropped: an enrollment reply carries a
+/// password and a key.
+fn encode(msg: &Message) -> (Zeroizing<Vec<u8>>, Option<RawFd>) {
+    let mut body = Zeroizing::new(Vec::new());
     let fd = match msg {
         Message::Listener {
             name,
@@ -131,8 +144,18 @@ fn encode(msg: &Message) -> (Vec<u8>, Option<RawFd>) {
             body.push(DONE);
             None
         }
+        Message::EnrollReply { listener, kept } => {
+            body.push(ENROLL_REPLY);
+            put(&mut body, listener.as_bytes());
+            put(&mut body, kept.source().to_string().as_bytes());
+            put(&mut body, kept.request());
+            put(&mut body, kept.reply());
+            let ms = u64::try_from(kept.left().as_millis()).unwrap_or(u64::MAX);
+            put(&mut body, &ms.to_le_bytes());
+            None
+        }
     };
-    let mut out = Vec::with_capacity(4 + body.len());
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + body.len()));
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     (out, fd)
@@ -200,6 +223,29 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
             socket: fd.ok_or(HandoverError::MissingSocket)?,
         }),
         DONE => Message::Done,
+        ENROLL_REPLY => {
+            let listener = f.text()?.to_owned();
+            let source = f
+                .text()?
+                .parse()
+                .map_err(|_| HandoverError::Malformed("bad enrollment source"))?;
+            let request = f.next()?.to_vec();
+            let reply = f.next()?.to_vec();
+            let ms = f
+                .next()?
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| HandoverError::Malformed("bad time left"))?;
+            Message::EnrollReply {
+                listener,
+                kept: crate::enroll::KeptReply::new(
+                    source,
+                    request,
+                    reply,
+                    std::time::Duration::from_millis(ms),
+                ),
+            }
+        }
         _ => return Err(HandoverError::Malformed("unknown message kind")),
     })
 }
@@ -300,7 +346,8 @@ pub async fn recv(stream: &UnixStream) -> Result<Option<Message>, HandoverError>
     if len == 0 || len > MAX_MESSAGE {
         return Err(HandoverError::Malformed("message length out of range"));
     }
-    let mut body = vec![0u8; len];
+    // Zeroized when dropped: it may hold an enrollment reply.
+    let mut body = Zeroizing::new(vec![0u8; len]);
     let mut at = 0;
     while at < len {
         stream.readable().await?;
@@ -394,6 +441,34 @@ mod tests {
     }
 
     #[test]
+    fn enrollment_replies_round_trip_redacted() {
+        let kept = crate::enroll::KeptReply::new(
+            "10.0.0.7".parse().unwrap(),
+            b"OSSEC PASS: s3cret OSSEC A:'web-01'\n".to_vec(),
+            b"OSSEC K:'001 web-01 any 0123abcd'".to_vec(),
+            std::time::Duration::from_millis(123_456),
+        );
+        let msg = Message::EnrollReply {
+            listener: "enrollment".into(),
+            kept,
+        };
+        assert!(!format!("{msg:?}").contains("s3cret"));
+        assert!(!format!("{msg:?}").contains("0123abcd"));
+        let (bytes, fd) = encode(&msg);
+        assert!(fd.is_none());
+        let Ok(Message::EnrollReply { listener, kept }) = decode(&bytes[4..], None) else {
+            panic!("not an enrollment reply")
+        };
+        assert_eq!(listener, "enrollment");
+        assert_eq!(kept.source().to_string(), "10.0.0.7");
+        assert_eq!(kept.request(), b"OSSEC PASS: s3cret OSSEC A:'web-01'\n");
+        assert_eq!(kept.reply(), b"OSSEC K:'001 web-01 any 0123abcd'");
+        assert_eq!(kept.left(), std::time::Duration::from_millis(123_456));
+        // Truncated: an error, not a panic.
+        assert!(decode(&bytes[4..bytes.len() - 3], None).is_err());
+    }
+
+    #[test]
     fn malformed_messages_are_errors() {
         assert!(decode(&[], None).is_err());
         assert!(decode(&[99], None).is_err());
@@ -463,6 +538,24 @@ pub async fn hand_over_sessions(
     relays: &[std::sync::Arc<crate::relay::AgentRelay>],
     deadline: std::time::Duration,
 ) -> Result<usize, HandoverError> {
+    hand_over_all(stream, relays, &[], deadline)
+        .await
+        .map(|(sessions, _)| sessions)
+}
+
+/// Old process, step 2 with enrollment: the agent sessions as [`hand_over_sessions`] does,
+/// then, once the enroll listeners' connections in progress have ended (or `deadline`
+/// passed), every reply they keep for a retry ([`Message::EnrollReply`]). Returns the number
+/// of sessions and of replies handed.
+///
+/// # Errors
+/// When the socket fails.
+pub async fn hand_over_all(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    deadline: std::time::Duration,
+) -> Result<(usize, usize), HandoverError> {
     use std::sync::atomic::Ordering;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for r in relays {
@@ -491,8 +584,27 @@ pub async fn hand_over_sessions(
             _ = tokio::time::sleep_until(until) => break,
         }
     }
+    // An enrollment in progress may still keep a reply: wait for it (each is bounded by
+    // the front's timeouts), then hand over what is kept.
+    while fronts.iter().any(|(_, f)| f.active() > 0) && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut replies = 0;
+    for (name, front) in fronts {
+        for kept in front.take_kept() {
+            send(
+                stream,
+                &Message::EnrollReply {
+                    listener: name.clone(),
+                    kept,
+                },
+            )
+            .await?;
+            replies += 1;
+        }
+    }
     send(stream, &Message::Done).await?;
-    Ok(handed)
+    Ok((handed, replies))
 }
 
 /// New process, step 1: receives the listening sockets.
@@ -538,8 +650,26 @@ pub async fn adopt_sessions(
     relays: &[std::sync::Arc<crate::relay::AgentRelay>],
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<usize, HandoverError> {
+    adopt_all(stream, relays, &[], tracker)
+        .await
+        .map(|(sessions, _)| sessions)
+}
+
+/// New process, step 2 with enrollment: as [`adopt_sessions`], and every kept enrollment
+/// reply goes to the enroll listener of the same name (dropped, zeroized, when there is
+/// none). Returns the number of sessions adopted and of replies kept.
+///
+/// # Errors
+/// When the socket fails.
+pub async fn adopt_all(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<(usize, usize), HandoverError> {
     send(stream, &Message::Ready).await?;
     let mut adopted = 0;
+    let mut kept = 0;
     loop {
         match recv(stream).await? {
             Some(Message::Agent(h)) => {
@@ -557,7 +687,16 @@ pub async fn adopt_sessions(
                     }
                 }
             }
-            Some(Message::Done) | None => return Ok(adopted),
+            Some(Message::EnrollReply {
+                listener,
+                kept: reply,
+            }) => match fronts.iter().find(|(n, _)| *n == listener) {
+                Some((_, front)) => kept += usize::from(front.keep(reply)),
+                None => {
+                    tracing::warn!(listener = %listener, "no enroll listener of that name to keep an enrollment reply; dropped")
+                }
+            },
+            Some(Message::Done) | None => return Ok((adopted, kept)),
             Some(_) => return Err(HandoverError::Malformed("expected an agent session")),
         }
     }

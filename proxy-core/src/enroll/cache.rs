@@ -52,6 +52,10 @@ impl RequestKey {
     pub(crate) fn line(&self) -> &[u8] {
         self.line.as_bytes()
     }
+
+    pub(crate) fn source(&self) -> IpAddr {
+        self.source
+    }
 }
 
 /// What one upstream exchange gave.
@@ -133,6 +137,33 @@ impl ReplayCache {
                 expires: now + self.ttl,
             },
         );
+        true
+    }
+
+    /// Takes every fresh entry out (for a successor process), with the time it has left.
+    pub(crate) fn drain(&self, now: Instant) -> Vec<(RequestKey, Arc<Secret>, Duration)> {
+        lock(&self.map)
+            .drain()
+            .filter(|(_, kept)| kept.expires > now)
+            .map(|(key, kept)| (key, kept.reply, kept.expires - now))
+            .collect()
+    }
+
+    /// Keeps an entry handed over by a predecessor for the time it had left (at most this
+    /// cache's own TTL). Returns whether it was kept.
+    pub(crate) fn put_for(
+        &self,
+        key: RequestKey,
+        reply: Arc<Secret>,
+        left: Duration,
+        now: Instant,
+    ) -> bool {
+        if !self.put(key.clone(), reply, now) {
+            return false;
+        }
+        if let Some(kept) = lock(&self.map).get_mut(&key) {
+            kept.expires = now + left.min(self.ttl);
+        }
         true
     }
 

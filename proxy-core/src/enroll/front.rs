@@ -86,6 +86,59 @@ impl EnrollConfig {
     }
 }
 
+/// A key reply kept for a retry, in transit to a successor process. The request (password
+/// included) and the reply (the key) are zeroized when dropped and never shown by `Debug`.
+#[derive(Clone)]
+pub struct KeptReply {
+    source: IpAddr,
+    request: Secret,
+    reply: Secret,
+    left: Duration,
+}
+
+impl KeptReply {
+    /// Builds one from its parts (as received from the previous process).
+    pub fn new(source: IpAddr, request: Vec<u8>, reply: Vec<u8>, left: Duration) -> Self {
+        KeptReply {
+            source: source.to_canonical(),
+            request: Secret::new(request),
+            reply: Secret::new(reply),
+            left,
+        }
+    }
+
+    /// The agent's address.
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    /// The request line, as the agent sent it (holds the password: never log it).
+    pub fn request(&self) -> &[u8] {
+        self.request.as_bytes()
+    }
+
+    /// The reply (holds the key: never log it).
+    pub fn reply(&self) -> &[u8] {
+        self.reply.as_bytes()
+    }
+
+    /// How long it may still be kept.
+    pub fn left(&self) -> Duration {
+        self.left
+    }
+}
+
+impl fmt::Debug for KeptReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptReply")
+            .field("source", &self.source)
+            .field("request", &self.request)
+            .field("reply", &self.reply)
+            .field("left", &self.left)
+            .finish()
+    }
+}
+
 /// Why the front could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -280,6 +333,38 @@ impl EnrollFront {
     /// Key replies kept for a retry right now.
     pub fn kept_replies(&self) -> usize {
         self.replay.len()
+    }
+
+    /// Takes every kept reply out, for a successor process (`wazuh-proxy upgrade`). They
+    /// leave this front: a reply is given out by one process at most.
+    pub fn take_kept(&self) -> Vec<KeptReply> {
+        self.replay
+            .drain(Instant::now())
+            .into_iter()
+            .map(|(key, reply, left)| KeptReply {
+                source: key.source(),
+                request: Secret::new(key.line().to_vec()),
+                reply: Secret::new(reply.as_bytes().to_vec()),
+                left,
+            })
+            .collect()
+    }
+
+    /// Keeps a reply handed over by the previous process, for the time it had left (at most
+    /// this front's `replay_ttl`). Returns whether it was kept (not with replay disabled).
+    pub fn keep(&self, kept: KeptReply) -> bool {
+        let KeptReply {
+            source,
+            request,
+            reply,
+            left,
+        } = kept;
+        self.replay.put_for(
+            RequestKey::new(source, request),
+            Arc::new(reply),
+            left,
+            Instant::now(),
+        )
     }
 
     /// Agent connections being handled right now.

@@ -58,7 +58,7 @@ pub mod reply;
 pub mod request;
 pub mod tls;
 
-pub use front::{EnrollConfig, EnrollError, EnrollFront, EnrollStats, Outcome};
+pub use front::{EnrollConfig, EnrollError, EnrollFront, EnrollStats, KeptReply, Outcome};
 pub use reply::{error_reply, EnrollReply, IssuedKey};
 pub use request::{EnrollRequest, RequestError};
 pub use tls::{fingerprint, BackendTls, ClientCert, ServerCert, TlsError};
