@@ -264,7 +264,7 @@ pub struct EnrollSettings {
     pub backend_tls: wazuh_proxy_core::enroll::BackendTls,
     /// The certificate presented to managers that require one (`<ssl_agent_ca>`).
     pub backend_client_cert: Option<wazuh_proxy_core::enroll::ClientCert>,
-    /// How long an unconfirmed key reply is kept for a retry.
+    /// How long an unacknowledged key reply is kept for a retry (0: no replay).
     pub replay_ttl: Duration,
     /// Where a self-signed certificate is kept.
     pub tls_dir: PathBuf,

@@ -81,7 +81,7 @@ pub(crate) enum Upstream {
     },
 }
 
-/// Replies kept for a retry because their delivery could not be confirmed.
+/// Replies kept for a retry because the agent did not acknowledge them.
 #[derive(Debug)]
 pub(crate) struct ReplayCache {
     ttl: Duration,

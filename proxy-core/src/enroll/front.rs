@@ -45,17 +45,18 @@ pub struct EnrollConfig {
     pub backend_timeout: Duration,
     /// Largest reply accepted from a backend (default 64 KiB; real replies are under 2 KiB).
     pub max_reply: usize,
-    /// How long to wait, after sending a key and closing the write side, for the agent to
-    /// close its side (default 5 s). No close in time means delivery is unconfirmed.
+    /// How long to wait, after writing a reply, for the agent's TCP to acknowledge every byte
+    /// of it (default 5 s). No acknowledgement in time means not delivered.
     pub confirm_timeout: Duration,
-    /// How long an unconfirmed key reply is kept for a retry (default 10 min).
+    /// How long an unacknowledged key reply is kept for a retry (default 10 min; 0 disables
+    /// replay).
     pub replay_ttl: Duration,
     /// How long a manager may stay quiet before a refusal it has not closed after is taken as
     /// whole (default 1 s). A key reply is whole at its closing quote and never waits; a
     /// manager that closes ends a refusal at once. 4.0-4.12 managers write a refusal in two
     /// parts back to back, which this joins.
     pub reply_quiet: Duration,
-    /// How many unconfirmed replies are kept at most (default 1024; 0 disables replay).
+    /// How many unacknowledged replies are kept at most (default 1024; 0 disables replay).
     pub replay_capacity: usize,
     /// Agent connections handled at once; more are closed at accept (default 1000, authd's
     /// own pool size).
@@ -159,7 +160,7 @@ pub enum Outcome {
     Key,
     /// A backend refused this connection's own request; its text was relayed unchanged.
     Error,
-    /// Answered with a kept key whose first delivery was unconfirmed.
+    /// Answered with a kept key the agent had not acknowledged on an earlier connection.
     Replayed,
     /// The request was malformed: answered by the proxy, never forwarded.
     Malformed,
@@ -214,7 +215,7 @@ pub struct EnrollStats {
     pub refused_source: AtomicU64,
     /// Requests sent to a backend.
     pub upstream_requests: AtomicU64,
-    /// Key replies kept for a retry because their delivery was unconfirmed.
+    /// Key replies kept for a retry because the agent did not acknowledge them.
     pub kept_for_replay: AtomicU64,
     outcomes: [AtomicU64; Outcome::ALL.len()],
 }
@@ -290,7 +291,15 @@ impl EnrollFront {
             );
         }
         Ok(EnrollFront {
-            replay: ReplayCache::new(config.replay_ttl, config.replay_capacity),
+            // A zero TTL disables replay like a zero capacity.
+            replay: ReplayCache::new(
+                config.replay_ttl,
+                if config.replay_ttl.is_zero() {
+                    0
+                } else {
+                    config.replay_capacity
+                },
+            ),
             permits: Arc::new(Semaphore::new(config.max_connections)),
             admission: crate::limits::Admission::new(config.source_limits),
             config,
