@@ -521,12 +521,28 @@ async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
     })
     .await;
     assert_eq!(stats.kept_for_replay.load(Ordering::Relaxed), 1);
-    // Delivered this time: forgotten, so a further retry goes to the manager again.
+    // Given once: a further retry goes to the manager again.
     assert_eq!(proxy.front.kept_replies(), 0);
     let after = enroll(proxy.addr, &line).await;
     assert_eq!(
         after,
         "ERROR: Duplicate agent name: db-02. Unable to add agent"
+    );
+
+    // Once even when the replay itself is lost: an agent vanishes before its key, its retry
+    // vanishes too before the replay, and the next retry is the manager's.
+    let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'db-03' V:'v4.14.7'\n");
+    enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
+    support::wait_for("db-03 kept", 10, || proxy.front.kept_replies() == 1).await;
+    enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
+    support::wait_for("the second replay", 10, || {
+        stats.count(Outcome::Replayed) == 2
+    })
+    .await;
+    assert_eq!(proxy.front.kept_replies(), 0, "not kept again");
+    assert_eq!(
+        enroll(proxy.addr, &line).await,
+        "ERROR: Duplicate agent name: db-03. Unable to add agent"
     );
 
     let logs = support::logs();
