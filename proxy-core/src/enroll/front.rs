@@ -309,8 +309,10 @@ impl EnrollFront {
             fingerprint,
             stats: Arc::new(EnrollStats::default()),
             active: Arc::default(),
-            refusal_log: RateLog::default(),
-            malformed_log: RateLog::default(),
+            // As the agent relay: one line a second for refusals at accept.
+            refusal_log: RateLog::new(1),
+            // Malformed requests are rarer and each says more: ten a second.
+            malformed_log: RateLog::new(10),
         })
     }
 
@@ -639,25 +641,48 @@ impl EnrollFront {
     }
 }
 
-/// One log line per second at most for a kind of refusal, so that a flood does not become a
-/// log flood; the line says how many were not logged since the last one.
-#[derive(Debug, Default)]
+/// A few log lines per second at most for a kind of refusal, so that a flood does not become
+/// a log flood; the next line written says how many were left out.
+#[derive(Debug)]
 struct RateLog {
-    /// Second (since `START`) of the last line, plus one; 0 before the first.
-    last: AtomicU64,
+    per_second: u64,
+    /// The current second (since `START`, plus one) in the high bits, lines written in it in
+    /// the low 16.
+    window: AtomicU64,
     suppressed: AtomicU64,
 }
 
 impl RateLog {
-    /// `Some(suppressed since the last line)` when a line may be written now.
+    fn new(per_second: u16) -> Self {
+        RateLog {
+            per_second: u64::from(per_second),
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one written)` when a line may be written now.
     fn allow(&self) -> Option<u64> {
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
-        if self.last.swap(now, Ordering::Relaxed) == now {
+        let granted = self
+            .window
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                let (second, used) = (w >> 16, w & 0xffff);
+                if second != now {
+                    Some((now << 16) | 1)
+                } else if used < self.per_second {
+                    Some(w + 1)
+                } else {
+                    None
+                }
+            })
+            .is_ok();
+        if granted {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             None
-        } else {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
         }
     }
 }
@@ -819,5 +844,26 @@ async fn watch_agent<T>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_log_lets_a_few_lines_through_per_second_and_counts_the_rest() {
+        let log = RateLog::new(3);
+        let allowed: Vec<_> = (0..10).map(|_| log.allow()).collect();
+        // Within one second (the test runs well within it, or straddles one boundary).
+        let written = allowed.iter().filter(|a| a.is_some()).count();
+        assert!((3..=6).contains(&written), "{allowed:?}");
+        assert_eq!(allowed[0], Some(0));
+        // Every line left out is reported by a later line, or still pending.
+        let reported: u64 = allowed.iter().flatten().sum();
+        assert_eq!(
+            reported + log.suppressed.load(Ordering::Relaxed),
+            (10 - written) as u64
+        );
     }
 }
