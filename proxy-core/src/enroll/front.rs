@@ -794,9 +794,9 @@ async fn read_reply<S: AsyncRead + Unpin>(
     loop {
         let progress = reply_progress(&got.bytes);
         if let ReplyProgress::Key(end) = progress {
+            // One record, however it arrived: the agent parses the key from a single read.
             got.bytes.truncate(end);
-            got.writes.retain(|&w| w < end);
-            got.writes.push(end);
+            got.writes = vec![end];
             return Ok(got);
         }
         let read = if progress == ReplyProgress::Other {
@@ -850,6 +850,61 @@ async fn watch_agent<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A backend that delivers its reply in the given reads, then closes (or stays open).
+    struct Chunks(VecDeque<&'static [u8]>, bool);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(chunk) => {
+                    buf.put_slice(chunk);
+                    Poll::Ready(Ok(()))
+                }
+                None if self.1 => Poll::Pending,
+                None => Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    async fn read(chunks: &[&'static [u8]], stays_open: bool) -> (Vec<u8>, Vec<usize>) {
+        let mut backend = Chunks(chunks.iter().copied().collect(), stays_open);
+        let got = read_reply(&mut backend, 64 * 1024, Duration::from_millis(50))
+            .await
+            .unwrap();
+        (got.bytes.to_vec(), got.writes)
+    }
+
+    // Agents take the key from one TLS read: it goes to them as one record however it came,
+    // without waiting for the manager to close.
+    #[tokio::test]
+    async fn a_key_is_whole_at_its_quote_and_goes_out_as_one_record() {
+        let (bytes, writes) = read(&[b"OSSEC K:'001 a", b"1 any k'\n", b"junk"], true).await;
+        assert_eq!(bytes, b"OSSEC K:'001 a1 any k'\n");
+        assert_eq!(writes, vec![bytes.len()]);
+    }
+
+    // A refusal in two writes (4.0-4.12) keeps its two records, whether the manager closes or
+    // goes quiet.
+    #[tokio::test]
+    async fn a_refusal_ends_at_the_close_or_when_quiet_and_keeps_its_writes() {
+        for open in [false, true] {
+            let (bytes, writes) = read(
+                &[b"ERROR: Invalid password", b"ERROR: Unable to add agent"],
+                open,
+            )
+            .await;
+            assert_eq!(bytes, b"ERROR: Invalid passwordERROR: Unable to add agent");
+            assert_eq!(writes, vec![23, bytes.len()]);
+        }
+    }
 
     #[test]
     fn rate_log_lets_a_few_lines_through_per_second_and_counts_the_rest() {
