@@ -51,6 +51,8 @@ pub(crate) mod names {
     /// Counter, label `reason` (`too_many_connections`, `source_limit`): enrollment
     /// connections closed at accept.
     pub(crate) const ENROLL_REFUSED: &str = "wazuh_proxy_enroll_refused";
+    /// Counter: key replies kept for a retry because the agent's TCP did not acknowledge them.
+    pub(crate) const ENROLL_KEPT: &str = "wazuh_proxy_enroll_kept";
     /// Gauge per backend, label `state` (`available`, `failed`, `down`): 1 for the current one.
     pub(crate) const BACKEND_STATE: &str = "wazuh_proxy_backend_state";
     /// Gauge per backend: 1 for a backup server.
@@ -299,6 +301,15 @@ impl Collector for RelayCollector {
                         (l, C(stats.count(*o)))
                     })
                 }),
+        )?;
+        family(
+            e,
+            ENROLL_KEPT,
+            "Key replies kept for a retry because the agent's TCP did not acknowledge them (enroll listeners).",
+            targets.iter().filter_map(|t| match &t.relay {
+                Running::Enroll(f) => Some((listener(t), C(load(&f.stats().kept_for_replay)))),
+                _ => None,
+            }),
         )?;
         family(
             e,

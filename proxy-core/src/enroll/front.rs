@@ -882,6 +882,44 @@ mod tests {
         (got.bytes.to_vec(), got.writes)
     }
 
+    // The three ways `acknowledged` ends: all acknowledged, a peer that does not take the
+    // bytes (a silent or vanished host looks the same: nothing comes back), a reset.
+    #[tokio::test]
+    async fn acknowledged_waits_for_the_peers_tcp_and_no_longer() {
+        use tokio::io::AsyncWriteExt;
+        let listener = crate::net::bind_tcp("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = Duration::from_millis(300);
+
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        server.write_all(&[1u8; 1000]).await.unwrap();
+        assert!(
+            acknowledged(&server, limit).await,
+            "read or not, the kernel ACKs"
+        );
+
+        // A peer whose window is full leaves bytes unacknowledged: false at the limit.
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let big = vec![2u8; 4 << 20];
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.write_all(&big)).await;
+        let started = Instant::now();
+        assert!(!acknowledged(&server, limit).await);
+        assert!(started.elapsed() >= limit);
+
+        // A reset: false at once.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        assert!(!acknowledged(&server, Duration::from_secs(5)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
     // Agents take the key from one TLS read: it goes to them as one record however it came,
     // without waiting for the manager to close.
     #[tokio::test]
