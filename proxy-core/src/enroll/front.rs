@@ -527,7 +527,8 @@ impl EnrollFront {
         tracing::debug!(client = %peer, outcome = %Outcome::Incomplete, "enrollment connection dropped: {why}");
     }
 
-    /// One exchange with a backend: connect, TLS, the request line, the reply until close.
+    /// One exchange with a backend: connect, TLS, the request line, the reply until whole
+    /// (see [`read_reply`]).
     async fn upstream(&self, key: &RequestKey, source: IpAddr) -> Upstream {
         let balancer = self.balancer.load_full();
         let connected = match balancer
