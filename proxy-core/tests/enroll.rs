@@ -328,6 +328,16 @@ async fn start_proxy_with(
     tag: &str,
     tweak: impl FnOnce(&mut EnrollConfig),
 ) -> Proxy {
+    start_proxy_on("127.0.0.1:0", backend, backend_tls, tag, tweak).await
+}
+
+async fn start_proxy_on(
+    listen: &str,
+    backend: SocketAddr,
+    backend_tls: BackendTls,
+    tag: &str,
+    tweak: impl FnOnce(&mut EnrollConfig),
+) -> Proxy {
     support::capture_logs();
     let dir = temp_dir(tag);
     let mut config = EnrollConfig::new(
@@ -338,7 +348,7 @@ async fn start_proxy_with(
     tweak(&mut config);
     let balancer = Balancer::new(Policy::Source, vec![BackendConfig::new(backend)]).unwrap();
     let front = Arc::new(EnrollFront::new(config, balancer).unwrap());
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
     tokio::spawn(
@@ -894,5 +904,193 @@ async fn per_source_limits_and_the_request_deadline_apply() {
     assert_is_key(
         &enroll(proxy.addr, "OSSEC A:'after-01'\n").await,
         "after-01",
+    );
+}
+
+/// A TLS enrollment client run in a network namespace: connects, sends the request line, then
+/// either prints `sent` and waits to be killed (`stay`) or prints the reply read to the close.
+const NS_AGENT: &str = r#"
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s = ctx.wrap_socket(socket.create_connection((sys.argv[1], int(sys.argv[2]))))
+s.sendall(sys.argv[3].encode() + b"\n")
+if sys.argv[4] == "stay":
+    print("sent", flush=True)
+    sys.stdin.read()
+else:
+    data = b""
+    while True:
+        try:
+            d = s.recv(4096)
+        except (ssl.SSLError, OSError):
+            break
+        if not d:
+            break
+        data += d
+    print(data.decode(), flush=True)
+"#;
+
+/// A namespace with one veth to this one, deleted on drop.
+struct AgentNamespace {
+    name: String,
+    host_ip: String,
+    agent_ip: String,
+}
+
+impl AgentNamespace {
+    fn create() -> Result<AgentNamespace, String> {
+        let id = std::process::id();
+        let ns = AgentNamespace {
+            name: format!("wpen-{id}"),
+            host_ip: format!("198.19.{}.1", id % 250),
+            agent_ip: format!("198.19.{}.2", id % 250),
+        };
+        let (host, peer) = (
+            format!("wpen{}h", id % 100_000),
+            format!("wpen{}a", id % 100_000),
+        );
+        let run = |args: &[&str]| -> Result<(), String> {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .map_err(|e| format!("{}: {e}", args[0]))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        run(&["ip", "netns", "add", &ns.name])?;
+        run(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+        ])?;
+        run(&["ip", "link", "set", &peer, "netns", &ns.name])?;
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.host_ip),
+            "dev",
+            &host,
+        ])?;
+        run(&["ip", "link", "set", &host, "up"])?;
+        let exec = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns.name];
+            all.extend_from_slice(args);
+            run(&all)
+        };
+        exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", ns.agent_ip),
+            "dev",
+            &peer,
+        ])?;
+        exec(&["ip", "link", "set", &peer, "up"])?;
+        exec(&["ip", "link", "set", "lo", "up"])?;
+        exec(&["iptables", "-L", "INPUT"])?;
+        Ok(ns)
+    }
+
+    /// Drops (or stops dropping) everything arriving in the namespace: its host vanishes
+    /// without a word (no ACK, no reset).
+    fn set_silent(&self, silent: bool) {
+        let op = if silent { "-I" } else { "-D" };
+        let status = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "iptables", op, "INPUT", "-j", "DROP",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn agent(&self, proxy: SocketAddr, line: &str, mode: &str) -> std::process::Child {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name, "python3", "-c", NS_AGENT])
+            .args([
+                &proxy.ip().to_string(),
+                &proxy.port().to_string(),
+                line,
+                mode,
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+impl Drop for AgentNamespace {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the veth pair with it.
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// An agent whose host vanishes without a word after sending its request (no ACK, no reset:
+// its packets are dropped) never acknowledges its key: the key is kept, and its retry, once
+// the host is back, gets it once. Needs root, iproute2, iptables and python3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_vanishes_silently_gets_its_key_on_retry_once() {
+    let ns = match AgentNamespace::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("!!!! SKIPPED an_agent_that_vanishes_silently: {why}; it needs root, iproute2, iptables and python3 !!!!");
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must provide network namespaces: {why}"
+            );
+            return;
+        }
+    };
+    let standin = StandIn::start(None, Duration::from_millis(500)).await;
+    let proxy = start_proxy_on(
+        &format!("{}:0", ns.host_ip),
+        standin.addr,
+        BackendTls::NoVerify,
+        "silent",
+        |c| c.confirm_timeout = Duration::from_secs(1),
+    )
+    .await;
+    let line = "OSSEC A:'silent-01' V:'v4.14.7'";
+    let mut first = ns.agent(proxy.addr, line, "stay");
+    let mut out = std::io::BufReader::new(first.stdout.take().unwrap());
+    let mut sent = String::new();
+    std::io::BufRead::read_line(&mut out, &mut sent).unwrap();
+    assert_eq!(sent.trim(), "sent");
+    // The reply comes 500 ms later, to a host that is gone.
+    ns.set_silent(true);
+    let stats = proxy.front.stats().clone();
+    support::wait_for("the key kept", 15, || proxy.front.kept_replies() == 1).await;
+    assert_eq!(stats.count(Outcome::Key), 1);
+    let _ = first.kill();
+    let _ = first.wait();
+    ns.set_silent(false);
+
+    let retry = |ns: &AgentNamespace| {
+        let child = ns.agent(proxy.addr, line, "read");
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let issued = standin.issued("silent-01").unwrap();
+    assert_eq!(
+        tokio::task::block_in_place(|| retry(&ns)),
+        issued,
+        "the retry from the same address gets the kept key"
+    );
+    assert_eq!(standin.requests(), 1);
+    assert_eq!(
+        tokio::task::block_in_place(|| retry(&ns)),
+        "ERROR: Duplicate agent name: silent-01. Unable to add agent"
     );
 }
