@@ -2,7 +2,8 @@
 //!
 //! Checked on every input: parsing never panics; an accepted request gives back, through
 //! `to_line`, exactly the line it was parsed from (up to and including its line feed), which
-//! parses again to the same request; its name passes `valid_name`; field values respect their
+//! parses again to the same request (text after the last known field included, kept as
+//! `rest`); its name passes `valid_name`; field values respect their
 //! limits; a refusal has a manager text starting with `ERROR: `; and `Debug` never shows the
 //! password.
 #![no_main]
@@ -38,13 +39,14 @@ fuzz_target!(|data: &[u8]| {
             }
             // Debug shows every field but the password, which is redacted.
             let expected = format!(
-                "EnrollRequest {{ password: {}, name: {:?}, version: {:?}, groups: {:?}, ip: {:?}, key_hash: {:?} }}",
+                "EnrollRequest {{ password: {}, name: {:?}, version: {:?}, groups: {:?}, ip: {:?}, key_hash: {:?}, rest: {:?} }}",
                 if req.has_password() { "Some(\"<redacted>\")" } else { "None" },
                 req.name(),
                 req.version(),
                 req.groups(),
                 req.ip(),
-                req.key_hash()
+                req.key_hash(),
+                req.rest()
             );
             assert_eq!(format!("{req:?}"), expected);
         }

@@ -140,6 +140,8 @@ struct FileListener {
     backend_ca: Option<Spanned<PathBuf>>,
     backend_server_name: Option<String>,
     backend_verify: Option<Spanned<bool>>,
+    backend_cert: Option<Spanned<PathBuf>>,
+    backend_key: Option<Spanned<PathBuf>>,
     replay_ttl: Option<Dur>,
     failover: Option<bool>,
     hold_timeout: Option<Dur>,
@@ -247,7 +249,8 @@ pub enum ListenerKind {
     Udp,
     /// Any TCP service relayed as bytes (1515 enrollment in passthrough, 55000 API).
     Tcp,
-    /// Enrollment (1515) with TLS terminated here: single-flight and lost-reply replay.
+    /// Enrollment (1515) with TLS terminated here: whole replies, delivery judged by what the
+    /// agent acknowledged, lost-reply replay.
     Enroll,
 }
 
@@ -358,7 +361,9 @@ pub struct EnrollSettings {
     pub server_cert: wazuh_proxy_core::enroll::ServerCert,
     /// How managers' certificates are checked.
     pub backend_tls: wazuh_proxy_core::enroll::BackendTls,
-    /// How long an unconfirmed key reply is kept for a retry.
+    /// The certificate presented to managers that require one (`<ssl_agent_ca>`).
+    pub backend_client_cert: Option<wazuh_proxy_core::enroll::ClientCert>,
+    /// How long an unacknowledged key reply is kept for a retry (0: no replay).
     pub replay_ttl: Duration,
     /// Where a self-signed certificate is kept.
     pub tls_dir: PathBuf,
@@ -716,9 +721,40 @@ impl Config {
                         return Err(src.error(Some(span), "an enroll listener needs backend_ca (the managers' certificate or CA) or an explicit backend_verify = false"));
                     }
                 };
+                let backend_client_cert = match (&l.backend_cert, &l.backend_key) {
+                    (Some(c), Some(k)) => {
+                        let cert = wazuh_proxy_core::enroll::ClientCert {
+                            cert: c.get_ref().clone(),
+                            key: k.get_ref().clone(),
+                        };
+                        // Checked here so that check-config points at the setting.
+                        if let Err(e) = cert.check() {
+                            let at = match &e {
+                                wazuh_proxy_core::enroll::TlsError::Io { path, .. }
+                                | wazuh_proxy_core::enroll::TlsError::Pem { path, .. }
+                                    if path == k.get_ref() && path != c.get_ref() =>
+                                {
+                                    k.span()
+                                }
+                                _ => c.span(),
+                            };
+                            return Err(
+                                src.error(Some(at), format!("backend_cert/backend_key: {e}"))
+                            );
+                        }
+                        Some(cert)
+                    }
+                    (None, None) => None,
+                    (Some(s), None) | (None, Some(s)) => {
+                        return Err(
+                            src.error(Some(s.span()), "backend_cert and backend_key go together")
+                        );
+                    }
+                };
                 Some(EnrollSettings {
                     server_cert,
                     backend_tls,
+                    backend_client_cert,
                     replay_ttl: l.replay_ttl.map_or(Duration::from_secs(600), |d| d.0),
                     tls_dir,
                 })
@@ -731,6 +767,8 @@ impl Config {
                         l.backend_verify.as_ref().map(|s| s.span()),
                         "backend_verify",
                     ),
+                    (l.backend_cert.as_ref().map(|s| s.span()), "backend_cert"),
+                    (l.backend_key.as_ref().map(|s| s.span()), "backend_key"),
                 ];
                 for (set, what) in stray {
                     if let Some(span) = set {
@@ -989,6 +1027,18 @@ impl Config {
                         let _ = writeln!(out, "backend_verify = false");
                     }
                 }
+                if let Some(c) = &e.backend_client_cert {
+                    let _ = writeln!(
+                        out,
+                        "backend_cert = {}",
+                        toml_str(&c.cert.display().to_string())
+                    );
+                    let _ = writeln!(
+                        out,
+                        "backend_key = {}",
+                        toml_str(&c.key.display().to_string())
+                    );
+                }
                 let _ = writeln!(out, "replay_ttl = {:?}", d(e.replay_ttl));
             }
             if let Some((path, every)) = &l.keys {
@@ -1222,6 +1272,54 @@ backends = [{ address = "127.0.0.1:11515" }]
         assert!(e.contains("tls_cert and tls_key go together"), "{e}");
         let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbackend_ca = \"/ca.pem\""));
         assert!(e.contains("only used by kind = \"enroll\""), "{e}");
+    }
+
+    #[test]
+    fn backend_client_certificate_is_checked_with_its_line() {
+        let dir = std::env::temp_dir().join(format!("wazuh-proxy-cfg-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = rcgen::generate_simple_self_signed(vec!["proxy".to_owned()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, pair.cert.pem()).unwrap();
+        std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1515\"\nkind = \"enroll\"\nbackend_verify = false\nbackends = [{ address = \"127.0.0.1:11515\" }]\n";
+        let good = format!(
+            "{base}backend_cert = {:?}\nbackend_key = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        );
+        let c = Config::parse(&good, "x.toml").unwrap();
+        let e = c.listeners[0].enroll.as_ref().unwrap();
+        assert_eq!(
+            e.backend_client_cert,
+            Some(wazuh_proxy_core::enroll::ClientCert {
+                cert: cert.clone(),
+                key: key.clone()
+            })
+        );
+        let again = Config::parse(&c.to_toml(), "effective").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+
+        let e = err(&format!("{base}backend_cert = \"/a.pem\"\n"));
+        assert!(e.contains(":6:"), "{e}");
+        assert!(
+            e.contains("backend_cert and backend_key go together"),
+            "{e}"
+        );
+        let missing = good.replace("k.pem", "missing.pem");
+        let e = err(&missing);
+        assert!(e.contains(":7:") && e.contains("missing.pem"), "{e}");
+        // A key that is not the certificate's.
+        let other = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(dir.join("other.pem"), other.serialize_pem()).unwrap();
+        let e = err(&good.replace("k.pem", "other.pem"));
+        assert!(
+            e.contains(":6:") && e.contains("backend_cert/backend_key"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nbackend_key = \"/k.pem\""));
+        assert!(e.contains("only used by kind = \"enroll\""), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

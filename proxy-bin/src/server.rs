@@ -101,7 +101,7 @@ impl Running {
             Running::Agent(r) => r.sessions().len(),
             Running::Tcp(r) => r.stats().active.load(Ordering::Relaxed).max(0) as usize,
             Running::Udp(r) => r.flows(),
-            Running::Enroll(f) => f.in_flight(),
+            Running::Enroll(f) => f.active(),
         }
     }
 }
@@ -149,11 +149,19 @@ impl Proxy {
         let mut live = Vec::new();
         for l in &config.listeners {
             let udp = l.kind == ListenerKind::Udp;
-            let socket = inherited
+            let (socket, drained) = match inherited
                 .iter()
                 .position(|i| i.name == l.name && i.addr == l.listen && i.udp == udp)
-                .map(|at| inherited.swap_remove(at).socket);
-            live.push(start_listener(l, stop_accepting.child_token(), &tracker, socket).await?);
+            {
+                Some(at) => {
+                    let i = inherited.swap_remove(at);
+                    (Some(i.socket), i.drained)
+                }
+                None => (None, Vec::new()),
+            };
+            live.push(
+                start_listener(l, stop_accepting.child_token(), &tracker, socket, &drained).await?,
+            );
         }
         Ok(Proxy {
             live,
@@ -177,6 +185,17 @@ impl Proxy {
             .iter()
             .filter_map(|l| match &l.running {
                 Running::Agent(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every enroll listener's front, by listener name.
+    pub(crate) fn enroll_fronts(&self) -> Vec<(String, Arc<EnrollFront>)> {
+        self.live
+            .iter()
+            .filter_map(|l| match &l.running {
+                Running::Enroll(f) => Some((l.spec.name.clone(), f.clone())),
                 _ => None,
             })
             .collect()
@@ -232,7 +251,15 @@ impl Proxy {
             }
             // A listener moving to another address or kind: its old socket may hold the
             // address; it is released below, so retry the bind after.
-            match start_listener(l, self.stop_accepting.child_token(), &self.tracker, None).await {
+            match start_listener(
+                l,
+                self.stop_accepting.child_token(),
+                &self.tracker,
+                None,
+                &[],
+            )
+            .await
+            {
                 Ok(live) => added.push(live),
                 Err(e) => {
                     for a in &added {
@@ -348,6 +375,7 @@ async fn start_listener(
     stop: CancellationToken,
     tracker: &TaskTracker,
     inherited: Option<OwnedFd>,
+    drained: &[std::net::SocketAddr],
 ) -> Result<Live, StartError> {
     let stop = &stop;
     let balancer =
@@ -432,6 +460,10 @@ async fn start_listener(
             );
             config.connect_timeout = l.agent.connect_timeout;
             config.replay_ttl = settings.replay_ttl;
+            config.backend_client_cert = settings.backend_client_cert;
+            config.source_limits = l.agent.source_limits;
+            // The deadline for the TLS handshake and the request line.
+            config.request_timeout = l.agent.first_frame_timeout;
             let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
                 name: l.name.clone(),
                 why: e.to_string(),
@@ -466,6 +498,11 @@ async fn start_listener(
                 relay = relay.with_keys(store);
             }
             let relay = Arc::new(relay);
+            if !drained.is_empty() {
+                // Operator state from the previous process, before anything is accepted.
+                tracing::info!(listener = %l.name, ?drained, "upgrade: backends stay drained");
+                relay.restore_drained(drained);
+            }
             tracing::info!(listener = %l.name, address = %l.listen, kind = "agent", balance = %l.balance,
                 backends = l.backends.len(), "listening");
             tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));

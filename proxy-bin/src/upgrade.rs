@@ -4,7 +4,8 @@
 //! successor: the same command line plus `--takeover SOCKET`. The successor connects to that
 //! Unix socket, receives the listening sockets and starts serving on them; the old process
 //! then stops accepting and hands every agent session over at a frame boundary (see
-//! `wazuh_proxy_core::handover`), drains what is left (plain TCP and UDP listeners) and exits.
+//! `wazuh_proxy_core::handover`) and the enrollment replies kept for a retry, drains what is
+//! left (plain TCP and UDP listeners) and exits.
 //! Under systemd the successor tells the service manager its PID (`MAINPID=`), so the
 //! service stays up across the upgrade.
 
@@ -72,7 +73,13 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
         .iter()
         .map(|(n, a, u, fd)| (n.clone(), *a, *u, std::os::fd::AsFd::as_fd(fd)))
         .collect();
-    match tokio::time::timeout(TAKEOVER_WAIT, handover::offer_listeners(&stream, &offered)).await {
+    let drained: Vec<(String, std::net::SocketAddr)> = proxy
+        .agent_relays()
+        .iter()
+        .flat_map(|r| r.drained().into_iter().map(|b| (r.name().to_owned(), b)))
+        .collect();
+    let offer = handover::offer_listeners_with(&stream, &offered, &drained);
+    match tokio::time::timeout(TAKEOVER_WAIT, offer).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = child.kill();
@@ -85,9 +92,18 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
     }
     tracing::info!("upgrade: the new process serves the listeners; handing over agent sessions");
     proxy.stop_accepting().cancel();
-    let handed =
-        handover::hand_over_sessions(&stream, &proxy.agent_relays(), proxy.drain_timeout()).await?;
-    tracing::info!(sessions = handed, "upgrade: agent sessions handed over");
+    let (handed, replies) = handover::hand_over_all(
+        &stream,
+        &proxy.agent_relays(),
+        &proxy.enroll_fronts(),
+        proxy.drain_timeout(),
+    )
+    .await?;
+    tracing::info!(
+        sessions = handed,
+        enrollment_replies = replies,
+        "upgrade: agent sessions handed over (and kept enrollment replies)"
+    );
     // The child is now the service; do not wait for it.
     drop(child);
     Ok(handed)
@@ -136,7 +152,19 @@ pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener
 /// # Errors
 /// When the protocol fails.
 pub async fn adopt(stream: UnixStream, proxy: &Proxy) -> Result<usize, UpgradeError> {
-    let adopted = handover::adopt_sessions(&stream, &proxy.agent_relays(), proxy.tracker()).await?;
+    let (adopted, replies) = handover::adopt_all(
+        &stream,
+        &proxy.agent_relays(),
+        &proxy.enroll_fronts(),
+        proxy.tracker(),
+    )
+    .await?;
+    if replies > 0 {
+        tracing::info!(
+            enrollment_replies = replies,
+            "upgrade: kept enrollment replies taken over"
+        );
+    }
     notify_systemd(&format!("MAINPID={}\nREADY=1\n", std::process::id()));
     Ok(adopted)
 }

@@ -19,6 +19,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
+use zeroize::Zeroizing;
+
 use crate::envelope::AgentId;
 use crate::session::SessionKey;
 
@@ -69,6 +71,14 @@ pub enum Message {
         /// The drained backend.
         backend: SocketAddr,
     },
+    /// A key reply the enrollment front keeps for a retry (on the listener of that name).
+    /// Its bytes travel in zeroized buffers.
+    EnrollReply {
+        /// The enroll listener's name.
+        listener: String,
+        /// The kept reply.
+        kept: crate::enroll::KeptReply,
+    },
     /// Nothing more follows.
     Done,
 }
@@ -97,14 +107,17 @@ const READY: u8 = 3;
 const AGENT: u8 = 4;
 const DONE: u8 = 5;
 const DRAINED: u8 = 6;
+const ENROLL_REPLY: u8 = 7;
 
 fn put(out: &mut Vec<u8>, field: &[u8]) {
     out.extend_from_slice(&(field.len() as u32).to_le_bytes());
     out.extend_from_slice(field);
 }
 
-fn encode(msg: &Message) -> (Vec<u8>, Option<RawFd>) {
-    let mut body = Vec::new();
+/// Encodes a message. The buffers are zeroized when dropped: an enrollment reply carries a
+/// password and a key.
+fn encode(msg: &Message) -> (Zeroizing<Vec<u8>>, Option<RawFd>) {
+    let mut body = Zeroizing::new(Vec::new());
     let fd = match msg {
         Message::Listener {
             name,
@@ -145,8 +158,18 @@ fn encode(msg: &Message) -> (Vec<u8>, Option<RawFd>) {
             put(&mut body, backend.to_string().as_bytes());
             None
         }
+        Message::EnrollReply { listener, kept } => {
+            body.push(ENROLL_REPLY);
+            put(&mut body, listener.as_bytes());
+            put(&mut body, kept.source().to_string().as_bytes());
+            put(&mut body, kept.request());
+            put(&mut body, kept.reply());
+            let ms = u64::try_from(kept.left().as_millis()).unwrap_or(u64::MAX);
+            put(&mut body, &ms.to_le_bytes());
+            None
+        }
     };
-    let mut out = Vec::with_capacity(4 + body.len());
+    let mut out = Zeroizing::new(Vec::with_capacity(4 + body.len()));
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     (out, fd)
@@ -218,6 +241,29 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
             listener: f.text()?.to_owned(),
             backend: f.addr()?,
         },
+        ENROLL_REPLY => {
+            let listener = f.text()?.to_owned();
+            let source = f
+                .text()?
+                .parse()
+                .map_err(|_| HandoverError::Malformed("bad enrollment source"))?;
+            let request = f.next()?.to_vec();
+            let reply = f.next()?.to_vec();
+            let ms = f
+                .next()?
+                .try_into()
+                .map(u64::from_le_bytes)
+                .map_err(|_| HandoverError::Malformed("bad time left"))?;
+            Message::EnrollReply {
+                listener,
+                kept: crate::enroll::KeptReply::new(
+                    source,
+                    request,
+                    reply,
+                    std::time::Duration::from_millis(ms),
+                ),
+            }
+        }
         _ => return Err(HandoverError::Malformed("unknown message kind")),
     })
 }
@@ -318,7 +364,8 @@ pub async fn recv(stream: &UnixStream) -> Result<Option<Message>, HandoverError>
     if len == 0 || len > MAX_MESSAGE {
         return Err(HandoverError::Malformed("message length out of range"));
     }
-    let mut body = vec![0u8; len];
+    // Zeroized when dropped: it may hold an enrollment reply.
+    let mut body = Zeroizing::new(vec![0u8; len]);
     let mut at = 0;
     while at < len {
         stream.readable().await?;
@@ -412,6 +459,34 @@ mod tests {
     }
 
     #[test]
+    fn enrollment_replies_round_trip_redacted() {
+        let kept = crate::enroll::KeptReply::new(
+            "10.0.0.7".parse().unwrap(),
+            b"OSSEC PASS: s3cret OSSEC A:'web-01'\n".to_vec(),
+            b"OSSEC K:'001 web-01 any 0123abcd'".to_vec(),
+            std::time::Duration::from_millis(123_456),
+        );
+        let msg = Message::EnrollReply {
+            listener: "enrollment".into(),
+            kept,
+        };
+        assert!(!format!("{msg:?}").contains("s3cret"));
+        assert!(!format!("{msg:?}").contains("0123abcd"));
+        let (bytes, fd) = encode(&msg);
+        assert!(fd.is_none());
+        let Ok(Message::EnrollReply { listener, kept }) = decode(&bytes[4..], None) else {
+            panic!("not an enrollment reply")
+        };
+        assert_eq!(listener, "enrollment");
+        assert_eq!(kept.source().to_string(), "10.0.0.7");
+        assert_eq!(kept.request(), b"OSSEC PASS: s3cret OSSEC A:'web-01'\n");
+        assert_eq!(kept.reply(), b"OSSEC K:'001 web-01 any 0123abcd'");
+        assert_eq!(kept.left(), std::time::Duration::from_millis(123_456));
+        // Truncated: an error, not a panic.
+        assert!(decode(&bytes[4..bytes.len() - 3], None).is_err());
+    }
+
+    #[test]
     fn malformed_messages_are_errors() {
         assert!(decode(&[], None).is_err());
         assert!(decode(&[99], None).is_err());
@@ -435,6 +510,8 @@ pub struct InheritedListener {
     pub udp: bool,
     /// The socket.
     pub socket: OwnedFd,
+    /// Backends the operator drained on this listener (they stay drained).
+    pub drained: Vec<SocketAddr>,
 }
 
 /// Old process, step 1: sends every listening socket (duplicated: this process keeps
@@ -447,6 +524,19 @@ pub async fn offer_listeners(
     stream: &UnixStream,
     listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
 ) -> Result<(), HandoverError> {
+    offer_listeners_with(stream, listeners, &[]).await
+}
+
+/// [`offer_listeners`], with the operator's drained backends of each listener (by name), so
+/// that the new process applies them before it accepts anything.
+///
+/// # Errors
+/// When the socket fails or the new process does not answer [`Message::Ready`].
+pub async fn offer_listeners_with(
+    stream: &UnixStream,
+    listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
+    drained: &[(String, SocketAddr)],
+) -> Result<(), HandoverError> {
     for (name, addr, udp, fd) in listeners {
         let socket = dup(*fd)?;
         send(
@@ -456,6 +546,16 @@ pub async fn offer_listeners(
                 addr: *addr,
                 udp: *udp,
                 socket,
+            },
+        )
+        .await?;
+    }
+    for (listener, backend) in drained {
+        send(
+            stream,
+            &Message::Drained {
+                listener: listener.clone(),
+                backend: *backend,
             },
         )
         .await?;
@@ -481,20 +581,25 @@ pub async fn hand_over_sessions(
     relays: &[std::sync::Arc<crate::relay::AgentRelay>],
     deadline: std::time::Duration,
 ) -> Result<usize, HandoverError> {
+    hand_over_all(stream, relays, &[], deadline)
+        .await
+        .map(|(sessions, _)| sessions)
+}
+
+/// Old process, step 2 with enrollment: the agent sessions as [`hand_over_sessions`] does,
+/// then, once the enroll listeners' connections in progress have ended (or `deadline`
+/// passed), every reply they keep for a retry ([`Message::EnrollReply`]). Returns the number
+/// of sessions and of replies handed.
+///
+/// # Errors
+/// When the socket fails.
+pub async fn hand_over_all(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    deadline: std::time::Duration,
+) -> Result<(usize, usize), HandoverError> {
     use std::sync::atomic::Ordering;
-    // Operator state first, so the new process places what follows accordingly.
-    for r in relays {
-        for backend in r.drained() {
-            send(
-                stream,
-                &Message::Drained {
-                    listener: r.name().to_owned(),
-                    backend,
-                },
-            )
-            .await?;
-        }
-    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for r in relays {
         r.hand_over_all(tx.clone());
@@ -522,8 +627,27 @@ pub async fn hand_over_sessions(
             _ = tokio::time::sleep_until(until) => break,
         }
     }
+    // An enrollment in progress may still keep a reply: wait for it (each is bounded by
+    // the front's timeouts), then hand over what is kept.
+    while fronts.iter().any(|(_, f)| f.active() > 0) && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut replies = 0;
+    for (name, front) in fronts {
+        for kept in front.take_kept() {
+            send(
+                stream,
+                &Message::EnrollReply {
+                    listener: name.clone(),
+                    kept,
+                },
+            )
+            .await?;
+            replies += 1;
+        }
+    }
     send(stream, &Message::Done).await?;
-    Ok(handed)
+    Ok((handed, replies))
 }
 
 /// New process, step 1: receives the listening sockets.
@@ -546,7 +670,16 @@ pub async fn receive_listeners(
                 addr,
                 udp,
                 socket,
+                drained: Vec::new(),
             }),
+            Some(Message::Drained { listener, backend }) => {
+                match out.iter_mut().find(|l| l.name == listener) {
+                    Some(l) => l.drained.push(backend),
+                    None => {
+                        tracing::warn!(listener = %listener, %backend, "drained backend of a listener that was not handed over; ignored")
+                    }
+                }
+            }
             Some(Message::ListenersDone) => return Ok(out),
             Some(_) => return Err(HandoverError::Malformed("expected a listener")),
             None => {
@@ -569,8 +702,26 @@ pub async fn adopt_sessions(
     relays: &[std::sync::Arc<crate::relay::AgentRelay>],
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<usize, HandoverError> {
+    adopt_all(stream, relays, &[], tracker)
+        .await
+        .map(|(sessions, _)| sessions)
+}
+
+/// New process, step 2 with enrollment: as [`adopt_sessions`], and every kept enrollment
+/// reply goes to the enroll listener of the same name (dropped, zeroized, when there is
+/// none). Returns the number of sessions adopted and of replies kept.
+///
+/// # Errors
+/// When the socket fails.
+pub async fn adopt_all(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<(usize, usize), HandoverError> {
     send(stream, &Message::Ready).await?;
     let mut adopted = 0;
+    let mut kept = 0;
     loop {
         match recv(stream).await? {
             Some(Message::Agent(h)) => {
@@ -588,18 +739,16 @@ pub async fn adopt_sessions(
                     }
                 }
             }
-            Some(Message::Drained { listener, backend }) => {
-                match relays.iter().find(|r| r.name() == listener) {
-                    Some(r) => {
-                        tracing::info!(listener = %listener, %backend, "upgrade: backend stays drained");
-                        r.restore_drained(&[backend]);
-                    }
-                    None => {
-                        tracing::warn!(listener = %listener, %backend, "drained backend of a listener this configuration does not have; ignored")
-                    }
+            Some(Message::EnrollReply {
+                listener,
+                kept: reply,
+            }) => match fronts.iter().find(|(n, _)| *n == listener) {
+                Some((_, front)) => kept += usize::from(front.keep(reply)),
+                None => {
+                    tracing::warn!(listener = %listener, "no enroll listener of that name to keep an enrollment reply; dropped")
                 }
-            }
-            Some(Message::Done) | None => return Ok(adopted),
+            },
+            Some(Message::Done) | None => return Ok((adopted, kept)),
             Some(_) => return Err(HandoverError::Malformed("expected an agent session")),
         }
     }

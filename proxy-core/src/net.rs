@@ -119,22 +119,40 @@ pub fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::D
     }
 }
 
-/// Bytes written to `stream` that its peer's TCP has not acknowledged yet (sent or still
-/// queued): Linux's `SIOCOUTQ`. Still answers after the connection failed, until the socket
-/// is closed, which is what tells a failover which frames the dead peer never received.
+/// Bytes written to `stream` that the peer's TCP has not acknowledged yet (`SIOCOUTQ`: sent
+/// and unsent alike). Zero once every byte written was acknowledged by the peer's kernel,
+/// which is what "delivered" can mean for a connection that is about to close. The count
+/// survives the peer's reset: a peer that reset before acknowledging leaves it above zero.
 ///
 /// # Errors
-/// The `ioctl`'s error (not a TCP socket, for one).
-pub fn unacked_bytes(stream: &impl std::os::fd::AsRawFd) -> std::io::Result<u32> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ (= TIOCOUTQ) writes one c_int through the pointer, which points to a
-    // live, aligned c_int; the descriptor is borrowed from a live socket for the call.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+/// When the socket cannot be queried (or, off Linux, always: `Unsupported`).
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+pub fn unacked_bytes(stream: &tokio::net::TcpStream) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut queued: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int through the pointer, which points
+    // to a live c_int; the descriptor is borrowed from `stream` for the call.
+    let rc = unsafe {
+        nix::libc::ioctl(
+            stream.as_raw_fd(),
+            nix::libc::TIOCOUTQ,
+            &mut queued as *mut nix::libc::c_int,
+        )
+    };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error());
+        return Err(io::Error::last_os_error());
     }
     Ok(u32::try_from(queued).unwrap_or(0))
+}
+
+/// Off Linux the count is not available.
+///
+/// # Errors
+/// Always `Unsupported`.
+#[cfg(not(target_os = "linux"))]
+pub fn unacked_bytes(_stream: &tokio::net::TcpStream) -> io::Result<u32> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 #[cfg(test)]
@@ -157,5 +175,37 @@ mod tests {
         assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(37));
         assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
         assert_eq!(sock.keepalive_retries().unwrap(), 3);
+    }
+
+    // Acknowledged bytes leave the count; bytes the peer reset before acknowledging stay.
+    #[tokio::test]
+    async fn unacked_bytes_counts_what_the_peer_did_not_acknowledge() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        assert_eq!(unacked_bytes(&server).unwrap(), 0);
+        server.write_all(&[7u8; 100]).await.unwrap();
+        let mut buf = [0u8; 100];
+        client.read_exact(&mut buf).await.unwrap();
+        let mut acked = false;
+        for _ in 0..200 {
+            if unacked_bytes(&server).unwrap() == 0 {
+                acked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(acked, "the peer's kernel acknowledges what it received");
+
+        // The peer closes before more comes: its kernel answers the new bytes with a reset,
+        // not an acknowledgement, and the count stays.
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.write_all(&[7u8; 100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(unacked_bytes(&server).unwrap(), 100);
+        assert!(server.take_error().unwrap().is_some(), "reset by the peer");
     }
 }

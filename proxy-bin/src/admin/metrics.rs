@@ -48,6 +48,11 @@ pub(crate) mod names {
     /// Counter: sessions that ended any other way.
     pub(crate) const LOST_SESSIONS: &str = "wazuh_proxy_lost_sessions";
     pub(crate) const ENROLLMENTS: &str = "wazuh_proxy_enrollments";
+    /// Counter, label `reason` (`too_many_connections`, `source_limit`): enrollment
+    /// connections closed at accept.
+    pub(crate) const ENROLL_REFUSED: &str = "wazuh_proxy_enroll_refused";
+    /// Counter: key replies kept for a retry because the agent's TCP did not acknowledge them.
+    pub(crate) const ENROLL_KEPT: &str = "wazuh_proxy_enroll_kept";
     /// Gauge per backend, label `state` (`available`, `failed`, `down`): 1 for the current one.
     pub(crate) const BACKEND_STATE: &str = "wazuh_proxy_backend_state";
     /// Gauge per backend: 1 for a backup server.
@@ -458,6 +463,38 @@ impl Collector for RelayCollector {
                         let mut l = listener(t);
                         l.push(("outcome", o.label().to_owned()));
                         (l, C(stats.count(*o)))
+                    })
+                }),
+        )?;
+        family(
+            e,
+            ENROLL_KEPT,
+            "Key replies kept for a retry because the agent's TCP did not acknowledge them (enroll listeners).",
+            targets.iter().filter_map(|t| match &t.relay {
+                Running::Enroll(f) => Some((listener(t), C(load(&f.stats().kept_for_replay)))),
+                _ => None,
+            }),
+        )?;
+        family(
+            e,
+            ENROLL_REFUSED,
+            "Enrollment connections closed at accept, by reason (enroll listeners).",
+            targets
+                .iter()
+                .filter_map(|t| match &t.relay {
+                    Running::Enroll(f) => Some((t, f.stats().clone())),
+                    _ => None,
+                })
+                .flat_map(|(t, stats)| {
+                    [
+                        ("too_many_connections", load(&stats.refused)),
+                        ("source_limit", load(&stats.refused_source)),
+                    ]
+                    .into_iter()
+                    .map(move |(reason, n)| {
+                        let mut l = listener(t);
+                        l.push(("reason", reason.to_owned()));
+                        (l, C(n))
                     })
                 }),
         )?;

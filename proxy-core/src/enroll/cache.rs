@@ -1,8 +1,8 @@
-//! Single-flight and lost-reply replay for the enrollment front.
+//! Lost-reply replay for the enrollment front.
 //!
-//! Both are keyed by the agent's source address and the exact request line (password
-//! included): a reply is only ever shared with, or replayed to, the same address asking the
-//! same thing. Entries hold key material, so their memory is zeroized when they go.
+//! Keyed by the agent's source address and the exact request line (password included): a
+//! kept reply is only ever given to the same address asking the same thing, once. Entries
+//! hold key material, so their memory is zeroized when they go.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,7 +10,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::reply::EnrollReply;
@@ -53,6 +52,10 @@ impl RequestKey {
     pub(crate) fn line(&self) -> &[u8] {
         self.line.as_bytes()
     }
+
+    pub(crate) fn source(&self) -> IpAddr {
+        self.source
+    }
 }
 
 /// What one upstream exchange gave.
@@ -62,6 +65,8 @@ pub(crate) enum Upstream {
     Reply {
         /// The reply exactly as received.
         bytes: Arc<Secret>,
+        /// Where each of the backend's writes ended in `bytes`, as it was read.
+        writes: Vec<usize>,
         /// The reply, classified.
         reply: EnrollReply,
         /// The backend that answered.
@@ -76,78 +81,7 @@ pub(crate) enum Upstream {
     },
 }
 
-type Slot = watch::Receiver<Option<Arc<Upstream>>>;
-
-/// Requests in flight upstream.
-#[derive(Debug, Default)]
-pub(crate) struct Flights {
-    map: Mutex<HashMap<RequestKey, Slot>>,
-}
-
-/// The caller's part in a flight.
-pub(crate) enum Join<'a> {
-    /// No identical request in flight: this caller sends it and must [`Lead::finish`].
-    Lead(Lead<'a>),
-    /// An identical request is in flight: wait for its result.
-    Follow(Slot),
-}
-
-/// The leader's handle. Dropping it unfinished (the task was cancelled) wakes the followers
-/// with no result.
-pub(crate) struct Lead<'a> {
-    flights: &'a Flights,
-    key: RequestKey,
-    tx: Option<watch::Sender<Option<Arc<Upstream>>>>,
-}
-
-impl Flights {
-    pub(crate) fn join(&self, key: &RequestKey) -> Join<'_> {
-        let mut map = lock(&self.map);
-        if let Some(rx) = map.get(key) {
-            return Join::Follow(rx.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), rx);
-        Join::Lead(Lead {
-            flights: self,
-            key: key.clone(),
-            tx: Some(tx),
-        })
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        lock(&self.map).len()
-    }
-}
-
-impl Lead<'_> {
-    /// Publishes the result. The flight leaves the map first, so a request arriving after this
-    /// starts afresh (or finds the replay cache).
-    pub(crate) fn finish(mut self, result: Arc<Upstream>) {
-        lock(&self.flights.map).remove(&self.key);
-        if let Some(tx) = self.tx.take() {
-            tx.send_replace(Some(result));
-        }
-    }
-}
-
-impl Drop for Lead<'_> {
-    fn drop(&mut self) {
-        if self.tx.is_some() {
-            lock(&self.flights.map).remove(&self.key);
-        }
-    }
-}
-
-/// Waits for a flight's result; `None` if its leader went away without one.
-pub(crate) async fn follow(mut rx: Slot) -> Option<Arc<Upstream>> {
-    match rx.wait_for(Option::is_some).await {
-        Ok(v) => v.clone(),
-        Err(_) => None,
-    }
-}
-
-/// Replies kept for a retry because their delivery could not be confirmed.
+/// Replies kept for a retry because the agent did not acknowledge them.
 #[derive(Debug)]
 pub(crate) struct ReplayCache {
     ttl: Duration,
@@ -170,17 +104,13 @@ impl ReplayCache {
         }
     }
 
-    /// The kept reply for this exact request from this address, if still fresh.
-    pub(crate) fn get(&self, key: &RequestKey, now: Instant) -> Option<Arc<Secret>> {
-        let mut map = lock(&self.map);
-        match map.get(key) {
-            Some(kept) if kept.expires > now => Some(kept.reply.clone()),
-            Some(_) => {
-                map.remove(key);
-                None
-            }
-            None => None,
-        }
+    /// Takes the kept reply for this exact request from this address, if still fresh: it
+    /// leaves the cache, so it is given out at most once.
+    pub(crate) fn take(&self, key: &RequestKey, now: Instant) -> Option<Arc<Secret>> {
+        lock(&self.map)
+            .remove(key)
+            .filter(|kept| kept.expires > now)
+            .map(|kept| kept.reply)
     }
 
     /// Keeps a reply. Expired entries go first; when still full, the one closest to expiry
@@ -210,9 +140,31 @@ impl ReplayCache {
         true
     }
 
-    /// Forgets a reply once it was delivered.
-    pub(crate) fn remove(&self, key: &RequestKey) {
-        lock(&self.map).remove(key);
+    /// Takes every fresh entry out (for a successor process), with the time it has left.
+    pub(crate) fn drain(&self, now: Instant) -> Vec<(RequestKey, Arc<Secret>, Duration)> {
+        lock(&self.map)
+            .drain()
+            .filter(|(_, kept)| kept.expires > now)
+            .map(|(key, kept)| (key, kept.reply, kept.expires - now))
+            .collect()
+    }
+
+    /// Keeps an entry handed over by a predecessor for the time it had left (at most this
+    /// cache's own TTL). Returns whether it was kept.
+    pub(crate) fn put_for(
+        &self,
+        key: RequestKey,
+        reply: Arc<Secret>,
+        left: Duration,
+        now: Instant,
+    ) -> bool {
+        if !self.put(key.clone(), reply, now) {
+            return false;
+        }
+        if let Some(kept) = lock(&self.map).get_mut(&key) {
+            kept.expires = now + left.min(self.ttl);
+        }
+        true
     }
 
     /// Replies kept now (expired ones included until the next `put`).
@@ -240,13 +192,17 @@ mod tests {
         let cache = ReplayCache::new(Duration::from_secs(60), 2);
         let now = Instant::now();
         let reply = Arc::new(Secret::new(b"OSSEC K:'001 a1 any k'".to_vec()));
+        assert!(cache.put(key("10.0.0.1", "A"), reply.clone(), now));
+        assert!(cache.take(&key("10.0.0.2", "A"), now).is_none());
+        assert!(cache.take(&key("10.0.0.1", "B"), now).is_none());
+        assert!(cache.take(&key("::ffff:10.0.0.1", "A"), now).is_some());
+        assert!(
+            cache.take(&key("10.0.0.1", "A"), now).is_none(),
+            "given out once"
+        );
         assert!(cache.put(key("10.0.0.1", "A"), reply, now));
-        assert!(cache.get(&key("10.0.0.1", "A"), now).is_some());
-        assert!(cache.get(&key("::ffff:10.0.0.1", "A"), now).is_some());
-        assert!(cache.get(&key("10.0.0.2", "A"), now).is_none());
-        assert!(cache.get(&key("10.0.0.1", "B"), now).is_none());
         assert!(cache
-            .get(&key("10.0.0.1", "A"), now + Duration::from_secs(61))
+            .take(&key("10.0.0.1", "A"), now + Duration::from_secs(61))
             .is_none());
         assert_eq!(cache.len(), 0);
     }
@@ -268,38 +224,8 @@ mod tests {
             now + Duration::from_secs(2),
         );
         assert_eq!(cache.len(), 2);
-        assert!(cache.get(&key("10.0.0.1", "A"), now).is_none());
+        assert!(cache.take(&key("10.0.0.1", "A"), now).is_none());
         let disabled = ReplayCache::new(Duration::from_secs(1), 0);
         assert!(!disabled.put(key("10.0.0.1", "A"), r, now));
-    }
-
-    #[tokio::test]
-    async fn single_flight() {
-        let flights = Flights::default();
-        let k = key("10.0.0.1", "A");
-        let Join::Lead(lead) = flights.join(&k) else {
-            panic!("first must lead")
-        };
-        let Join::Follow(rx) = flights.join(&k) else {
-            panic!("second must follow")
-        };
-        assert!(matches!(flights.join(&key("10.0.0.2", "A")), Join::Lead(_)));
-        let waiter = tokio::spawn(follow(rx));
-        lead.finish(Arc::new(Upstream::Failed {
-            reason: "x".into(),
-            backend: None,
-        }));
-        assert!(waiter.await.unwrap().is_some());
-        assert_eq!(flights.len(), 0);
-        // A leader that goes away wakes its followers with nothing.
-        let Join::Lead(lead) = flights.join(&k) else {
-            panic!()
-        };
-        let Join::Follow(rx) = flights.join(&k) else {
-            panic!()
-        };
-        drop(lead);
-        assert!(follow(rx).await.is_none());
-        assert_eq!(flights.len(), 0);
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-use super::cache::{follow, Flights, Join, ReplayCache, RequestKey, Secret, Upstream};
-use super::reply::{error_reply, EnrollReply};
+use super::cache::{ReplayCache, RequestKey, Secret, Upstream};
+use super::reply::{error_reply, reply_progress, EnrollReply, ReplyProgress};
 use super::request::{EnrollRequest, RequestError, MAX_REQUEST};
-use super::tls::{backend_name, client_config, server_config, BackendTls, ServerCert, TlsError};
+use super::tls::{
+    backend_name, client_config, server_config, BackendTls, ClientCert, ServerCert, TlsError,
+};
 use crate::balance::{BalanceKey, Balancer};
 
 /// Settings of the enrollment front. [`EnrollConfig::new`] fills in the documented defaults.
@@ -30,6 +32,9 @@ pub struct EnrollConfig {
     pub server_cert: ServerCert,
     /// How backend certificates are checked.
     pub backend_tls: BackendTls,
+    /// The certificate presented to backends that ask for one (`<ssl_agent_ca>`); none by
+    /// default.
+    pub backend_client_cert: Option<ClientCert>,
     /// Time allowed for an agent's TLS handshake and request line together (default 10 s;
     /// agents send the request right after the handshake).
     pub request_timeout: Duration,
@@ -40,16 +45,25 @@ pub struct EnrollConfig {
     pub backend_timeout: Duration,
     /// Largest reply accepted from a backend (default 64 KiB; real replies are under 2 KiB).
     pub max_reply: usize,
-    /// How long to wait, after sending a key and closing the write side, for the agent to
-    /// close its side (default 5 s). No close in time means delivery is unconfirmed.
+    /// How long to wait, after writing a reply, for the agent's TCP to acknowledge every byte
+    /// of it (default 5 s). No acknowledgement in time means not delivered.
     pub confirm_timeout: Duration,
-    /// How long an unconfirmed key reply is kept for a retry (default 10 min).
+    /// How long an unacknowledged key reply is kept for a retry (default 10 min; 0 disables
+    /// replay).
     pub replay_ttl: Duration,
-    /// How many unconfirmed replies are kept at most (default 1024; 0 disables replay).
+    /// How long a manager may stay quiet before a refusal it has not closed after is taken as
+    /// whole (default 1 s). A key reply is whole at its closing quote and never waits; a
+    /// manager that closes ends a refusal at once. 4.0-4.12 managers write a refusal in two
+    /// parts back to back, which this joins.
+    pub reply_quiet: Duration,
+    /// How many unacknowledged replies are kept at most (default 1024; 0 disables replay).
     pub replay_capacity: usize,
     /// Agent connections handled at once; more are closed at accept (default 1000, authd's
     /// own pool size).
     pub max_connections: usize,
+    /// Per-source admission limits (open connections, new connections per second), checked
+    /// before the TLS handshake; defaults as for the agent relay.
+    pub source_limits: crate::limits::SourceLimits,
 }
 
 impl EnrollConfig {
@@ -58,6 +72,7 @@ impl EnrollConfig {
         EnrollConfig {
             server_cert,
             backend_tls,
+            backend_client_cert: None,
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             backend_timeout: Duration::from_secs(30),
@@ -65,8 +80,63 @@ impl EnrollConfig {
             confirm_timeout: Duration::from_secs(5),
             replay_ttl: Duration::from_secs(600),
             replay_capacity: 1024,
+            reply_quiet: Duration::from_secs(1),
             max_connections: 1000,
+            source_limits: crate::limits::SourceLimits::default(),
         }
+    }
+}
+
+/// A key reply kept for a retry, in transit to a successor process. The request (password
+/// included) and the reply (the key) are zeroized when dropped and never shown by `Debug`.
+#[derive(Clone)]
+pub struct KeptReply {
+    source: IpAddr,
+    request: Secret,
+    reply: Secret,
+    left: Duration,
+}
+
+impl KeptReply {
+    /// Builds one from its parts (as received from the previous process).
+    pub fn new(source: IpAddr, request: Vec<u8>, reply: Vec<u8>, left: Duration) -> Self {
+        KeptReply {
+            source: source.to_canonical(),
+            request: Secret::new(request),
+            reply: Secret::new(reply),
+            left,
+        }
+    }
+
+    /// The agent's address.
+    pub fn source(&self) -> IpAddr {
+        self.source
+    }
+
+    /// The request line, as the agent sent it (holds the password: never log it).
+    pub fn request(&self) -> &[u8] {
+        self.request.as_bytes()
+    }
+
+    /// The reply (holds the key: never log it).
+    pub fn reply(&self) -> &[u8] {
+        self.reply.as_bytes()
+    }
+
+    /// How long it may still be kept.
+    pub fn left(&self) -> Duration {
+        self.left
+    }
+}
+
+impl fmt::Debug for KeptReply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptReply")
+            .field("source", &self.source)
+            .field("request", &self.request)
+            .field("reply", &self.reply)
+            .field("left", &self.left)
+            .finish()
     }
 }
 
@@ -90,10 +160,8 @@ pub enum Outcome {
     Key,
     /// A backend refused this connection's own request; its text was relayed unchanged.
     Error,
-    /// Answered with a kept key whose first delivery was unconfirmed.
+    /// Answered with a kept key the agent had not acknowledged on an earlier connection.
     Replayed,
-    /// Answered with the reply to an identical request already in flight.
-    Coalesced,
     /// The request was malformed: answered by the proxy, never forwarded.
     Malformed,
     /// No backend answered: unreachable, TLS failure, timeout, or closed without a reply.
@@ -104,11 +172,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Key,
         Outcome::Error,
         Outcome::Replayed,
-        Outcome::Coalesced,
         Outcome::Malformed,
         Outcome::BackendUnreachable,
         Outcome::Incomplete,
@@ -120,7 +187,6 @@ impl Outcome {
             Outcome::Key => "key",
             Outcome::Error => "error",
             Outcome::Replayed => "replayed",
-            Outcome::Coalesced => "coalesced",
             Outcome::Malformed => "malformed",
             Outcome::BackendUnreachable => "backend_unreachable",
             Outcome::Incomplete => "incomplete",
@@ -145,9 +211,11 @@ pub struct EnrollStats {
     pub accepted: AtomicU64,
     /// Agent connections closed at accept because `max_connections` were busy.
     pub refused: AtomicU64,
+    /// Agent connections closed at accept because their source address was over its limits.
+    pub refused_source: AtomicU64,
     /// Requests sent to a backend.
     pub upstream_requests: AtomicU64,
-    /// Key replies kept for a retry because their delivery was unconfirmed.
+    /// Key replies kept for a retry because the agent did not acknowledge them.
     pub kept_for_replay: AtomicU64,
     outcomes: [AtomicU64; Outcome::ALL.len()],
 }
@@ -171,9 +239,12 @@ pub struct EnrollFront {
     connector: TlsConnector,
     fingerprint: String,
     stats: Arc<EnrollStats>,
-    flights: Flights,
+    active: Arc<AtomicUsize>,
     replay: ReplayCache,
     permits: Arc<Semaphore>,
+    admission: crate::limits::Admission,
+    refusal_log: RateLog,
+    malformed_log: RateLog,
 }
 
 impl fmt::Debug for EnrollFront {
@@ -197,6 +268,7 @@ impl EnrollFront {
             (config.request_timeout, "request_timeout"),
             (config.connect_timeout, "connect_timeout"),
             (config.backend_timeout, "backend_timeout"),
+            (config.reply_quiet, "reply_quiet"),
         ] {
             if value.is_zero() {
                 return Err(EnrollError::Zero(name));
@@ -209,7 +281,7 @@ impl EnrollFront {
             return Err(EnrollError::Zero("max_reply"));
         }
         let (server, fingerprint) = server_config(&config.server_cert)?;
-        let client = client_config(&config.backend_tls)?;
+        let client = client_config(&config.backend_tls, config.backend_client_cert.as_ref())?;
         tracing::info!(sha256 = %fingerprint, "enrollment certificate");
         if config.backend_tls == BackendTls::NoVerify {
             tracing::warn!(
@@ -219,15 +291,28 @@ impl EnrollFront {
             );
         }
         Ok(EnrollFront {
-            replay: ReplayCache::new(config.replay_ttl, config.replay_capacity),
+            // A zero TTL disables replay like a zero capacity.
+            replay: ReplayCache::new(
+                config.replay_ttl,
+                if config.replay_ttl.is_zero() {
+                    0
+                } else {
+                    config.replay_capacity
+                },
+            ),
             permits: Arc::new(Semaphore::new(config.max_connections)),
+            admission: crate::limits::Admission::new(config.source_limits),
             config,
             balancer: crate::balance::SharedBalancer::new(balancer),
             acceptor: TlsAcceptor::from(server),
             connector: TlsConnector::from(client),
             fingerprint,
             stats: Arc::new(EnrollStats::default()),
-            flights: Flights::default(),
+            active: Arc::default(),
+            // As the agent relay: one line a second for refusals at accept.
+            refusal_log: RateLog::new(1),
+            // Malformed requests are rarer and each says more: ten a second.
+            malformed_log: RateLog::new(10),
         })
     }
 
@@ -261,9 +346,41 @@ impl EnrollFront {
         self.replay.len()
     }
 
-    /// Requests in flight upstream right now.
-    pub fn in_flight(&self) -> usize {
-        self.flights.len()
+    /// Takes every kept reply out, for a successor process (`wazuh-proxy upgrade`). They
+    /// leave this front: a reply is given out by one process at most.
+    pub fn take_kept(&self) -> Vec<KeptReply> {
+        self.replay
+            .drain(Instant::now())
+            .into_iter()
+            .map(|(key, reply, left)| KeptReply {
+                source: key.source(),
+                request: Secret::new(key.line().to_vec()),
+                reply: Secret::new(reply.as_bytes().to_vec()),
+                left,
+            })
+            .collect()
+    }
+
+    /// Keeps a reply handed over by the previous process, for the time it had left (at most
+    /// this front's `replay_ttl`). Returns whether it was kept (not with replay disabled).
+    pub fn keep(&self, kept: KeptReply) -> bool {
+        let KeptReply {
+            source,
+            request,
+            reply,
+            left,
+        } = kept;
+        self.replay.put_for(
+            RequestKey::new(source, request),
+            Arc::new(reply),
+            left,
+            Instant::now(),
+        )
+    }
+
+    /// Agent connections being handled right now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Accepts agents until `stop` is cancelled; each connection runs as a task of `tracker`.
@@ -276,8 +393,11 @@ impl EnrollFront {
     ) {
         crate::net::accept_loop(&listener, "enrollment", &stop, |stream, peer| {
             let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(client = %peer, "enrollment: too many connections; closing");
+                let total = self.stats.refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(client = %peer, refused_total = total, suppressed,
+                        "enrollment: too many connections ({}); closing", self.config.max_connections);
+                }
                 return;
             };
             let front = self.clone();
@@ -292,6 +412,21 @@ impl EnrollFront {
     /// Runs one agent connection to its end.
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let _admitted = match self
+            .admission
+            .admit(peer.ip().to_canonical(), Instant::now())
+        {
+            Ok(a) => a,
+            Err(why) => {
+                let total = self.stats.refused_source.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(client = %peer, refused_total = total, suppressed,
+                        "enrollment: refusing connection: {why}");
+                }
+                return;
+            }
+        };
+        let _active = Active::enter(&self.active);
         let _ = stream.set_nodelay(true);
         let source = peer.ip().to_canonical();
         let deadline = tokio::time::Instant::now() + self.config.request_timeout;
@@ -314,81 +449,69 @@ impl EnrollFront {
             Ok(r) => r,
             Err(e) => {
                 self.stats.record(Outcome::Malformed);
-                tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e,
-                    "enrollment refused: malformed request (not forwarded)");
+                if let Some(suppressed) = self.malformed_log.allow() {
+                    tracing::warn!(client = %peer, outcome = %Outcome::Malformed, error = %e, suppressed,
+                        "enrollment refused: malformed request (not forwarded)");
+                }
                 let reply = error_reply(&e.manager_text());
-                let _ = self.deliver(&mut agent, &reply).await;
+                let _ = self.answer(agent, &reply, &[]).await;
                 return;
             }
         };
         let key = RequestKey::new(source, Secret::new(request.to_line().to_vec()));
 
-        // 2. A kept reply for this very request from this address.
-        if let Some(kept) = self.replay.get(&key, Instant::now()) {
-            let delivered = self.deliver(&mut agent, kept.as_bytes()).await;
-            if delivered {
-                self.replay.remove(&key);
-            }
+        // 2. A kept reply for this very request from this address, given out once. It is in
+        // the cache only once the connection it was issued for has ended without the agent's
+        // TCP acknowledging it, so this connection is indistinguishable from that agent's
+        // retry. A connection that arrives while the first is still open finds nothing here
+        // and goes to the manager on its own.
+        if let Some(kept) = self.replay.take(&key, Instant::now()) {
+            let delivered = self.answer(agent, kept.as_bytes(), &[]).await;
             self.stats.record(Outcome::Replayed);
             tracing::info!(name = request.name(), client = %peer, outcome = %Outcome::Replayed,
-                delivered, "enrollment answered with the kept reply of an earlier attempt");
+                delivered, "enrollment answered with the kept reply of an earlier attempt (given out once)");
             return;
         }
 
-        // 3. One upstream exchange per identical request in flight. The exchange is not
-        // cancelled when this agent goes away: its reply is what a retry will need.
-        let (result, coalesced, agent_gone) = match self.flights.join(&key) {
-            Join::Lead(lead) => {
-                let (result, gone) = watch_agent(&mut agent, self.upstream(&key, source)).await;
-                let result = Arc::new(result);
-                lead.finish(result.clone());
-                (Some(result), false, gone)
-            }
-            Join::Follow(rx) => {
-                let (result, gone) = watch_agent(&mut agent, follow(rx)).await;
-                (result, true, gone)
-            }
-        };
+        // 3. This connection's own upstream exchange, never shared with another connection.
+        // The exchange is not cancelled when the agent goes away: a key it brings back is
+        // what the agent's retry will need.
+        let (result, agent_gone) = watch_agent(&mut agent, self.upstream(&key, source)).await;
 
         // 4. Relay.
-        let Some(result) = result else {
-            self.stats.record(Outcome::BackendUnreachable);
-            tracing::warn!(name = request.name(), client = %peer, outcome = %Outcome::BackendUnreachable,
-                "enrollment failed: the identical request in flight was abandoned");
-            return;
-        };
-        match &*result {
+        match result {
             Upstream::Failed { reason, backend } => {
                 self.stats.record(Outcome::BackendUnreachable);
                 let backend = backend
                     .map(|b| b.to_string())
                     .unwrap_or_else(|| "-".to_owned());
-                tracing::warn!(name = request.name(), client = %peer, backend, coalesced,
+                tracing::warn!(name = request.name(), client = %peer, backend,
                     outcome = %Outcome::BackendUnreachable, reason, "enrollment failed: no reply from a backend");
                 // The agent sees what a dead manager gives it: a close without a reply.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
             }
             Upstream::Reply {
                 bytes,
+                writes,
                 reply,
                 backend,
             } => {
-                let delivered = !agent_gone && self.deliver(&mut agent, bytes.as_bytes()).await;
-                let outcome = match (coalesced, reply) {
-                    (true, _) => Outcome::Coalesced,
-                    (false, EnrollReply::Key(_)) => Outcome::Key,
-                    (false, EnrollReply::Error(_)) => Outcome::Error,
+                let delivered = self.answer(agent, bytes.as_bytes(), &writes).await;
+                let outcome = match &reply {
+                    EnrollReply::Key(_) => Outcome::Key,
+                    EnrollReply::Error(_) => Outcome::Error,
                 };
                 self.stats.record(outcome);
-                match reply {
+                match &reply {
                     EnrollReply::Key(issued) => {
-                        let kept =
-                            !delivered && self.replay.put(key, bytes.clone(), Instant::now());
+                        // Kept only now that this connection is over.
+                        let kept = !delivered && self.replay.put(key, bytes, Instant::now());
                         if kept {
                             self.stats.kept_for_replay.fetch_add(1, Ordering::Relaxed);
                         }
                         tracing::info!(name = request.name(), client = %peer, backend = %backend,
-                            outcome = %outcome, agent_id = issued.id(), delivered, kept_for_replay = kept,
-                            "enrollment: key issued");
+                            outcome = %outcome, agent_id = issued.id(), delivered, agent_gone,
+                            kept_for_replay = kept, "enrollment: key issued");
                     }
                     EnrollReply::Error(text) => {
                         tracing::info!(name = request.name(), client = %peer, backend = %backend,
@@ -404,7 +527,8 @@ impl EnrollFront {
         tracing::debug!(client = %peer, outcome = %Outcome::Incomplete, "enrollment connection dropped: {why}");
     }
 
-    /// One exchange with a backend: connect, TLS, the request line, the reply until close.
+    /// One exchange with a backend: connect, TLS, the request line, the reply until whole
+    /// (see [`read_reply`]).
     async fn upstream(&self, key: &RequestKey, source: IpAddr) -> Upstream {
         let balancer = self.balancer.load_full();
         let connected = match balancer
@@ -444,15 +568,24 @@ impl EnrollFront {
             tls.flush()
                 .await
                 .map_err(|e| format!("sending the request failed: {e}"))?;
-            read_reply(&mut tls, self.config.max_reply).await
+            let received =
+                read_reply(&mut tls, self.config.max_reply, self.config.reply_quiet).await?;
+            // Close our side properly (close_notify, FIN) without making the agent wait for
+            // it: a manager that keeps the connection open (the QA simulators) does not need
+            // to answer.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tls.shutdown()).await;
+            });
+            Ok(received)
         };
         let result = tokio::time::timeout(self.config.backend_timeout, exchange).await;
         drop(connected.guard);
         match result {
-            Ok(Ok(bytes)) if bytes.is_empty() => fail("closed without a reply".to_owned()),
-            Ok(Ok(bytes)) => Upstream::Reply {
-                reply: EnrollReply::parse(&bytes),
-                bytes: Arc::new(Secret::new(bytes.to_vec())),
+            Ok(Ok(got)) if got.bytes.is_empty() => fail("closed without a reply".to_owned()),
+            Ok(Ok(got)) => Upstream::Reply {
+                reply: EnrollReply::parse(&got.bytes),
+                bytes: Arc::new(Secret::new(got.bytes.to_vec())),
+                writes: got.writes,
                 backend,
             },
             Ok(Err(reason)) => fail(reason),
@@ -463,39 +596,140 @@ impl EnrollFront {
         }
     }
 
-    /// Writes a reply, closes the write side (TLS close_notify, then FIN) and waits for the
-    /// agent to close its side. True when the agent closed cleanly (close_notify or a plain
-    /// EOF) after the reply, i.e. it read it; false on any error, reset or timeout.
-    async fn deliver(&self, agent: &mut TlsStream<TcpStream>, reply: &[u8]) -> bool {
-        let written = async {
-            agent.write_all(reply).await?;
-            agent.flush().await?;
-            agent.shutdown().await
-        };
-        if tokio::time::timeout(self.config.confirm_timeout, written)
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            return false;
-        }
-        let mut scratch = [0u8; 512];
-        let closed = async {
-            loop {
-                match agent.read(&mut scratch).await {
-                    Ok(0) => return true,
-                    Ok(_) => continue,
-                    // A TCP close without close_notify: what real agents do once they have
-                    // the key.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return true,
-                    Err(_) => return false,
+    /// Answers the agent and closes the connection. Returns whether the agent's TCP
+    /// acknowledged every byte of the reply ([`crate::net::unacked_bytes`] at zero) before the
+    /// close, whatever the agent did afterwards (close_notify, FIN, reset). A reset or error
+    /// before that, or no acknowledgement within `confirm_timeout`, means not delivered.
+    ///
+    /// The reply's TLS bytes go out as two TCP segments: a receiver acknowledges at once when
+    /// a second segment arrives before it acknowledged the first, instead of after its
+    /// delayed-ACK timer (40 ms or more), so an agent that reads its key and closes at once
+    /// (real agents close without close_notify, often with a reset) has acknowledged it by then.
+    async fn answer(
+        &self,
+        mut agent: TlsStream<TcpStream>,
+        reply: &[u8],
+        writes: &[usize],
+    ) -> bool {
+        let delivered = async {
+            let mut wire = Vec::with_capacity(reply.len() + 64);
+            {
+                let (_, conn) = agent.get_mut();
+                // One TLS record per backend write, as the agent would have read them directly.
+                let mut at = 0;
+                for &end in writes.iter().chain([&reply.len()]) {
+                    if end > at && end <= reply.len() {
+                        io::Write::write_all(&mut conn.writer(), &reply[at..end])?;
+                        at = end;
+                    }
+                }
+                while conn.wants_write() {
+                    conn.write_tls(&mut wire)?;
                 }
             }
+            let tcp = agent.get_mut().0;
+            let half = wire.len() / 2;
+            tcp.write_all(&wire[..half]).await?;
+            tcp.write_all(&wire[half..]).await?;
+            Ok::<_, io::Error>(acknowledged(agent.get_ref().0, self.config.confirm_timeout).await)
         };
-        tokio::time::timeout(self.config.confirm_timeout, closed)
+        let delivered = tokio::time::timeout(self.config.confirm_timeout, delivered)
             .await
-            .unwrap_or(false)
+            .is_ok_and(|r| r.unwrap_or(false));
+        // Close properly: close_notify, then FIN, as authd does.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
+        delivered
     }
 }
+
+/// A few log lines per second at most for a kind of refusal, so that a flood does not become
+/// a log flood; the next line written says how many were left out.
+#[derive(Debug)]
+struct RateLog {
+    per_second: u64,
+    /// The current second (since `START`, plus one) in the high bits, lines written in it in
+    /// the low 16.
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLog {
+    fn new(per_second: u16) -> Self {
+        RateLog {
+            per_second: u64::from(per_second),
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines left out since the last one written)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        let granted = self
+            .window
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
+                let (second, used) = (w >> 16, w & 0xffff);
+                if second != now {
+                    Some((now << 16) | 1)
+                } else if used < self.per_second {
+                    Some(w + 1)
+                } else {
+                    None
+                }
+            })
+            .is_ok();
+        if granted {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Counts a connection as active while alive.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn enter(count: &Arc<AtomicUsize>) -> Active {
+        count.fetch_add(1, Ordering::Relaxed);
+        Active(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits until the peer's TCP has acknowledged every byte written to `tcp`: true at zero
+/// outstanding bytes, false on a reset or error first, or at `limit`.
+async fn acknowledged(tcp: &TcpStream, limit: Duration) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match crate::net::unacked_bytes(tcp) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        // A reset: nothing more will be acknowledged (the count above was taken first, so
+        // bytes acknowledged before the reset were seen).
+        if !matches!(tcp.take_error(), Ok(None)) {
+            return matches!(crate::net::unacked_bytes(tcp), Ok(0));
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Time allowed for closing a connection properly (close_notify) before it is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The request line as read.
 enum Line {
@@ -537,26 +771,56 @@ async fn read_line<S: AsyncRead + Unpin>(agent: &mut S) -> io::Result<Line> {
     }
 }
 
-/// Reads a backend's reply until it closes. A close without close_notify ends the reply too
-/// (authd does not always send one).
+/// A backend's reply as received: the bytes, and where each of the backend's reads ended
+/// (a 4.0-4.12 refusal comes in two writes; they are relayed as two).
+pub(crate) struct Received {
+    pub(crate) bytes: Zeroizing<Vec<u8>>,
+    pub(crate) writes: Vec<usize>,
+}
+
+/// Reads a backend's reply until it is complete: a key at its closing quote (the manager's
+/// close is not awaited: the QA simulators keep the connection open), anything else at the
+/// manager's close or after `quiet` without a byte. A close without close_notify ends the
+/// reply too (authd does not always send one).
 async fn read_reply<S: AsyncRead + Unpin>(
     backend: &mut S,
     max: usize,
-) -> Result<Zeroizing<Vec<u8>>, String> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
+    quiet: Duration,
+) -> Result<Received, String> {
+    let mut got = Received {
+        bytes: Zeroizing::new(Vec::with_capacity(4096)),
+        writes: Vec::new(),
+    };
     let mut chunk = Zeroizing::new([0u8; 4096]);
     loop {
-        match backend.read(&mut chunk[..]).await {
-            Ok(0) => return Ok(buf),
+        let progress = reply_progress(&got.bytes);
+        if let ReplyProgress::Key(end) = progress {
+            // One record, however it arrived: the agent parses the key from a single read.
+            got.bytes.truncate(end);
+            got.writes = vec![end];
+            return Ok(got);
+        }
+        let read = if progress == ReplyProgress::Other {
+            match tokio::time::timeout(quiet, backend.read(&mut chunk[..])).await {
+                Ok(r) => r,
+                // Quiet: the refusal is whole.
+                Err(_) => return Ok(got),
+            }
+        } else {
+            backend.read(&mut chunk[..]).await
+        };
+        match read {
+            Ok(0) => return Ok(got),
             Ok(n) => {
-                if buf.len() + n > max {
+                if got.bytes.len() + n > max {
                     return Err(format!("reply longer than {max} bytes"));
                 }
-                buf.extend_from_slice(&chunk[..n]);
+                got.bytes.extend_from_slice(&chunk[..n]);
+                got.writes.push(got.bytes.len());
             }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(buf),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(got),
             // A reset after some bytes still leaves a whole reply (authd writes it in one go).
-            Err(_) if !buf.is_empty() => return Ok(buf),
+            Err(_) if !got.bytes.is_empty() => return Ok(got),
             Err(e) => return Err(format!("reading the reply failed: {e}")),
         }
     }
@@ -581,5 +845,119 @@ async fn watch_agent<T>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A backend that delivers its reply in the given reads, then closes (or stays open).
+    struct Chunks(VecDeque<&'static [u8]>, bool);
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            match self.0.pop_front() {
+                Some(chunk) => {
+                    buf.put_slice(chunk);
+                    Poll::Ready(Ok(()))
+                }
+                None if self.1 => Poll::Pending,
+                None => Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    async fn read(chunks: &[&'static [u8]], stays_open: bool) -> (Vec<u8>, Vec<usize>) {
+        let mut backend = Chunks(chunks.iter().copied().collect(), stays_open);
+        let got = read_reply(&mut backend, 64 * 1024, Duration::from_millis(50))
+            .await
+            .unwrap();
+        (got.bytes.to_vec(), got.writes)
+    }
+
+    // The three ways `acknowledged` ends: all acknowledged, a peer that does not take the
+    // bytes (a silent or vanished host looks the same: nothing comes back), a reset.
+    #[tokio::test]
+    async fn acknowledged_waits_for_the_peers_tcp_and_no_longer() {
+        use tokio::io::AsyncWriteExt;
+        let listener = crate::net::bind_tcp("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limit = Duration::from_millis(300);
+
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        server.write_all(&[1u8; 1000]).await.unwrap();
+        assert!(
+            acknowledged(&server, limit).await,
+            "read or not, the kernel ACKs"
+        );
+
+        // A peer whose window is full leaves bytes unacknowledged: false at the limit.
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let big = vec![2u8; 4 << 20];
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.write_all(&big)).await;
+        let started = Instant::now();
+        assert!(!acknowledged(&server, limit).await);
+        assert!(started.elapsed() >= limit);
+
+        // A reset: false at once.
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        assert!(!acknowledged(&server, Duration::from_secs(5)).await);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    // Agents take the key from one TLS read: it goes to them as one record however it came,
+    // without waiting for the manager to close.
+    #[tokio::test]
+    async fn a_key_is_whole_at_its_quote_and_goes_out_as_one_record() {
+        let (bytes, writes) = read(&[b"OSSEC K:'001 a", b"1 any k'\n", b"junk"], true).await;
+        assert_eq!(bytes, b"OSSEC K:'001 a1 any k'\n");
+        assert_eq!(writes, vec![bytes.len()]);
+    }
+
+    // A refusal in two writes (4.0-4.12) keeps its two records, whether the manager closes or
+    // goes quiet.
+    #[tokio::test]
+    async fn a_refusal_ends_at_the_close_or_when_quiet_and_keeps_its_writes() {
+        for open in [false, true] {
+            let (bytes, writes) = read(
+                &[b"ERROR: Invalid password", b"ERROR: Unable to add agent"],
+                open,
+            )
+            .await;
+            assert_eq!(bytes, b"ERROR: Invalid passwordERROR: Unable to add agent");
+            assert_eq!(writes, vec![23, bytes.len()]);
+        }
+    }
+
+    #[test]
+    fn rate_log_lets_a_few_lines_through_per_second_and_counts_the_rest() {
+        let log = RateLog::new(3);
+        let allowed: Vec<_> = (0..10).map(|_| log.allow()).collect();
+        // Within one second (the test runs well within it, or straddles one boundary).
+        let written = allowed.iter().filter(|a| a.is_some()).count();
+        assert!((3..=6).contains(&written), "{allowed:?}");
+        assert_eq!(allowed[0], Some(0));
+        // Every line left out is reported by a later line, or still pending.
+        let reported: u64 = allowed.iter().flatten().sum();
+        assert_eq!(
+            reported + log.suppressed.load(Ordering::Relaxed),
+            (10 - written) as u64
+        );
     }
 }

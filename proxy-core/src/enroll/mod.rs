@@ -1,20 +1,27 @@
 //! Agent enrollment on 1515 (authd), in terminate mode.
 //!
-//! Agents enroll over TLS: one request line, one reply, the manager closes. Two failure modes
-//! hurt in front of a cluster, and both end with the manager refusing the agent for an hour
-//! ("Duplicate agent name", `<force><after_registration_time>`):
+//! Agents enroll over TLS: one request line, one reply. Two failure modes hurt in front of a
+//! cluster, and both end with the manager refusing the agent for an hour ("Duplicate agent
+//! name", `<force><after_registration_time>`):
 //!
 //! - **Lost reply.** The manager registers the key once its TLS write succeeds; if the
 //!   connection then dies (failover, proxy or network fault), the agent retries without a key
 //!   and is refused.
-//! - **Concurrent requests** for one name: the manager serialises them and refuses all but one.
+//! - **Slow or unusual managers.** A reply is taken as whole when it is whole: a key at its
+//!   closing quote, a refusal at the manager's close or after a short quiet period (4.0-4.12
+//!   write it in two parts), so managers that keep the connection open (the QA simulators)
+//!   work too.
 //!
-//! [`EnrollFront`] terminates the agents' TLS, so it sees each request and reply and can fix
-//! both: identical requests from one address in flight at once go upstream once and share the
-//! reply (single-flight), and a key reply whose delivery was not confirmed is kept for a short
-//! time and replayed to an identical retry from the same address instead of being forwarded.
-//! A reply is never shared with another address or another request (another password
-//! included), and an error is never replayed.
+//! [`EnrollFront`] terminates the agents' TLS, so it sees each request and reply. A reply is
+//! *delivered* when the agent's TCP acknowledged every byte of it
+//! ([`crate::net::unacked_bytes`]), whatever the agent does next (close_notify, FIN, reset).
+//! A key reply that was not acknowledged is kept for a short time, and given **once** to a
+//! connection that is indistinguishable from that agent's retry: same source address,
+//! byte-identical request (password included), arriving after the first connection ended.
+//! Every other connection goes to a manager on its own, concurrent identical ones included,
+//! so where the manager would refuse a second agent of the same name, the second agent gets
+//! that refusal. An error is never kept. See `docs/enrollment.md` for the exact guarantee
+//! and the residual risk (two hosts behind one NAT address sending byte-identical requests).
 //!
 //! The price: the proxy then holds enrollment passwords and issued keys in memory (zeroized
 //! when dropped, never logged), and agents talk TLS with the proxy's certificate. Passthrough
@@ -51,7 +58,7 @@ pub mod reply;
 pub mod request;
 pub mod tls;
 
-pub use front::{EnrollConfig, EnrollError, EnrollFront, EnrollStats, Outcome};
+pub use front::{EnrollConfig, EnrollError, EnrollFront, EnrollStats, KeptReply, Outcome};
 pub use reply::{error_reply, EnrollReply, IssuedKey};
 pub use request::{EnrollRequest, RequestError};
-pub use tls::{fingerprint, BackendTls, ServerCert, TlsError};
+pub use tls::{fingerprint, BackendTls, ClientCert, ServerCert, TlsError};

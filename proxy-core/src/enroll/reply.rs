@@ -95,9 +95,60 @@ impl EnrollReply {
         }
     }
 
+    /// Whether this is a key.
+    pub fn is_key(&self) -> bool {
+        matches!(self, EnrollReply::Key(_))
+    }
+
     /// Whether this is a refusal (or no answer).
     pub fn is_error(&self) -> bool {
         matches!(self, EnrollReply::Error(_))
+    }
+}
+
+/// How far a manager's reply has come, judged from the bytes received so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyProgress {
+    /// Nothing yet, or the start of `OSSEC K:'` without its closing quote: wait for more.
+    Partial,
+    /// A key reply, complete up to its closing quote; the value is its length, line feeds
+    /// already received right after the quote included (3.x and the QA simulators send them).
+    /// Nothing the agent needs follows: answer it now, whether or not the manager closes.
+    Key(usize),
+    /// Anything else (a refusal): complete only when the manager closes or goes quiet, since
+    /// 4.0-4.12 managers send it in two writes.
+    Other,
+}
+
+/// Where a reply stands after `received` (pure; see [`ReplyProgress`]).
+///
+/// ```
+/// use wazuh_proxy_core::enroll::reply::{reply_progress, ReplyProgress};
+/// assert_eq!(reply_progress(b"OSSEC K:'001 a1 any k"), ReplyProgress::Partial);
+/// assert_eq!(reply_progress(b"OSSEC K:'001 a1 any k'\n"), ReplyProgress::Key(23));
+/// assert_eq!(reply_progress(b"ERROR: Invalid password"), ReplyProgress::Other);
+/// ```
+pub fn reply_progress(received: &[u8]) -> ReplyProgress {
+    const PREFIX: &[u8] = b"OSSEC K:'";
+    if received.len() < PREFIX.len() {
+        return if PREFIX.starts_with(received) {
+            ReplyProgress::Partial
+        } else {
+            ReplyProgress::Other
+        };
+    }
+    if !received.starts_with(PREFIX) {
+        return ReplyProgress::Other;
+    }
+    match received[PREFIX.len()..].iter().position(|&b| b == b'\'') {
+        Some(at) => {
+            let mut end = PREFIX.len() + at + 1;
+            while matches!(received.get(end), Some(b'\n' | b'\r')) {
+                end += 1;
+            }
+            ReplyProgress::Key(end)
+        }
+        None => ReplyProgress::Partial,
     }
 }
 
@@ -163,6 +214,44 @@ mod tests {
         assert_eq!(
             EnrollReply::parse(b"ERROR: Invalid password\n"),
             EnrollReply::Error("ERROR: Invalid password".into())
+        );
+    }
+
+    #[test]
+    fn progress() {
+        for partial in [
+            &b""[..],
+            b"O",
+            b"OSSEC K",
+            b"OSSEC K:'",
+            b"OSSEC K:'001 a1 any 0123",
+        ] {
+            assert_eq!(
+                reply_progress(partial),
+                ReplyProgress::Partial,
+                "{partial:?}"
+            );
+        }
+        for other in [
+            &b"E"[..],
+            b"ERROR: Invalid password",
+            b"OSSEC A:'x'",
+            b". Unable to add agent",
+        ] {
+            assert_eq!(reply_progress(other), ReplyProgress::Other, "{other:?}");
+        }
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'"),
+            ReplyProgress::Key(22)
+        );
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'\n\n"),
+            ReplyProgress::Key(24)
+        );
+        // Whatever follows the quote and its line feeds is not part of the reply.
+        assert_eq!(
+            reply_progress(b"OSSEC K:'001 a1 any k'\nxyz"),
+            ReplyProgress::Key(23)
         );
     }
 

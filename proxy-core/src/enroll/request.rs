@@ -7,10 +7,10 @@
 //!
 //! The parser applies the manager's own checks (authd's `w_auth_parse_data` and the group
 //! checks of `w_validate_group_name` / `w_auth_validate_groups`) in the manager's order, so a
-//! request it refuses gets the text the manager would have sent. It is stricter than authd in
-//! one way: anything after the last recognised field (a field out of order, stray bytes) is
-//! refused instead of silently ignored, because the proxy forwards exactly what it parsed.
-//! Checks that need the manager's state (password, duplicate names, group directories,
+//! request it refuses gets the text the manager would have sent. Like authd, it stops at the
+//! first text that is not the next field it knows: the rest (a field of a newer agent, a field
+//! out of order, stray bytes) is kept as it came ([`EnrollRequest::rest`]) and forwarded
+//! unchanged, for the manager to ignore or to understand. Checks that need the manager's state (password, duplicate names, group directories,
 //! version comparison) stay with the manager.
 //!
 //! ```
@@ -84,9 +84,6 @@ pub enum RequestError {
     /// The IP field is not an address, a network, `any` or `src`.
     #[error("invalid IP {0:?}")]
     InvalidIp(String),
-    /// Bytes after the last recognised field (a field out of order, or trailing text).
-    #[error("unexpected text after the last field at byte {0}")]
-    TrailingData(usize),
 }
 
 /// An optional request field, for [`RequestError::Unterminated`].
@@ -122,7 +119,6 @@ impl RequestError {
             RequestError::TooLong | RequestError::NotText | RequestError::InvalidRequest => {
                 "ERROR: Invalid request for new agent".to_owned()
             }
-            RequestError::TrailingData(_) => "ERROR: Invalid request for new agent".to_owned(),
             RequestError::EmptyPassword => "ERROR: Invalid password".to_owned(),
             RequestError::InvalidName(name) => format!("ERROR: Invalid agent name: {name}"),
             RequestError::Unterminated(f) => format!("ERROR: Unterminated {} field", f.label()),
@@ -146,6 +142,7 @@ pub struct EnrollRequest {
     groups: Option<String>,
     ip: Option<String>,
     key_hash: Option<String>,
+    rest: String,
 }
 
 impl fmt::Debug for EnrollRequest {
@@ -157,6 +154,7 @@ impl fmt::Debug for EnrollRequest {
             .field("groups", &self.groups)
             .field("ip", &self.ip)
             .field("key_hash", &self.key_hash)
+            .field("rest", &self.rest)
             .finish()
     }
 }
@@ -237,9 +235,8 @@ impl EnrollRequest {
             }
         }
         let key_hash = next(" K:'", MAX_KEY_HASH, Field::KeyHash, false)?;
-        if at != text.len() {
-            return Err(RequestError::TrailingData(at));
-        }
+        // authd reads no further: whatever follows is ignored by it, and forwarded as is.
+        let rest = text[at..].to_owned();
         // authd validates each group after parsing the whole line.
         if let Some(g) = &groups {
             check_each_group(g)?;
@@ -251,6 +248,7 @@ impl EnrollRequest {
             groups,
             ip,
             key_hash,
+            rest,
         })
     }
 
@@ -295,6 +293,13 @@ impl EnrollRequest {
         self.key_hash.as_deref()
     }
 
+    /// Whatever followed the last field the parser knows, as sent (empty for today's agents):
+    /// a newer agent's field, a field out of order, stray text. authd ignores it; the proxy
+    /// forwards it unchanged.
+    pub fn rest(&self) -> &str {
+        &self.rest
+    }
+
     /// The request as sent on the wire, line feed included. Zeroized when dropped (it holds
     /// the password).
     pub fn to_line(&self) -> Zeroizing<Vec<u8>> {
@@ -319,6 +324,7 @@ impl EnrollRequest {
                 out.push(b'\'');
             }
         }
+        out.extend_from_slice(self.rest.as_bytes());
         out.push(b'\n');
         out
     }
@@ -546,18 +552,37 @@ mod tests {
             err("OSSEC PASS: pw\n"),
             "ERROR: Invalid request for new agent"
         );
-        // Out of order or trailing text: refused rather than forwarded.
-        assert_eq!(
-            err("OSSEC A:'web-01' G:'a' V:'v4.14.7'\n"),
-            "ERROR: Invalid request for new agent"
-        );
-        assert_eq!(
-            err("OSSEC A:'web-01' \n"),
-            "ERROR: Invalid request for new agent"
-        );
         assert_eq!(
             err("OSSEC A:'we\0b'\n"),
             "ERROR: Invalid request for new agent"
+        );
+    }
+
+    // authd stops at the first text that is not the next field it knows and ignores the rest:
+    // the proxy keeps it and forwards it unchanged.
+    #[test]
+    fn unknown_trailing_fields_are_kept_and_forwarded() {
+        for (line, rest) in [
+            (
+                "OSSEC A:'web-01' V:'v4.14.7' X:'new field'\n",
+                " X:'new field'",
+            ),
+            ("OSSEC A:'web-01' G:'a' V:'v4.14.7'\n", " V:'v4.14.7'"),
+            ("OSSEC A:'web-01' \n", " "),
+            ("OSSEC A:'web-01' K:'abc' IP:'any' Z\n", " IP:'any' Z"),
+            ("OSSEC A:'web-01'junk\n", "junk"),
+        ] {
+            let r = EnrollRequest::parse(line.as_bytes()).unwrap();
+            assert_eq!(r.rest(), rest, "{line:?}");
+            assert_eq!(&r.to_line()[..], line.as_bytes(), "{line:?}");
+        }
+        // A known field after an unknown one is not read, by authd either.
+        let r = EnrollRequest::parse(b"OSSEC A:'web-01' V:'v4.14.7' X:'y' G:'bad/name'\n").unwrap();
+        assert_eq!(r.groups(), None);
+        // A known field in its place is still checked.
+        assert_eq!(
+            err("OSSEC A:'web-01' G:'bad/name' X:'y'\n"),
+            "ERROR: Invalid group name: bad/name... characters '\\/:*?\"<>|,' are prohibited"
         );
     }
 

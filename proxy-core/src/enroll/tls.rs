@@ -69,6 +69,48 @@ pub enum BackendTls {
     NoVerify,
 }
 
+/// The certificate the proxy presents to the managers, for managers that require one
+/// (authd's `<ssl_agent_ca>`): it must be signed by that CA. With `<ssl_verify_host>`, authd
+/// also matches it against the connection's source address, which is then the proxy's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// The certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl ClientCert {
+    /// Reads and checks both files: a certificate chain and a private key that rustls
+    /// accepts together.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file that is unreadable, empty or does not match.
+    pub fn check(&self) -> Result<(), TlsError> {
+        let (chain, key) = self.load()?;
+        ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(RootCertStore::empty())
+            .with_client_auth_cert(chain, key)?;
+        Ok(())
+    }
+
+    fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let chain = read_certs(&self.cert)?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| match e {
+            rustls_pki_types::pem::Error::Io(error) => TlsError::Io {
+                path: self.key.clone(),
+                error,
+            },
+            e => TlsError::Pem {
+                path: self.key.clone(),
+                what: format!("no usable private key ({e})"),
+            },
+        })?;
+        Ok((chain, key))
+    }
+}
+
 /// Why the TLS setup failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -165,8 +207,11 @@ pub(crate) fn server_config(source: &ServerCert) -> Result<(Arc<ServerConfig>, S
     Ok((Arc::new(config), fp))
 }
 
-/// The client side, towards the managers.
-pub(crate) fn client_config(backend: &BackendTls) -> Result<Arc<ClientConfig>, TlsError> {
+/// The client side, towards the managers, with a client certificate when given.
+pub(crate) fn client_config(
+    backend: &BackendTls,
+    client_cert: Option<&ClientCert>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = match backend {
@@ -178,14 +223,29 @@ pub(crate) fn client_config(backend: &BackendTls) -> Result<Arc<ClientConfig>, T
                     what: format!("unusable CA certificate ({e})"),
                 })?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let builder = builder.with_root_certificates(roots);
+            match client_cert {
+                Some(c) => {
+                    let (chain, key) = c.load()?;
+                    builder.with_client_auth_cert(chain, key)?
+                }
+                None => builder.with_no_client_auth(),
+            }
         }
-        BackendTls::NoVerify => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(
-                provider().signature_verification_algorithms,
-            )))
-            .with_no_client_auth(),
+        BackendTls::NoVerify => {
+            let builder = builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AcceptAny(
+                    provider().signature_verification_algorithms,
+                )));
+            match client_cert {
+                Some(c) => {
+                    let (chain, key) = c.load()?;
+                    builder.with_client_auth_cert(chain, key)?
+                }
+                None => builder.with_no_client_auth(),
+            }
+        }
     };
     Ok(Arc::new(config))
 }
