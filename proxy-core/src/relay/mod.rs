@@ -1089,7 +1089,13 @@ impl AgentRelay {
         let cause = match cause {
             StintCause::Moved => {
                 match finish_head(&mut conn.up, &mut conn.unacked, &manager.stream).await {
-                    Ok(()) => StintCause::Moved,
+                    // Left only once its TCP acknowledged everything written: a manager moved
+                    // away from because it stopped answering (its health checks failed) is a
+                    // failure, and what it never acknowledged goes to the next one.
+                    Ok(()) => match acknowledged(&manager.stream, MOVE_ACK_WAIT).await {
+                        0 => StintCause::Moved,
+                        unacked => StintCause::Silent { unacked },
+                    },
                     Err(e) => stint_cause(&End::ManagerIo(e), &manager.stream)
                         .unwrap_or(StintCause::Closed),
                 }
@@ -1098,7 +1104,7 @@ impl AgentRelay {
         };
         let verdict = decide::judge(cause, answered);
         // What the old manager never received goes to the next one: nothing, after a move
-        // (it was left at a boundary and closes gracefully); every kept frame after a refusal
+        // (it was left at a boundary, everything acknowledged); every kept frame after a refusal
         // (it processed none); otherwise the frames its TCP never acknowledged.
         let resend = match verdict {
             Verdict::Moved => {
@@ -1879,6 +1885,24 @@ fn stint_cause(end: &End, manager: &TcpStream) -> Option<StintCause> {
         End::Moved => StintCause::Moved,
         _ => return None,
     })
+}
+
+/// How long a planned move waits for the old manager's TCP to acknowledge what was written.
+const MOVE_ACK_WAIT: Duration = Duration::from_secs(2);
+
+/// Waits (up to `limit`) until the peer's TCP acknowledged every byte written to `stream`;
+/// returns what is still unacknowledged then (0: all of it, or the count is not available).
+async fn acknowledged(stream: &TcpStream, limit: Duration) -> u32 {
+    let until = Instant::now() + limit;
+    loop {
+        match crate::net::unacked_bytes(stream) {
+            Ok(0) => return 0,
+            Ok(n) if Instant::now() >= until => return n,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            // Cannot tell (not Linux): a plain move, as before the count existed.
+            Err(_) => return 0,
+        }
+    }
 }
 
 /// Whether `frames` (whole frames from the front) holds one whose payload is `payload`.
