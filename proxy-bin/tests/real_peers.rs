@@ -502,7 +502,6 @@ fn a_real_manager_blackholed_under_real_agents_they_resume_on_the_other() {
     }
 }
 
-
 #[test]
 fn upgrade_under_a_streaming_real_agent_keeps_its_connection_and_every_event() {
     let Some(build) = Build::find("upgrade under a real agent") else {
