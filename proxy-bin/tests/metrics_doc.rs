@@ -114,6 +114,11 @@ fn the_dashboard_and_alerts_use_documented_metrics_only() {
         .filter(|(_, k)| *k == "histogram")
         .map(|(n, _)| n)
         .collect();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/grafana/wazuh-proxy.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() > 10));
     for file in [
         "deploy/grafana/wazuh-proxy.json",
         "deploy/prometheus/alerts.yml",

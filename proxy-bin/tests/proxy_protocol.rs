@@ -46,9 +46,10 @@ async fn agent_via(
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(from, 0)).unwrap();
     let mut stream = socket.connect(proxy).await.unwrap();
+    // A refused connection may be closed before these writes: what counts is what the
+    // proxy does next (see `closed`), not whether the bytes went out.
     let _ = stream.write_all(header).await;
     let mut a = Framed::new(stream, FrameCodec::default());
-    // A refused connection may be closed before the frame is written: `closed` tells.
     let _ = a
         .send(Bytes::from(agent_payload(
             AgentId::parse(id.as_bytes()),

@@ -201,40 +201,23 @@ fn split_frames(
     out
 }
 
+/// Decodes one base64 line: the standard alphabet, padding optional and whitespace ignored
+/// (captures are pasted by hand), with the `base64` crate.
 fn base64_decode(text: &[u8]) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    use base64::Engine;
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
     let text: Vec<u8> = text
         .iter()
         .copied()
         .filter(|c| !c.is_ascii_whitespace())
         .collect();
-    let body = text
-        .strip_suffix(b"==")
-        .or_else(|| text.strip_suffix(b"="))
-        .unwrap_or(&text);
-    let mut out = Vec::with_capacity(body.len() * 3 / 4);
-    for chunk in body.chunks(4) {
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = (acc << 6) | val(c)?;
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&acc.to_be_bytes()[1..]),
-            3 => out.extend_from_slice(&(acc << 6).to_be_bytes()[1..3]),
-            2 => out.push((acc >> 4) as u8),
-            _ => return None,
-        }
-    }
-    Some(out)
+    LENIENT.decode(text).ok()
 }
 
 /// The decoding of one payload.
@@ -733,6 +716,10 @@ mod tests {
             assert_eq!(base64_decode(enc).unwrap(), plain);
         }
         assert!(base64_decode(b"Zm9v!").is_none());
+        // Unpadded and wrapped lines, as pasted by hand.
+        assert_eq!(base64_decode(b"Zg").unwrap(), b"f");
+        assert_eq!(base64_decode(b"Zm9v\nYmFy").unwrap(), b"foobar");
+        assert!(base64_decode(b"Z").is_none());
     }
 
     #[test]
