@@ -481,3 +481,56 @@ async fn a_flood_from_one_source_is_capped_without_touching_others() {
     send(&mut good, agent_payload(Some(id(1)), 1, 64)).await;
     wait_for("bystander frame", 5, || m.frames_from("001").len() == 2).await;
 }
+
+#[tokio::test]
+async fn balance_source_routes_agents_by_their_client_address() {
+    use std::net::{IpAddr, SocketAddr};
+    use wazuh_proxy_core::balance::{BackendConfig, BalanceKey, Balancer};
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let relay = TestRelay::start(
+        &[m1.addr(), m2.addr()],
+        Policy::Source,
+        AgentRelayConfig::default(),
+    )
+    .await;
+    let reference = Balancer::new(
+        Policy::Source,
+        vec![BackendConfig::new(m1.addr()), BackendConfig::new(m2.addr())],
+    )
+    .unwrap();
+    let preferred = |ip: IpAddr| {
+        let c = reference.candidates(&BalanceKey::Source(ip), std::time::Instant::now());
+        reference.backends()[c.as_slice()[0]].addr()
+    };
+    let mut seen_both = std::collections::HashSet::new();
+    for host in 2..=12u8 {
+        let ip = IpAddr::from([127, 0, 0, host]);
+        // Several agents (IDs) behind one address all go to that address's manager.
+        for n in 0..3 {
+            let a = usize::from(host) * 10 + n;
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            let stream = socket.connect(relay.addr).await.unwrap();
+            let mut conn = tokio_util::codec::Framed::new(stream, FrameCodec::default());
+            send(&mut conn, agent_payload(Some(id(a)), 0, 64)).await;
+            let ack = recv(&mut conn).await.unwrap();
+            let want = if preferred(ip) == m1.addr() {
+                "m1"
+            } else {
+                "m2"
+            };
+            assert_eq!(ack, ack_payload(want), "agent {a} from {ip}");
+            seen_both.insert(want);
+        }
+    }
+    assert_eq!(
+        seen_both.len(),
+        2,
+        "the addresses all hashed to one manager"
+    );
+}

@@ -617,10 +617,7 @@ impl AgentRelay {
             if moved >= limit {
                 break;
             }
-            let key = match s.key() {
-                SessionKey::Agent(id) => BalanceKey::Agent(id),
-                SessionKey::Source(ip) => BalanceKey::Source(ip),
-            };
+            let key = balance_key(balancer.policy(), &s);
             let best = balancer
                 .candidates(&key, now)
                 .first()
@@ -1280,10 +1277,7 @@ impl AgentRelay {
         avoid: &[SocketAddr],
     ) -> Result<Connected, ConnectError> {
         let cfg = &self.config;
-        let key = &match session.key() {
-            SessionKey::Agent(id) => BalanceKey::Agent(id),
-            SessionKey::Source(ip) => BalanceKey::Source(ip),
-        };
+        let key = &balance_key(self.balancer.load_full().policy(), session);
         let deadline = Instant::now() + cfg.hold_timeout;
         let mut pause = Duration::from_millis(250);
         let mut _held = None;
@@ -1885,6 +1879,16 @@ fn stint_cause(end: &End, manager: &TcpStream) -> Option<StintCause> {
         End::Moved => StintCause::Moved,
         _ => return None,
     })
+}
+
+/// What a session is balanced by: its client's address under `balance = "source"` (what
+/// nginx's `hash $remote_addr` does), otherwise the agent (ID-less agents by their address).
+fn balance_key(policy: crate::balance::Policy, session: &Session) -> BalanceKey {
+    match (policy, session.key()) {
+        (crate::balance::Policy::Source, _) => BalanceKey::Source(session.client().ip()),
+        (_, SessionKey::Agent(id)) => BalanceKey::Agent(id),
+        (_, SessionKey::Source(ip)) => BalanceKey::Source(ip),
+    }
 }
 
 /// How long a planned move waits for the old manager's TCP to acknowledge what was written.
