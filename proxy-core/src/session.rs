@@ -148,10 +148,6 @@ pub struct SessionStats {
     pub moves: AtomicU64,
     /// Milliseconds since the session started at which the last frame (either way) arrived.
     last_frame_ms: AtomicU64,
-    /// Milliseconds since the session started at which the agent last sent a frame.
-    last_up_ms: AtomicU64,
-    /// The newest message counter decrypted on this session (0: none; see [`pack_counter`]).
-    counter: AtomicU64,
 }
 
 /// A timeout noticed by the relay's sweeper.
@@ -177,6 +173,9 @@ pub struct AgentInfo {
     pub last_keepalive: Option<SystemTime>,
     /// Whether the agent announced its shutdown (a clean stop rather than a lost connection).
     pub shutdown: bool,
+    /// The newest message counter decrypted (see [`pack_counter`]): what a reconnection must
+    /// beat to replace this session.
+    pub counter: Option<u64>,
 }
 
 /// One live agent connection.
@@ -203,10 +202,13 @@ pub struct Session {
     attention: futures_util::task::AtomicWaker,
     /// Timeouts noticed by the relay's sweeper ([`Expiry`] bits).
     expired: std::sync::atomic::AtomicU8,
+    /// Hundredths of a second since the session started at which the agent last sent a frame
+    /// (four bytes: it fits beside the flags; saturates after 497 days).
+    last_up_cs: std::sync::atomic::AtomicU32,
     /// When a manager must have answered the handshake by (ms since the start; 0: not armed),
     /// and the count of manager frames when it was armed.
     reply_deadline_ms: AtomicU64,
-    reply_baseline: AtomicU64,
+    reply_baseline: std::sync::atomic::AtomicU32,
 }
 
 impl fmt::Debug for Session {
@@ -285,21 +287,27 @@ impl Session {
         let ms = self.started_at.elapsed().as_millis() as u64;
         self.stats.last_frame_ms.store(ms, Ordering::Relaxed);
         if up {
-            self.stats.last_up_ms.store(ms, Ordering::Relaxed);
+            let cs = u32::try_from(ms / 10).unwrap_or(u32::MAX);
+            self.last_up_cs.store(cs, Ordering::Relaxed);
         }
     }
     /// Time since the agent last sent a frame on this session (since it started if none).
     pub fn heard_ago(&self) -> Duration {
-        let last = Duration::from_millis(self.stats.last_up_ms.load(Ordering::Relaxed));
+        let last = Duration::from_millis(u64::from(self.last_up_cs.load(Ordering::Relaxed)) * 10);
         self.started_at.elapsed().saturating_sub(last)
     }
-    /// Notes a message counter decrypted on this session (the newest is kept).
+    /// Notes a message counter decrypted on this session (the newest is kept; with keys only,
+    /// so it lives with what the keys taught, not in every session).
     pub fn note_counter(&self, counter: u64) {
-        self.stats.counter.fetch_max(counter, Ordering::Relaxed);
+        self.update_agent_info(|i| i.counter = i.counter.max(Some(counter)));
     }
     /// The newest message counter decrypted on this session, if any.
     pub fn counter(&self) -> Option<u64> {
-        Some(self.stats.counter.load(Ordering::Relaxed)).filter(|c| *c != 0)
+        self.info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|i| i.counter)
     }
     /// Counts now as activity (a new manager connection), for the idle timeout.
     pub fn touch(&self) {
@@ -374,8 +382,10 @@ impl Session {
     /// expired with [`Expiry::Reply`] by the relay's sweeper.
     pub fn arm_reply(&self, timeout: Duration) {
         let at = (self.started_at.elapsed() + timeout).as_millis().max(1) as u64;
+        // The low 32 bits are enough to tell whether a frame came since (and keep the
+        // session within its allocation size class).
         self.reply_baseline.store(
-            self.stats.frames_down.load(Ordering::Relaxed),
+            self.stats.frames_down.load(Ordering::Relaxed) as u32,
             Ordering::Relaxed,
         );
         self.reply_deadline_ms.store(at, Ordering::Release);
@@ -398,8 +408,8 @@ impl Session {
         }
         let deadline = self.reply_deadline_ms.load(Ordering::Acquire);
         if deadline != 0 {
-            if self.stats.frames_down.load(Ordering::Relaxed)
-                > self.reply_baseline.load(Ordering::Relaxed)
+            if self.stats.frames_down.load(Ordering::Relaxed) as u32
+                != self.reply_baseline.load(Ordering::Relaxed)
             {
                 self.disarm_reply();
             } else if self.started_at.elapsed().as_millis() as u64 >= deadline {
@@ -570,8 +580,9 @@ impl SessionRegistry {
             move_flag: std::sync::atomic::AtomicBool::new(false),
             attention: futures_util::task::AtomicWaker::new(),
             expired: std::sync::atomic::AtomicU8::new(0),
+            last_up_cs: std::sync::atomic::AtomicU32::new(0),
             reply_deadline_ms: AtomicU64::new(0),
-            reply_baseline: AtomicU64::new(0),
+            reply_baseline: std::sync::atomic::AtomicU32::new(0),
         });
         loop {
             let old = match inner.owners.entry(key) {

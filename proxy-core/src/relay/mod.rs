@@ -1010,7 +1010,7 @@ impl AgentRelay {
         let replay_first = match moved_from {
             None => adopted,
             Some(_) => !conn.fed.contains(&addr),
-        } && !std::mem::take(&mut conn.replay_resent);
+        } && !std::mem::take(&mut conn.unacked.replay_resent);
         if replay_first {
             if let Err(e) = write_frame(&connected.stream, &conn.replay).await {
                 let during = if moved_from.is_none() {
@@ -1042,7 +1042,7 @@ impl AgentRelay {
             }
         }
         conn.manager = Some(connected);
-        conn.stint_started = Instant::now();
+        conn.stint_started = pipe::clock_secs();
         Attach::Relay {
             awaiting_reply: replay_first || moved_from.is_none(),
         }
@@ -1127,7 +1127,7 @@ impl AgentRelay {
             let (bytes, frames) = conn.unacked.take_resend(unacked);
             resent = frames;
             if !bytes.is_empty() {
-                conn.replay_resent = holds_frame(&bytes, &conn.replay);
+                conn.unacked.replay_resent = holds_frame(&bytes, &conn.replay);
                 conn.up.requeue(bytes, frames);
             }
         }
@@ -1185,7 +1185,7 @@ impl AgentRelay {
             // Written, acknowledged by the manager's TCP, and perhaps lost with its process.
             let at_risk = conn.up.recently_written().saturating_sub(resent)
                 + cut
-                + std::mem::take(&mut conn.unacked.unprotected);
+                + u64::from(std::mem::take(&mut conn.unacked.unprotected));
             self.stats
                 .frames_at_risk
                 .fetch_add(at_risk, Ordering::Relaxed);
@@ -1211,7 +1211,9 @@ impl AgentRelay {
             .iter()
             .filter(|b| !b.config().down)
             .count();
-        let lasted = conn.stint_started.elapsed();
+        let lasted = Duration::from_secs(u64::from(
+            pipe::clock_secs().saturating_sub(conn.stint_started),
+        ));
         let trouble = conn.trouble.get_or_insert_with(Box::default);
         match trouble.attempts.after(verdict, addr, lasted, managers) {
             Next::Reconnect { pause, avoid } => {
@@ -1803,14 +1805,13 @@ struct Conn {
     /// Managers that registered this agent (answered it) before it moved away: a return to
     /// one of them must not replay the control frame. Empty unless the agent has moved.
     fed: Vec<SocketAddr>,
-    /// When the current manager connection was made.
-    stint_started: Instant,
+    /// When the current manager connection was made (in [`pipe::clock_secs`]: a second's
+    /// precision is enough to tell a working session from one that keeps failing).
+    stint_started: u32,
     /// Refusals and faults met so far, once there has been one (boxed: most sessions have none).
     trouble: Option<Box<Trouble>>,
     /// Frames written to the current manager that its TCP may not have acknowledged.
     unacked: Unacked,
-    /// The frames re-sent to the next manager include the control frame it must see first.
-    replay_resent: bool,
 
     /// The connection's place under the per-source limits (none for adopted sessions).
     _admitted: Option<crate::limits::Admitted>,
@@ -1834,10 +1835,9 @@ impl Conn {
             tracker,
             manager: None,
             fed: Vec::new(),
-            stint_started: Instant::now(),
+            stint_started: pipe::clock_secs(),
             trouble: None,
             unacked: Unacked::default(),
-            replay_resent: false,
 
             _admitted: admitted,
         }
@@ -2239,5 +2239,16 @@ mod tests {
             all.extend(b_got);
             assert_eq!(all, frames, "lost, duplicated or reordered");
         }
+    }
+}
+/// What an idle agent costs is mostly these two allocations; jemalloc rounds each up to a size
+/// class (448 and 320 bytes with the session's Arc header), so a field that crosses a class
+/// costs 64 bytes per agent. Grow them only on purpose.
+#[cfg(test)]
+mod size_classes {
+    #[test]
+    fn per_session_allocations_stay_in_their_size_classes() {
+        assert!(std::mem::size_of::<super::Conn>() <= 448);
+        assert!(std::mem::size_of::<crate::session::Session>() + 16 <= 320);
     }
 }

@@ -33,7 +33,7 @@ pub(crate) struct Pipe {
 
 /// Whole seconds since the process's first call, plus one (0 stays free to mean "never"):
 /// a clock four bytes wide, for counters that only need to know the current second.
-fn clock_secs() -> u32 {
+pub(super) fn clock_secs() -> u32 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
     u32::try_from(epoch.elapsed().as_secs())

@@ -23,7 +23,9 @@ pub(super) const KEEP_MAX: usize = 1024 * 1024;
 pub(super) struct Unacked {
     sent: BytesMut,
     /// Whole frames let go while over [`KEEP_MAX`] since the last failover.
-    pub(super) unprotected: u64,
+    pub(super) unprotected: u32,
+    /// The frames re-sent to the next manager include the control frame it must see first.
+    pub(super) replay_resent: bool,
 }
 
 impl Unacked {
@@ -40,7 +42,9 @@ impl Unacked {
             let (cut, frames) = whole_frames_within(&self.sent, excess);
             // Never cut into a frame: keep it all if the oldest frame is larger than the excess.
             self.sent.advance(cut);
-            self.unprotected += frames;
+            self.unprotected = self
+                .unprotected
+                .saturating_add(u32::try_from(frames).unwrap_or(u32::MAX));
         }
     }
 
