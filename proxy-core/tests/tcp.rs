@@ -358,7 +358,11 @@ async fn per_source_connection_limits_hold_on_tcp_listeners() {
     let (ok3, _c3) = round_trip_from("127.0.0.1", r.addr).await;
     assert!(!ok3, "a third connection from one address is refused");
     assert_eq!(r.relay.stats().rejected(Rejection::SourceLimit), 1);
-    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the refused one never reached a backend");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the refused one never reached a backend"
+    );
     // Another address is not affected; a closed connection frees its place.
     let (ok4, _c4) = round_trip_from("127.0.0.2", r.addr).await;
     assert!(ok4);
