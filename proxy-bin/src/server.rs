@@ -341,6 +341,63 @@ impl Proxy {
         Ok(())
     }
 
+    /// Accepts again on every listener after a hand-over to a successor failed (the
+    /// successor died or broke the protocol after it said it was ready): each accept loop
+    /// starts again on this process's own copy of its listening socket, with its health
+    /// checks, rebalancing and client.keys watch. UDP flows ended when receiving stopped;
+    /// agents' next datagrams open new ones.
+    pub(crate) fn resume_accepting(&mut self) {
+        self.stop_accepting = CancellationToken::new();
+        for l in &mut self.live {
+            let stop = self.stop_accepting.child_token();
+            let Some(socket) = &l.socket else {
+                continue;
+            };
+            let fd = match socket.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!(listener = %l.spec.name, error = %e,
+                        "cannot accept again after the failed upgrade: cannot duplicate the listening socket");
+                    continue;
+                }
+            };
+            let tracker = &self.tracker;
+            let started = match &l.running {
+                Running::Udp(r) => {
+                    let std_socket = std::net::UdpSocket::from(fd);
+                    std_socket
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UdpSocket::from_std(std_socket))
+                        .map(|u| {
+                            drop(tracker.spawn(r.clone().serve(u, stop.clone(), tracker.clone())))
+                        })
+                }
+                running => tcp_listener(&l.spec, Some(fd)).map(|listener| {
+                    let (stop, t) = (stop.clone(), tracker.clone());
+                    drop(match running {
+                        Running::Agent(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
+                        Running::Tcp(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
+                        Running::Enroll(f) => tracker.spawn(f.clone().serve(listener, stop, t)),
+                        Running::Udp(_) => return,
+                    })
+                }),
+            };
+            if let Err(e) = started {
+                tracing::error!(listener = %l.spec.name, error = %e,
+                    "cannot accept again after the failed upgrade");
+                continue;
+            }
+            if let (Running::Agent(r), Some((path, every))) = (&l.running, &l.spec.keys) {
+                if let Some(store) = r.keys() {
+                    tracker.spawn(store.clone().watch(path.clone(), *every, stop.clone()));
+                }
+            }
+            l.stop = stop.clone();
+            spawn_upkeep(l, &stop, tracker);
+            tracing::info!(listener = %l.spec.name, address = %l.spec.listen, "accepting again");
+        }
+    }
+
     fn open_sessions(&self) -> usize {
         self.live.iter().map(|l| l.running.open_sessions()).sum()
     }
@@ -774,7 +831,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                         }
                         break;
                     }
-                    Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+                    Err(e) => {
+                        tracing::error!("upgrade failed, this process keeps serving: {e}");
+                        if e.after_ready() {
+                            // It had stopped accepting for the successor: accept again.
+                            proxy.resume_accepting();
+                        }
+                    }
                 }
             }
         }
