@@ -180,9 +180,7 @@ impl LogLimit {
     pub fn allow_now(&self) -> Option<u64> {
         static EPOCH: OnceLock<Instant> = OnceLock::new();
         let epoch = *EPOCH.get_or_init(Instant::now);
-        // Offset by one interval so that the very first line is allowed.
-        let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.allow(ms.saturating_add(u64::try_from(LOG_INTERVAL.as_millis()).unwrap_or(0)))
+        self.allow(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 }
 
