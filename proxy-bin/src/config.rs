@@ -128,6 +128,7 @@ struct FileListener {
     tcp_keepalive: Option<Dur>,
     keys: Option<Spanned<PathBuf>>,
     keys_reload: Option<Dur>,
+    health_check: Option<Spanned<String>>,
     health_check_interval: Option<Dur>,
     health_check_timeout: Option<Dur>,
     health_check_rise: Option<u32>,
@@ -201,6 +202,219 @@ pub fn known_keys() -> Vec<(&'static str, Vec<String>)> {
             expected("[[listener]]\nlisten = \"x\"\nbackends = [{ zz_unknown = 1 }]\n"),
         ),
     ]
+}
+
+/// The kinds a `[[listener]]` key applies to, as bits of [`kind_bit`].
+const AGENT: u8 = 1;
+const UDP: u8 = 2;
+const TCP: u8 = 4;
+const ENROLL: u8 = 8;
+const EVERY: u8 = AGENT | UDP | TCP | ENROLL;
+
+/// Every `[[listener]]` key and the listener kinds it changes something on. A key set on a
+/// listener of another kind is refused by `check-config` (never accepted and ignored); a unit
+/// test checks that every key is listed and that each listed pair changes what runs.
+pub const LISTENER_KEYS: &[(&str, u8)] = &[
+    ("name", EVERY),
+    ("listen", EVERY),
+    ("kind", EVERY),
+    ("balance", EVERY),
+    ("backends", EVERY),
+    ("resolve_interval", EVERY),
+    ("health_check", EVERY),
+    ("health_check_interval", EVERY),
+    ("health_check_timeout", EVERY),
+    ("health_check_rise", EVERY),
+    ("health_check_fall", EVERY),
+    // Per source address: connections (agent, tcp, enroll) or flows (udp).
+    ("max_connections_per_source", EVERY),
+    ("connection_rate_per_source", EVERY),
+    ("connection_burst_per_source", EVERY),
+    // agent: the first whole frame; tcp: the first byte; enroll: TLS and the request line.
+    ("first_frame_timeout", AGENT | TCP | ENROLL),
+    ("connect_timeout", AGENT | TCP | ENROLL),
+    ("idle_timeout", AGENT | UDP | TCP),
+    ("tcp_keepalive", AGENT | TCP),
+    ("max_payload", AGENT | UDP),
+    ("proxy_protocol", AGENT | TCP),
+    ("proxy_protocol_trusted", AGENT | TCP),
+    ("duplicate", AGENT),
+    ("keys", AGENT),
+    ("keys_reload", AGENT),
+    ("rebalance_interval", AGENT),
+    ("rebalance_batch", AGENT),
+    ("failover", AGENT),
+    ("hold_timeout", AGENT),
+    ("reply_timeout", AGENT),
+    ("manager_user_timeout", AGENT),
+    ("liveness_timeout", AGENT),
+    ("overtake_time", AGENT),
+    ("refused_backoff", AGENT),
+    ("refused_backoff_max", AGENT),
+    ("source", AGENT),
+    ("tls_cert", ENROLL),
+    ("tls_key", ENROLL),
+    ("tls_dir", ENROLL),
+    ("backend_ca", ENROLL),
+    ("backend_server_name", ENROLL),
+    ("backend_verify", ENROLL),
+    ("backend_cert", ENROLL),
+    ("backend_key", ENROLL),
+    ("replay_ttl", ENROLL),
+];
+
+/// The bit of `kind` in [`LISTENER_KEYS`].
+pub fn kind_bit(kind: ListenerKind) -> u8 {
+    match kind {
+        ListenerKind::Agent => AGENT,
+        ListenerKind::Udp => UDP,
+        ListenerKind::Tcp => TCP,
+        ListenerKind::Enroll => ENROLL,
+    }
+}
+
+/// The kinds in `bits`, for messages: `"agent" and "tcp"`.
+fn kinds_text(bits: u8) -> String {
+    let names: Vec<String> = [
+        ListenerKind::Agent,
+        ListenerKind::Udp,
+        ListenerKind::Tcp,
+        ListenerKind::Enroll,
+    ]
+    .into_iter()
+    .filter(|k| bits & kind_bit(*k) != 0)
+    .map(|k| format!("{:?}", serde_kind(k)))
+    .collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.concat(),
+    }
+}
+
+/// Where `key` is written inside the listener table that starts at `start`: the span of its
+/// line, or `None` (then the listener's own position is used).
+fn key_span(text: &str, start: usize, key: &str) -> Option<Range<usize>> {
+    let start = start.min(text.len());
+    let region = &text[start..];
+    // The table ends where the next table header starts.
+    let body_from = if region.trim_start().starts_with('[') {
+        region.find('\n').map_or(region.len(), |i| i + 1)
+    } else {
+        0
+    };
+    let end = region[body_from..]
+        .find("\n[")
+        .map_or(region.len(), |i| body_from + i + 1);
+    let mut at = start + body_from;
+    for line in region[body_from..end].split_inclusive('\n') {
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix(key) {
+            let rest = rest.trim_start();
+            if rest.starts_with('=') {
+                let col = line.len() - t.len();
+                return Some(at + col..at + col + key.len());
+            }
+        }
+        at += line.len();
+    }
+    None
+}
+
+/// Refuses every key of a listener that does not apply to its kind, with the key's line.
+fn check_keys_apply(
+    keys: &[String],
+    kind: ListenerKind,
+    start: usize,
+    src: &Source<'_>,
+) -> Result<(), ConfigError> {
+    for key in keys {
+        let Some((_, bits)) = LISTENER_KEYS.iter().find(|(k, _)| k == key) else {
+            continue;
+        };
+        if bits & kind_bit(kind) == 0 {
+            let at = key_span(src.text, start, key).or(Some(start..start));
+            return Err(src.error(
+                at,
+                format!(
+                    "{key} is only used by kind = {} listeners; this listener is kind = {:?}",
+                    kinds_text(*bits),
+                    serde_kind(kind)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Active health checks: `health_check` (`none`, `tcp`, `agent`; default `tcp`, and `none` on
+/// udp listeners, whose managers may have nothing on TCP) and its timing keys, which are
+/// refused when no check runs.
+fn health_of(
+    l: &FileListener,
+    kind: ListenerKind,
+    start: usize,
+    src: &Source<'_>,
+) -> Result<Option<wazuh_proxy_core::health::HealthCheck>, ConfigError> {
+    use wazuh_proxy_core::health::{HealthCheck, Probe};
+    let kind_name = serde_kind(kind);
+    let probe = match &l.health_check {
+        None if kind == ListenerKind::Udp => None,
+        None => Some(Probe::Connect),
+        Some(h) => match (h.get_ref().as_str(), kind) {
+            ("none", _) => None,
+            ("tcp", _) => Some(Probe::Connect),
+            ("agent", ListenerKind::Agent) => Some(Probe::AgentTcp),
+            ("agent", ListenerKind::Udp) => Some(Probe::AgentUdp),
+            ("agent", _) => {
+                return Err(src.error(
+                    Some(h.span()),
+                    format!("health_check = \"agent\" sends the agent protocol's #ping: only for kind = \"agent\" and \"udp\" listeners; this listener is kind = {kind_name:?} (use \"tcp\" or \"none\")"),
+                ))
+            }
+            (other, _) => {
+                return Err(src.error(
+                    Some(h.span()),
+                    format!("unknown health_check {other:?} (expected none, tcp or agent)"),
+                ))
+            }
+        },
+    };
+    let off_by_interval = matches!(l.health_check_interval, Some(Dur(d)) if d.is_zero());
+    if off_by_interval {
+        if let (Some(h), Some(_)) = (&l.health_check, probe) {
+            return Err(src.error(
+                Some(h.span()),
+                "health_check asks for probes but health_check_interval = \"0s\" turns them off",
+            ));
+        }
+    }
+    let Some(probe) = probe.filter(|_| !off_by_interval) else {
+        let set = [
+            (
+                "health_check_interval",
+                l.health_check_interval.is_some() && !off_by_interval,
+            ),
+            ("health_check_timeout", l.health_check_timeout.is_some()),
+            ("health_check_rise", l.health_check_rise.is_some()),
+            ("health_check_fall", l.health_check_fall.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, on)| *on) {
+            return Err(src.error(
+                key_span(src.text, start, key).or(Some(start..start)),
+                format!("{key} is only used with active health checks, and this kind = {kind_name:?} listener has none (health_check = \"none\"{}): set health_check = \"tcp\" or \"agent\"",
+                    if l.health_check.is_none() { ", the default for udp" } else { "" }),
+            ));
+        }
+        return Ok(None);
+    };
+    let defaults = HealthCheck::default();
+    Ok(Some(HealthCheck {
+        probe,
+        interval: l.health_check_interval.map_or(defaults.interval, |d| d.0),
+        timeout: l.health_check_timeout.map_or(defaults.timeout, |d| d.0),
+        rise: l.health_check_rise.unwrap_or(defaults.rise).max(1),
+        fall: l.health_check_fall.unwrap_or(defaults.fall).max(1),
+    }))
 }
 
 /// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent and tcp kinds only.
@@ -296,6 +510,9 @@ pub struct Listener {
     /// Backend names resolved again every interval (`resolve_interval`); `None`: resolved
     /// once, when the configuration is loaded.
     pub resolve: Option<Resolve>,
+    /// Kind `tcp`: time allowed for the client's first byte (`first_frame_timeout`; `None`
+    /// unless set).
+    pub first_byte_timeout: Option<Duration>,
 }
 
 /// Periodic re-resolution of a listener's backend names.
@@ -478,6 +695,17 @@ impl Config {
             }
             admin.token_file = Some(t.get_ref().clone());
         }
+        // The keys each listener sets, as written (to refuse those its kind does not use).
+        let raw: toml::Table =
+            toml::from_str(text).map_err(|e| src.error(e.span(), e.message()))?;
+        let raw_keys = |i: usize| -> Vec<String> {
+            raw.get("listener")
+                .and_then(|l| l.as_array())
+                .and_then(|a| a.get(i))
+                .and_then(|t| t.as_table())
+                .map(|t| t.keys().cloned().collect())
+                .unwrap_or_default()
+        };
         let mut listeners = Vec::new();
         for (i, l) in file.listener.into_iter().enumerate() {
             let span = l.span();
@@ -491,6 +719,15 @@ impl Config {
                     .map_err(|e| src.error(Some(k.span()), e))?,
                 None => ListenerKind::Agent,
             };
+            check_keys_apply(&raw_keys(i), kind, span.start, &src)?;
+            if l.keys_reload.is_some() && l.keys.is_none() {
+                let at = key_span(text, span.start, "keys_reload");
+                return Err(src.error(at, "keys_reload is only used with keys"));
+            }
+            if l.backend_server_name.is_some() && l.backend_ca.is_none() {
+                let at = key_span(text, span.start, "backend_server_name");
+                return Err(src.error(at, "backend_server_name is only used with backend_ca"));
+            }
             let balance = match &l.balance {
                 Some(b) => b
                     .get_ref()
@@ -515,6 +752,12 @@ impl Config {
             if let Some(Dur(d)) = l.first_frame_timeout {
                 agent.first_frame_timeout = d;
             }
+            // On tcp listeners only when asked for: a relayed service may be one where the
+            // server speaks first.
+            let first_byte_timeout = match (kind, l.first_frame_timeout) {
+                (ListenerKind::Tcp, Some(Dur(d))) => Some(d),
+                _ => None,
+            };
             if let Some(Dur(d)) = l.connect_timeout {
                 agent.connect_timeout = d;
             }
@@ -780,16 +1023,7 @@ impl Config {
                 }
                 None
             };
-            let defaults = wazuh_proxy_core::health::HealthCheck::default();
-            let health = match l.health_check_interval {
-                Some(Dur(d)) if d.is_zero() => None,
-                interval => Some(wazuh_proxy_core::health::HealthCheck {
-                    interval: interval.map_or(defaults.interval, |d| d.0),
-                    timeout: l.health_check_timeout.map_or(defaults.timeout, |d| d.0),
-                    rise: l.health_check_rise.unwrap_or(defaults.rise).max(1),
-                    fall: l.health_check_fall.unwrap_or(defaults.fall).max(1),
-                }),
-            };
+            let health = health_of(&l, kind, span.start, &src)?;
             let rebalance = match (kind, l.rebalance_interval, l.rebalance_batch) {
                 (ListenerKind::Agent, Some(Dur(d)), _) if d.is_zero() => None,
                 (ListenerKind::Agent, _, Some(0)) => None,
@@ -823,6 +1057,7 @@ impl Config {
                 rebalance,
                 enroll,
                 resolve,
+                first_byte_timeout,
             });
         }
         if let Some(u) = &file.user {
@@ -886,6 +1121,7 @@ impl Config {
                 rebalance: Some(DEFAULT_REBALANCE),
                 enroll: None,
                 resolve: None,
+                first_byte_timeout: None,
             }],
         })
     }
@@ -941,21 +1177,6 @@ impl Config {
                 let _ = writeln!(out, "overtake_time = {:?}", d(a.overtake_time));
                 let _ = writeln!(out, "refused_backoff = {:?}", d(a.refused_backoff));
                 let _ = writeln!(out, "refused_backoff_max = {:?}", d(a.refused_backoff_max));
-                let _ = writeln!(
-                    out,
-                    "max_connections_per_source = {}",
-                    a.source_limits.max_open
-                );
-                let _ = writeln!(
-                    out,
-                    "connection_rate_per_source = {:?}",
-                    a.source_limits.rate
-                );
-                let _ = writeln!(
-                    out,
-                    "connection_burst_per_source = {:?}",
-                    a.source_limits.burst
-                );
                 let source = if a.transparent {
                     "transparent"
                 } else {
@@ -963,23 +1184,65 @@ impl Config {
                 };
                 let _ = writeln!(out, "source = {source:?}");
             }
+            // Only what the listener's kind uses: the output loads again.
+            match l.kind {
+                ListenerKind::Udp => {
+                    let _ = writeln!(out, "max_payload = {}", a.max_payload);
+                }
+                ListenerKind::Enroll => {
+                    let _ = writeln!(out, "first_frame_timeout = {:?}", d(a.first_frame_timeout));
+                }
+                ListenerKind::Tcp => {
+                    if let Some(t) = l.first_byte_timeout {
+                        let _ = writeln!(out, "first_frame_timeout = {:?}", d(t));
+                    }
+                }
+                ListenerKind::Agent => {}
+            }
+            let _ = writeln!(
+                out,
+                "max_connections_per_source = {}",
+                a.source_limits.max_open
+            );
+            let _ = writeln!(
+                out,
+                "connection_rate_per_source = {:?}",
+                a.source_limits.rate
+            );
+            let _ = writeln!(
+                out,
+                "connection_burst_per_source = {:?}",
+                a.source_limits.burst
+            );
             if let Some(pp) = &a.proxy_protocol {
                 let trusted: Vec<String> = pp.trusted.iter().map(|c| format!("\"{c}\"")).collect();
                 let _ = writeln!(out, "proxy_protocol = true");
                 let _ = writeln!(out, "proxy_protocol_trusted = [{}]", trusted.join(", "));
             }
-            let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
-            let _ = writeln!(out, "idle_timeout = {:?}", od(a.idle_timeout));
-            let _ = writeln!(out, "tcp_keepalive = {:?}", od(a.tcp_keepalive));
+            if l.kind != ListenerKind::Udp {
+                let _ = writeln!(out, "connect_timeout = {:?}", d(a.connect_timeout));
+            }
+            if l.kind != ListenerKind::Enroll {
+                let _ = writeln!(out, "idle_timeout = {:?}", od(a.idle_timeout));
+            }
+            if matches!(l.kind, ListenerKind::Agent | ListenerKind::Tcp) {
+                let _ = writeln!(out, "tcp_keepalive = {:?}", od(a.tcp_keepalive));
+            }
             match &l.health {
                 Some(h) => {
+                    use wazuh_proxy_core::health::Probe;
+                    let probe = match h.probe {
+                        Probe::Connect => "tcp",
+                        Probe::AgentTcp | Probe::AgentUdp => "agent",
+                    };
+                    let _ = writeln!(out, "health_check = {probe:?}");
                     let _ = writeln!(out, "health_check_interval = {:?}", d(h.interval));
                     let _ = writeln!(out, "health_check_timeout = {:?}", d(h.timeout));
                     let _ = writeln!(out, "health_check_rise = {}", h.rise);
                     let _ = writeln!(out, "health_check_fall = {}", h.fall);
                 }
                 None => {
-                    let _ = writeln!(out, "health_check_interval = \"0s\"");
+                    let _ = writeln!(out, "health_check = \"none\"");
                 }
             }
             if l.kind == ListenerKind::Agent {
@@ -1350,6 +1613,87 @@ backends = [{ address = "127.0.0.1:11515" }]
             e.starts_with("x.toml:16:") && e.contains("only used by kind = \"agent\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn health_checks_match_the_listener() {
+        use wazuh_proxy_core::health::Probe;
+        let udp = "[[listener]]\nlisten = \"127.0.0.1:1514\"\nkind = \"udp\"\nbackends = [{ address = \"127.0.0.1:11514\" }]\n";
+        // UDP: no probe unless asked; "agent" is the UDP #ping probe.
+        let c = Config::parse(udp, "x.toml").unwrap();
+        assert_eq!(c.listeners[0].health, None);
+        let c = Config::parse(&format!("{udp}health_check = \"agent\"\n"), "x.toml").unwrap();
+        assert_eq!(c.listeners[0].health.unwrap().probe, Probe::AgentUdp);
+        let again = Config::parse(&c.to_toml(), "e").unwrap();
+        assert_eq!(again.listeners[0].health, c.listeners[0].health);
+        // Timing without a probe is refused, with its line and the kind.
+        let e = err(&format!("{udp}health_check_fall = 2\n"));
+        assert!(
+            e.starts_with("x.toml:5:") && e.contains("kind = \"udp\""),
+            "{e}"
+        );
+        // Agent listeners: tcp by default, agent on request.
+        let c = Config::parse(GOOD, "x.toml").unwrap();
+        assert_eq!(c.listeners[0].health.unwrap().probe, Probe::Connect);
+        let text = GOOD.replace(
+            "name = \"agents\"",
+            "name = \"agents\"\nhealth_check = \"agent\"",
+        );
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(c.listeners[0].health.unwrap().probe, Probe::AgentTcp);
+        assert_eq!(
+            Config::parse(&c.to_toml(), "e").unwrap().listeners[0].health,
+            c.listeners[0].health
+        );
+        // #ping means nothing to a byte relay or the enrollment port.
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nhealth_check = \"agent\""));
+        assert!(
+            e.starts_with("x.toml:16:") && e.contains("kind = \"tcp\""),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nhealth_check = \"icmp\""));
+        assert!(e.contains("expected none, tcp or agent"), "{e}");
+        let e = err(&GOOD.replace(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\nhealth_check = \"tcp\"\nhealth_check_interval = \"0s\"",
+        ));
+        assert!(e.contains("turns them off"), "{e}");
+        let c = Config::parse(
+            &GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nhealth_check = \"none\""),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.listeners[1].health, None);
+    }
+
+    #[test]
+    fn keys_of_other_kinds_are_refused_with_their_line_and_the_kind() {
+        let e = err(&GOOD.replace("kind = \"tcp\"", "kind = \"tcp\"\nduplicate = \"reject\""));
+        assert!(e.starts_with("x.toml:16:"), "{e}");
+        assert!(e.contains("duplicate is only used by kind = \"agent\" listeners; this listener is kind = \"tcp\""), "{e}");
+        let udp = "[[listener]]\nlisten = \"127.0.0.1:1514\"\nkind = \"udp\"\n  connect_timeout = \"2s\"\nbackends = [{ address = \"127.0.0.1:11514\" }]\n";
+        let e = err(udp);
+        assert!(
+            e.starts_with("x.toml:4:3:") && e.contains("kind = \"udp\""),
+            "{e}"
+        );
+        // Per-source limits and the first-byte deadline apply to tcp listeners.
+        let text = GOOD.replace(
+            "kind = \"tcp\"",
+            "kind = \"tcp\"\nmax_connections_per_source = 5\nfirst_frame_timeout = \"3s\"",
+        );
+        let c = Config::parse(&text, "x.toml").unwrap();
+        assert_eq!(c.listeners[1].agent.source_limits.max_open, 5);
+        assert_eq!(
+            c.listeners[1].first_byte_timeout,
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            Config::parse(GOOD, "x").unwrap().listeners[1].first_byte_timeout,
+            None
+        );
+        let again = Config::parse(&c.to_toml(), "e").unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod inspect;
 mod pidfile;
 mod resolve;
 mod server;
+mod settings;
 mod upgrade;
 
 use std::path::PathBuf;

@@ -13,10 +13,11 @@ use wazuh_proxy_core::handover::InheritedListener;
 use wazuh_proxy_core::keys::KeyStore;
 use wazuh_proxy_core::net;
 use wazuh_proxy_core::relay::AgentRelay;
-use wazuh_proxy_core::tcp::{TcpRelay, TcpRelayConfig};
-use wazuh_proxy_core::udp::{UdpRelay, UdpRelayConfig};
+use wazuh_proxy_core::tcp::TcpRelay;
+use wazuh_proxy_core::udp::UdpRelay;
 
 use crate::config::{Config, Listener, ListenerKind};
+use crate::settings::{relay_settings, RelaySettings};
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +341,63 @@ impl Proxy {
         Ok(())
     }
 
+    /// Accepts again on every listener after a hand-over to a successor failed (the
+    /// successor died or broke the protocol after it said it was ready): each accept loop
+    /// starts again on this process's own copy of its listening socket, with its health
+    /// checks, rebalancing and client.keys watch. UDP flows ended when receiving stopped;
+    /// agents' next datagrams open new ones.
+    pub(crate) fn resume_accepting(&mut self) {
+        self.stop_accepting = CancellationToken::new();
+        for l in &mut self.live {
+            let stop = self.stop_accepting.child_token();
+            let Some(socket) = &l.socket else {
+                continue;
+            };
+            let fd = match socket.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::error!(listener = %l.spec.name, error = %e,
+                        "cannot accept again after the failed upgrade: cannot duplicate the listening socket");
+                    continue;
+                }
+            };
+            let tracker = &self.tracker;
+            let started = match &l.running {
+                Running::Udp(r) => {
+                    let std_socket = std::net::UdpSocket::from(fd);
+                    std_socket
+                        .set_nonblocking(true)
+                        .and_then(|()| tokio::net::UdpSocket::from_std(std_socket))
+                        .map(|u| {
+                            drop(tracker.spawn(r.clone().serve(u, stop.clone(), tracker.clone())))
+                        })
+                }
+                running => tcp_listener(&l.spec, Some(fd)).map(|listener| {
+                    let (stop, t) = (stop.clone(), tracker.clone());
+                    drop(match running {
+                        Running::Agent(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
+                        Running::Tcp(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
+                        Running::Enroll(f) => tracker.spawn(f.clone().serve(listener, stop, t)),
+                        Running::Udp(_) => return,
+                    })
+                }),
+            };
+            if let Err(e) = started {
+                tracing::error!(listener = %l.spec.name, error = %e,
+                    "cannot accept again after the failed upgrade");
+                continue;
+            }
+            if let (Running::Agent(r), Some((path, every))) = (&l.running, &l.spec.keys) {
+                if let Some(store) = r.keys() {
+                    tracker.spawn(store.clone().watch(path.clone(), *every, stop.clone()));
+                }
+            }
+            l.stop = stop.clone();
+            spawn_upkeep(l, &stop, tracker);
+            tracing::info!(listener = %l.spec.name, address = %l.spec.listen, "accepting again");
+        }
+    }
+
     fn open_sessions(&self) -> usize {
         self.live.iter().map(|l| l.running.open_sessions()).sum()
     }
@@ -388,16 +446,16 @@ async fn start_listener(
         addr: l.listen,
         source,
     };
+    let settings = relay_settings(l).map_err(|why| StartError::Enroll {
+        name: l.name.clone(),
+        why,
+    })?;
     let live: Result<Live, StartError> = match l.kind {
         ListenerKind::Tcp => {
             let listener = tcp_listener(l, inherited).map_err(bind_err)?;
             let socket = dup_fd(&listener).map_err(bind_err)?;
-            let config = TcpRelayConfig {
-                connect_timeout: l.agent.connect_timeout,
-                idle_timeout: l.agent.idle_timeout,
-                tcp_keepalive: l.agent.tcp_keepalive,
-                proxy_protocol: l.agent.proxy_protocol.clone(),
-                ..TcpRelayConfig::default()
+            let RelaySettings::Tcp(config) = settings else {
+                return Err(settings_mismatch(l));
             };
             let relay = Arc::new(TcpRelay::new(l.name.clone(), config, balancer));
             tracing::info!(listener = %l.name, address = %l.listen, kind = "tcp", balance = %l.balance,
@@ -422,13 +480,9 @@ async fn start_listener(
             }
             .map_err(bind_err)?;
             let socket = dup_fd(&udp).map_err(bind_err)?;
-            let mut config = UdpRelayConfig {
-                max_datagram: l.agent.max_payload as usize,
-                ..UdpRelayConfig::default()
+            let RelaySettings::Udp(config) = settings else {
+                return Err(settings_mismatch(l));
             };
-            if let Some(idle) = l.agent.idle_timeout {
-                config.idle_timeout = idle;
-            }
             let relay = Arc::new(UdpRelay::new(l.name.clone(), config, balancer));
             tracing::info!(listener = %l.name, address = %l.listen, kind = "udp", balance = %l.balance,
                 backends = l.backends.len(), "listening");
@@ -443,27 +497,16 @@ async fn start_listener(
         ListenerKind::Enroll => {
             let listener = tcp_listener(l, inherited).map_err(bind_err)?;
             let socket = dup_fd(&listener).map_err(bind_err)?;
-            let settings = l.enroll.clone().ok_or_else(|| StartError::Enroll {
-                name: l.name.clone(),
-                why: "missing TLS settings".into(),
-            })?;
+            let RelaySettings::Enroll(config) = settings else {
+                return Err(settings_mismatch(l));
+            };
             if let wazuh_proxy_core::enroll::ServerCert::SelfSigned { cert, .. } =
-                &settings.server_cert
+                &config.server_cert
             {
                 if let Some(dir) = cert.parent() {
                     let _ = std::fs::create_dir_all(dir);
                 }
             }
-            let mut config = wazuh_proxy_core::enroll::EnrollConfig::new(
-                settings.server_cert,
-                settings.backend_tls,
-            );
-            config.connect_timeout = l.agent.connect_timeout;
-            config.replay_ttl = settings.replay_ttl;
-            config.backend_client_cert = settings.backend_client_cert;
-            config.source_limits = l.agent.source_limits;
-            // The deadline for the TLS handshake and the request line.
-            config.request_timeout = l.agent.first_frame_timeout;
             let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
                 name: l.name.clone(),
                 why: e.to_string(),
@@ -482,7 +525,10 @@ async fn start_listener(
         ListenerKind::Agent => {
             let listener = tcp_listener(l, inherited).map_err(bind_err)?;
             let socket = dup_fd(&listener).map_err(bind_err)?;
-            let mut relay = AgentRelay::new(l.name.clone(), l.agent.clone(), balancer);
+            let RelaySettings::Agent(config) = settings else {
+                return Err(settings_mismatch(l));
+            };
+            let mut relay = AgentRelay::new(l.name.clone(), config, balancer);
             if let Some((path, every)) = &l.keys {
                 let (store, problems) =
                     KeyStore::open(path).map_err(|source| StartError::Keys {
@@ -517,6 +563,14 @@ async fn start_listener(
     let live = live?;
     spawn_upkeep(&live, stop, tracker);
     Ok(live)
+}
+
+/// A listener whose settings are not of its kind (never, by construction).
+fn settings_mismatch(l: &Listener) -> StartError {
+    StartError::Enroll {
+        name: l.name.clone(),
+        why: "settings do not match the listener kind".into(),
+    }
 }
 
 /// Active health checks, and for agent listeners the paced rebalancing.
@@ -777,7 +831,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                         }
                         break;
                     }
-                    Err(e) => tracing::error!("upgrade failed, this process keeps serving: {e}"),
+                    Err(e) => {
+                        tracing::error!("upgrade failed, this process keeps serving: {e}");
+                        if e.after_ready() {
+                            // It had stopped accepting for the successor: accept again.
+                            proxy.resume_accepting();
+                        }
+                    }
                 }
             }
         }

@@ -5,7 +5,9 @@
 //! Unix socket, receives the listening sockets and starts serving on them; the old process
 //! then stops accepting and hands every agent session over at a frame boundary (see
 //! `wazuh_proxy_core::handover`) and the enrollment replies kept for a retry, drains what is
-//! left (plain TCP and UDP listeners) and exits.
+//! left (plain TCP and UDP listeners) and exits. If the successor fails after it said it was
+//! ready, the old process takes back the sessions it still holds and accepts again
+//! ([`UpgradeError::after_ready`], `Proxy::resume_accepting`).
 //! Under systemd the successor tells the service manager its PID (`MAINPID=`), so the
 //! service stays up across the upgrade.
 
@@ -38,7 +40,24 @@ pub enum UpgradeError {
     /// The hand-over protocol failed.
     #[error(transparent)]
     Handover(#[from] HandoverError),
+    /// The hand-over failed after the successor said it was ready (it died, or broke the
+    /// protocol): the sessions not handed yet were taken back; accept again.
+    #[error("the new process failed after it took over the listeners: {0}")]
+    AfterReady(HandoverError),
 }
+
+impl UpgradeError {
+    /// Whether this process had stopped accepting for the successor when the upgrade failed.
+    pub fn after_ready(&self) -> bool {
+        matches!(self, UpgradeError::AfterReady(_))
+    }
+}
+
+/// Test only: a successor started with this variable set in its environment says it is
+/// ready, then exits at once (its end of the hand-over socket shut for reading first, so the
+/// old process's next write fails), as a successor that crashes mid-hand-over would. Used by
+/// the tests of a failed upgrade; never set it in production.
+pub const TEST_EXIT_AFTER_READY: &str = "WAZUH_PROXY_TEST_EXIT_AFTER_READY";
 
 /// Time allowed to the successor to connect and start serving.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(30);
@@ -92,13 +111,22 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
     }
     tracing::info!("upgrade: the new process serves the listeners; handing over agent sessions");
     proxy.stop_accepting().cancel();
-    let (handed, replies) = handover::hand_over_all(
+    let (handed, replies) = handover::hand_over_all_or_keep(
         &stream,
         &proxy.agent_relays(),
         &proxy.enroll_fronts(),
         proxy.drain_timeout(),
+        proxy.tracker(),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        // The successor holds the listeners too and may be alive; it was not asked to stop.
+        tracing::warn!(
+            pid = child.id(),
+            "upgrade: the new process failed mid-hand-over"
+        );
+        UpgradeError::AfterReady(e)
+    })?;
     tracing::info!(
         sessions = handed,
         enrollment_replies = replies,
@@ -152,6 +180,19 @@ pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener
 /// # Errors
 /// When the protocol fails.
 pub async fn adopt(stream: UnixStream, proxy: &Proxy) -> Result<usize, UpgradeError> {
+    if std::env::var_os(TEST_EXIT_AFTER_READY).is_some() {
+        tracing::warn!("{TEST_EXIT_AFTER_READY} is set (test only): exiting right after Ready");
+        if let Ok(std_stream) = stream.into_std() {
+            let _ = std_stream.shutdown(std::net::Shutdown::Read);
+            if let Ok(stream) = std_stream
+                .set_nonblocking(true)
+                .and_then(|()| UnixStream::from_std(std_stream))
+            {
+                let _ = handover::send(&stream, &handover::Message::Ready).await;
+            }
+        }
+        std::process::exit(75);
+    }
     let (adopted, replies) = handover::adopt_all(
         &stream,
         &proxy.agent_relays(),

@@ -505,3 +505,75 @@ async fn the_token_is_enforced_and_a_draining_node_is_unhealthy() {
     assert!(!proxy.logs().contains("s3cret"), "the token was logged");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A UDP-only stand-in manager: answers `#ping` with a bare `#pong` datagram, as remoted does
+/// on 1514/UDP, and has nothing on the TCP port of the same number.
+async fn udp_only_manager() -> SocketAddr {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 70_000];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if &buf[..n] == b"#ping" {
+                let _ = sock.send_to(b"#pong", from).await;
+            }
+        }
+    });
+    addr
+}
+
+/// Runs the proxy on `config`, whose admin API is at `admin`.
+fn run_config(config: &Path, admin: SocketAddr) -> ProxyProcess {
+    let mut cmd = bin();
+    cmd.args(["run", "--config", config.to_str().unwrap()]);
+    ProxyProcess::start_command(cmd, admin)
+}
+
+fn udp_config(dir: &Path, admin: SocketAddr, listeners: &[(&str, SocketAddr)]) -> PathBuf {
+    let mut text = format!("drain_timeout = \"1s\"\nadmin = \"{admin}\"\n");
+    for (i, (extra, manager)) in listeners.iter().enumerate() {
+        text += &format!(
+            "\n[[listener]]\nname = \"udp{i}\"\nlisten = \"{}\"\nkind = \"udp\"\n{extra}\nbackends = [{{ address = \"{manager}\" }}]\n",
+            free_addr()
+        );
+    }
+    let file = dir.join("proxy.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_only_manager_keeps_health_200() {
+    let manager = udp_only_manager().await;
+    let quick =
+        "health_check_interval = \"50ms\"\nhealth_check_timeout = \"200ms\"\nhealth_check_fall = 2";
+    let dir = temp_dir("udp-health");
+    let admin = free_addr();
+    // The default (no probe) and the agent protocol's UDP #ping probe.
+    let with_ping = format!("health_check = \"agent\"\n{quick}");
+    let config = udp_config(&dir, admin, &[("", manager), (&with_ping, manager)]);
+    let proxy = run_config(&config, admin);
+    // Many probe rounds: it must stay 200 throughout.
+    for _ in 0..40 {
+        let (status, body) = get_json(admin, "/health").await;
+        assert_eq!(status, 200, "{body}\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(proxy);
+
+    // The same manager probed with a TCP connect (asked for explicitly) is down, and so is a
+    // UDP manager that never answers #ping: the probes can fail.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let admin = free_addr();
+    let with_tcp = format!("health_check = \"tcp\"\n{quick}");
+    let config = udp_config(&dir, admin, &[(&with_tcp, manager)]);
+    let proxy = run_config(&config, admin);
+    wait_health(admin, 503).await;
+    drop(proxy);
+    let admin = free_addr();
+    let config = udp_config(&dir, admin, &[(&with_ping, silent.local_addr().unwrap())]);
+    let proxy = run_config(&config, admin);
+    wait_health(admin, 503).await;
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}

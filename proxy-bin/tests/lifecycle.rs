@@ -269,3 +269,92 @@ async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent
     drop(kill_new);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The successor dies right after it said it was ready (a test-only switch makes it exit
+/// then): the old process takes back every session it still holds, accepts again, and its
+/// agents' streams go on without a lost or repeated frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_that_dies_after_ready_leaves_the_old_process_serving() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let listen = free_addr();
+    let dir = temp_dir("failed-upgrade");
+    let file = dir.join("proxy.toml");
+    let sock = dir.join("upgrade.sock");
+    std::fs::write(&file, config(listen, "none", &[m1.addr(), m2.addr()])).unwrap();
+    let mut cmd = bin();
+    cmd.args([
+        "run",
+        "--config",
+        file.to_str().unwrap(),
+        "--upgrade-socket",
+        sock.to_str().unwrap(),
+    ])
+    .env("WAZUH_PROXY_TEST_EXIT_AFTER_READY", "1");
+    let mut old = ProxyProcess::start_command(cmd, listen);
+    const N: usize = 50;
+    const FRAMES: u64 = 60;
+    let mut agents = Vec::new();
+    for n in 1..=N {
+        agents.push(agent(listen, n).await);
+    }
+    let streaming = tokio::spawn(async move {
+        stream(&mut agents, 1, FRAMES).await;
+        agents
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    old.signal("USR2");
+    wait_for("the old process to accept again", 30, || {
+        old.logs().contains("accepting again")
+    })
+    .await;
+    let logs = old.logs();
+    assert!(
+        logs.contains("exiting right after Ready"),
+        "the successor did not take the test switch:\n{logs}"
+    );
+    assert!(
+        logs.contains("upgrade failed, this process keeps serving"),
+        "{logs}"
+    );
+    // The sessions had been detached for the hand-over: they were taken back.
+    assert!(logs.contains("taking back the agent sessions"), "{logs}");
+    // Still running, and serving new agents.
+    assert!(old.child.try_wait().unwrap().is_none(), "{logs}");
+    for n in 1000..1010 {
+        drop(agent(listen, n).await);
+    }
+    // The agents it held kept their connections and every frame arrived once.
+    let mut agents = streaming.await.unwrap();
+    wait_for("all frames", 20, || {
+        (1..=N).all(|n| received(&[&m1, &m2], n).len() as u64 >= FRAMES)
+    })
+    .await;
+    for n in 1..=N {
+        assert_eq!(
+            received(&[&m1, &m2], n),
+            (1..=FRAMES).collect::<Vec<_>>(),
+            "agent {n}\n{}",
+            old.logs()
+        );
+    }
+    still_open(&mut agents).await;
+    // And they keep flowing after it.
+    for (i, a) in agents.iter_mut().enumerate() {
+        a.send(Bytes::from(agent_payload(Some(id(i + 1)), FRAMES + 1, 100)))
+            .await
+            .unwrap();
+    }
+    wait_for("one more frame each", 20, || {
+        (1..=N).all(|n| received(&[&m1, &m2], n).len() as u64 == FRAMES + 1)
+    })
+    .await;
+    still_open(&mut agents).await;
+    old.signal("TERM");
+    assert!(old.wait_exit(20).is_some());
+    std::fs::remove_dir_all(dir).unwrap();
+}

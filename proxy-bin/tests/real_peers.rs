@@ -703,3 +703,43 @@ fn agentd_enrolls_by_itself_through_the_terminating_enroll_listener_then_connect
 fn agentd_enrolls_by_itself_through_a_passthrough_listener_then_connects() {
     enrollment(Mode::Passthrough, Client::Agentd);
 }
+
+/// The agent-protocol health probe against the real remoted: it answers `#ping` with `#pong`
+/// on TCP (framed) and on UDP (a datagram), so both probes keep `/health` at 200; once
+/// remoted is stopped, both fail and `/health` goes to 503.
+#[test]
+fn agent_probes_over_tcp_and_udp_pass_against_real_remoted_and_fail_without_it() {
+    let Some(build) = Build::find("agent-protocol health probes against real remoted") else {
+        return;
+    };
+    let lab = Lab::new(&build);
+    let mut m = Manager::new(&lab, "m1", &[]).with_protocol("tcp,udp");
+    m.start();
+    let probes = "health_check = \"agent\"\nhealth_check_interval = \"100ms\"\nhealth_check_timeout = \"500ms\"\nhealth_check_fall = 2\nhealth_check_rise = 1\n";
+    let extra = format!(
+        "[[listener]]\nname = \"agents-ping\"\nlisten = \"{}\"\n{probes}backends = [{{ address = \"{}\" }}]\n\
+         [[listener]]\nname = \"agents-udp\"\nlisten = \"{}\"\nkind = \"udp\"\n{probes}backends = [{{ address = \"{}\" }}]\n",
+        free_loopback(),
+        m.remoted_addr(),
+        free_loopback(),
+        m.remoted_addr()
+    );
+    let proxy = start_proxy(&lab, &[&m], &extra);
+    // Many probe rounds, every one answered.
+    for _ in 0..30 {
+        let (status, body) = proxy.get("/health");
+        assert_eq!(status, 200, "{body}\n{}", proxy.process.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        proxy.unavailable_backends().is_empty(),
+        "{:?}",
+        proxy.unavailable_backends()
+    );
+    m.stop();
+    assert!(
+        wait_until(20 * SEC, || proxy.get("/health").0 == 503),
+        "{}",
+        proxy.process.logs()
+    );
+}

@@ -599,6 +599,85 @@ pub async fn hand_over_all(
     fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
     deadline: std::time::Duration,
 ) -> Result<(usize, usize), HandoverError> {
+    hand_over_inner(stream, relays, fronts, deadline, None).await
+}
+
+/// [`hand_over_all`], and when it fails (the new process died or broke the protocol after
+/// it said it was ready) the sessions not handed yet stay in this process: the relays stop
+/// handing over, and every session already detached for the hand-over but not sent is
+/// adopted again here, on `tracker` (its agent never sees its connection close; it reconnects
+/// to a manager as after an upgrade). Kept enrollment replies not sent stay kept. Sessions
+/// sent before the failure belonged to the new process and are gone with it.
+///
+/// # Errors
+/// When the socket fails; what is left has then been taken back.
+pub async fn hand_over_all_or_keep(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    deadline: std::time::Duration,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<(usize, usize), HandoverError> {
+    hand_over_inner(stream, relays, fronts, deadline, Some(tracker)).await
+}
+
+/// Adopts `h` on the relay of its listener in this process.
+fn adopt_here(
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    tracker: &tokio_util::task::TaskTracker,
+    h: Handed,
+) {
+    let relay = relays
+        .iter()
+        .find(|r| r.name() == h.listener)
+        .or_else(|| relays.first());
+    if let Some(r) = relay {
+        tracker.spawn(r.clone().adopt(h));
+    }
+}
+
+/// Takes everything back after a failed hand-over (see [`hand_over_all_or_keep`]).
+fn take_back(
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    tracker: &tokio_util::task::TaskTracker,
+    unsent: Option<Handed>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+) {
+    for r in relays {
+        r.cancel_hand_over();
+    }
+    let mut back = 0;
+    if let Some(h) = unsent {
+        adopt_here(relays, tracker, h);
+        back += 1;
+    }
+    while let Ok(h) = rx.try_recv() {
+        adopt_here(relays, tracker, h);
+        back += 1;
+    }
+    tracing::warn!(
+        sessions = back,
+        "hand-over failed: taking back the agent sessions not handed yet"
+    );
+    // Sessions that were finishing a frame when the hand-over stopped arrive later; the
+    // channel closes when a next hand-over replaces it.
+    let relays = relays.to_vec();
+    let t = tracker.clone();
+    tracker.spawn(async move {
+        while let Some(h) = rx.recv().await {
+            tracing::info!(agent = %h.key, "hand-over failed: taking back an agent session");
+            adopt_here(&relays, &t, h);
+        }
+    });
+}
+
+async fn hand_over_inner(
+    stream: &UnixStream,
+    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
+    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
+    deadline: std::time::Duration,
+    keep: Option<&tokio_util::task::TaskTracker>,
+) -> Result<(usize, usize), HandoverError> {
     use std::sync::atomic::Ordering;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for r in relays {
@@ -614,7 +693,13 @@ pub async fn hand_over_all(
         tokio::select! {
             h = rx.recv() => match h {
                 Some(h) => {
-                    send(stream, &Message::Agent(h)).await?;
+                    let msg = Message::Agent(h);
+                    if let Err(e) = send(stream, &msg).await {
+                        if let (Some(tracker), Message::Agent(h)) = (keep, msg) {
+                            take_back(relays, tracker, Some(h), rx);
+                        }
+                        return Err(e);
+                    }
                     handed += 1;
                 }
                 None => break,
@@ -634,19 +719,33 @@ pub async fn hand_over_all(
     }
     let mut replies = 0;
     for (name, front) in fronts {
-        for kept in front.take_kept() {
-            send(
-                stream,
-                &Message::EnrollReply {
-                    listener: name.clone(),
-                    kept,
-                },
-            )
-            .await?;
+        let mut kept = front.take_kept().into_iter();
+        while let Some(reply) = kept.next() {
+            let msg = Message::EnrollReply {
+                listener: name.clone(),
+                kept: reply,
+            };
+            if let Err(e) = send(stream, &msg).await {
+                if let Some(tracker) = keep {
+                    if let Message::EnrollReply { kept: reply, .. } = msg {
+                        front.keep(reply);
+                    }
+                    for reply in kept {
+                        front.keep(reply);
+                    }
+                    take_back(relays, tracker, None, rx);
+                }
+                return Err(e);
+            }
             replies += 1;
         }
     }
-    send(stream, &Message::Done).await?;
+    if let Err(e) = send(stream, &Message::Done).await {
+        if let Some(tracker) = keep {
+            take_back(relays, tracker, None, rx);
+        }
+        return Err(e);
+    }
     Ok((handed, replies))
 }
 

@@ -1,5 +1,10 @@
-//! Active health checks: a TCP connect to every backend at an interval, beside the passive
-//! checks the relays make on real traffic.
+//! Active health checks: a probe of every backend at an interval, beside the passive checks
+//! the relays make on real traffic.
+//!
+//! The probe matches what the listener carries ([`Probe`]): a TCP connect, or the agent
+//! protocol's own health probe, `#ping`, which `wazuh-remoted` answers with `#pong` before any
+//! key lookup (framed on TCP, a bare datagram on UDP). A UDP-only manager has nothing on its
+//! TCP port, so a UDP listener is never probed with a TCP connect unless asked to.
 //!
 //! Passive checks only learn that a manager is dead when an agent tries it; a standby proxy
 //! node with no traffic would otherwise report itself healthy while it cannot reach any
@@ -9,14 +14,81 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::Balancer;
 
+/// How a backend is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Probe {
+    /// A TCP connect that completes (the default on TCP listeners).
+    #[default]
+    Connect,
+    /// TCP connect, send the frame `#ping`, expect the frame `#pong` back (agent listeners:
+    /// a manager that accepts but does not serve the agent protocol fails it).
+    AgentTcp,
+    /// Send the datagram `#ping`, expect the datagram `#pong` back (UDP listeners).
+    AgentUdp,
+}
+
+/// `#ping` as a TCP frame: length 5, little-endian, then the payload.
+const PING_FRAME: &[u8] = b"\x05\x00\x00\x00#ping";
+
+/// Probes `addr` once with `probe`, within `timeout`: `true` when it passed.
+pub async fn probe_once(probe: Probe, addr: SocketAddr, timeout: Duration) -> bool {
+    let attempt = async {
+        match probe {
+            Probe::Connect => TcpStream::connect(addr).await.is_ok(),
+            Probe::AgentTcp => {
+                let Ok(mut s) = TcpStream::connect(addr).await else {
+                    return false;
+                };
+                if s.write_all(PING_FRAME).await.is_err() {
+                    return false;
+                }
+                let mut reply = [0u8; 9];
+                s.read_exact(&mut reply).await.is_ok() && &reply == b"\x05\x00\x00\x00#pong"
+            }
+            Probe::AgentUdp => {
+                let local: SocketAddr = if addr.is_ipv4() {
+                    (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+                } else {
+                    (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+                };
+                let Ok(sock) = UdpSocket::bind(local).await else {
+                    return false;
+                };
+                // Connected: only the manager's datagrams arrive, and an ICMP port unreachable
+                // fails the probe at once.
+                if sock.connect(addr).await.is_err() || sock.send(b"#ping").await.is_err() {
+                    return false;
+                }
+                let mut buf = [0u8; 64];
+                loop {
+                    match sock.recv(&mut buf).await {
+                        Ok(n) if &buf[..n] == b"#pong" => return true,
+                        // Anything else (a late answer to nothing we sent): keep waiting.
+                        Ok(_) => continue,
+                        Err(_) => return false,
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(false)
+}
+
 /// Settings of active health checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthCheck {
+    /// What a probe is (default a TCP connect).
+    pub probe: Probe,
     /// Time between two rounds of probes (default 2 s).
     pub interval: Duration,
     /// Time allowed to one connect (default 1 s).
@@ -30,6 +102,7 @@ pub struct HealthCheck {
 impl Default for HealthCheck {
     fn default() -> Self {
         HealthCheck {
+            probe: Probe::Connect,
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             rise: 2,
@@ -61,13 +134,7 @@ pub async fn run(
             .filter(|(_, be)| !be.config().down)
             .map(|(i, be)| {
                 let addr = be.addr();
-                async move {
-                    let ok = matches!(
-                        tokio::time::timeout(check.timeout, TcpStream::connect(addr)).await,
-                        Ok(Ok(_))
-                    );
-                    (i, addr, ok)
-                }
+                async move { (i, addr, probe_once(check.probe, addr, check.timeout).await) }
             });
         let results = futures_util::future::join_all(probes).await;
         for (i, addr, ok) in results {
@@ -101,6 +168,7 @@ mod tests {
             .unwrap(),
         );
         let check = HealthCheck {
+            probe: Probe::Connect,
             interval: Duration::from_millis(20),
             timeout: Duration::from_millis(200),
             rise: 2,
@@ -146,5 +214,111 @@ mod tests {
             *changes.lock().unwrap(),
             vec![(dead_addr, false), (dead_addr, true)]
         );
+    }
+
+    /// A stand-in for remoted's answer to `#ping` on 1514/TCP: reads one frame and answers
+    /// `#pong` if it was `#ping` (remoted answers before any key lookup, unencrypted).
+    async fn pong_server() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut frame = [0u8; 9];
+                    if s.read_exact(&mut frame).await.is_ok() && frame == PING_FRAME {
+                        let _ = s.write_all(b"\x05\x00\x00\x00#pong").await;
+                    }
+                    let _ = s.read(&mut [0u8; 1]).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Accepts and holds every connection without a byte back.
+    async fn mute_server() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_agent_probe_needs_a_pong() {
+        let t = Duration::from_millis(300);
+        let pong = pong_server().await;
+        let mute = mute_server().await;
+        assert!(probe_once(Probe::AgentTcp, pong, t).await);
+        assert!(!probe_once(Probe::AgentTcp, mute, t).await);
+        // A plain connect cannot tell them apart.
+        assert!(probe_once(Probe::Connect, mute, t).await);
+    }
+
+    #[tokio::test]
+    async fn an_agent_probe_marks_a_mute_tcp_backend_down() {
+        let (pong, mute) = (pong_server().await, mute_server().await);
+        let balancer = Arc::new(
+            Balancer::new(
+                Policy::AgentId,
+                vec![BackendConfig::new(pong), BackendConfig::new(mute)],
+            )
+            .unwrap(),
+        );
+        let check = HealthCheck {
+            probe: Probe::AgentTcp,
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(100),
+            rise: 1,
+            fall: 2,
+        };
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let (b, stop) = (balancer.clone(), stop.clone());
+            async move { run(move || b.clone(), check, stop, |_, _| {}).await }
+        });
+        let mute_i = balancer.index_of(mute).unwrap();
+        let pong_i = balancer.index_of(pong).unwrap();
+        for _ in 0..300 {
+            if balancer.backends()[mute_i].probe_failed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(balancer.backends()[mute_i].probe_failed());
+        assert!(!balancer.backends()[pong_i].probe_failed());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_udp_probe_needs_a_pong_datagram() {
+        let t = Duration::from_millis(300);
+        let manager = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = manager.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = manager.recv_from(&mut buf).await {
+                if &buf[..n] == b"#ping" {
+                    let _ = manager.send_to(b"#pong", from).await;
+                }
+            }
+        });
+        assert!(probe_once(Probe::AgentUdp, addr, t).await);
+        // Nothing on the TCP port of a UDP-only manager.
+        assert!(!probe_once(Probe::Connect, addr, t).await);
+        // A UDP socket that never answers, and a port nobody listens on.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert!(!probe_once(Probe::AgentUdp, silent.local_addr().unwrap(), t).await);
+        let closed = UdpSocket::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(!probe_once(Probe::AgentUdp, closed, t).await);
     }
 }

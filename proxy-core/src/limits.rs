@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dashmap::DashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
 
 /// Limits per source address.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -124,6 +127,63 @@ impl Admission {
     }
 }
 
+/// Least time between two log lines of one kind about refused or dropped traffic: a flood
+/// must not become a flood of logs. Suppressed lines are counted in the next one.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Allows one log line per [`LOG_INTERVAL`] and counts the ones it holds back.
+#[derive(Debug)]
+pub struct LogLimit {
+    next_ms: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Default for LogLimit {
+    fn default() -> Self {
+        LogLimit::new()
+    }
+}
+
+impl LogLimit {
+    /// A limit that lets the first line through.
+    pub const fn new() -> Self {
+        LogLimit {
+            next_ms: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be written at `now_ms`
+    /// (milliseconds on any clock that only goes forward).
+    pub fn allow(&self, now_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let step = u64::try_from(LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+        if now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(step),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.held.swap(0, Ordering::Relaxed))
+        } else {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    /// [`LogLimit::allow`] on the process's monotonic clock.
+    pub fn allow_now(&self) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let epoch = *EPOCH.get_or_init(Instant::now);
+        self.allow(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +223,19 @@ mod tests {
         assert_eq!(a.admit(ip, t0).unwrap_err(), Refused::TooFast(10));
         held.push(a.admit(ip, t0 + Duration::from_millis(150)).unwrap());
         assert!(a.admit(ip, t0 + Duration::from_millis(150)).is_err());
+    }
+
+    #[test]
+    fn log_limit_lets_one_line_through_per_interval() {
+        let l = LogLimit::new();
+        assert_eq!(l.allow(0), Some(0));
+        assert_eq!(l.allow(10), None);
+        assert_eq!(l.allow(999), None);
+        assert_eq!(l.allow(1000), Some(2));
+        assert_eq!(l.allow(1001), None);
+        let l = LogLimit::new();
+        assert_eq!(l.allow_now(), Some(0));
+        assert_eq!(l.allow_now(), None);
     }
 
     #[test]

@@ -67,6 +67,13 @@ pub struct TcpRelayConfig {
     pub buffer_size: usize,
     /// Read a PROXY protocol header first, from trusted senders only (default off).
     pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
+    /// Per-source admission limits (open connections, new connections per second), checked
+    /// before a backend is chosen; defaults as for the agent relay.
+    pub source_limits: crate::limits::SourceLimits,
+    /// Time allowed for the client's first byte, before any backend is connected (default
+    /// `None`: no deadline, since a relayed service may be one where the server speaks
+    /// first). Enrollment (agents send a TLS ClientHello at once) and the API suit it.
+    pub first_byte_timeout: Option<Duration>,
 }
 
 impl Default for TcpRelayConfig {
@@ -77,6 +84,8 @@ impl Default for TcpRelayConfig {
             tcp_keepalive: Some(Duration::from_secs(60)),
             buffer_size: 16 * 1024,
             proxy_protocol: None,
+            source_limits: crate::limits::SourceLimits::default(),
+            first_byte_timeout: None,
         }
     }
 }
@@ -154,6 +163,9 @@ pub struct TcpRelay {
     balancer: crate::balance::SharedBalancer,
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
+    admission: crate::limits::Admission,
+    /// One log line per second about refused clients: a flood must not become a log flood.
+    refusal_log: crate::limits::LogLimit,
 }
 
 impl fmt::Debug for TcpRelay {
@@ -170,10 +182,12 @@ impl TcpRelay {
     pub fn new(name: impl Into<String>, config: TcpRelayConfig, balancer: Balancer) -> Self {
         TcpRelay {
             name: name.into(),
+            admission: crate::limits::Admission::new(config.source_limits),
             config,
             balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
             hard_stop: CancellationToken::new(),
+            refusal_log: crate::limits::LogLimit::new(),
         }
     }
 
@@ -189,7 +203,8 @@ impl TcpRelay {
 
     /// This listener's counters: `accepted`, `active`, `sessions` (connections that reached a
     /// backend), `bytes_up`/`bytes_down` (frame counters stay 0: the stream is not framed),
-    /// `connect_failures`, and [`Rejection::NoBackend`] / [`Rejection::Idle`].
+    /// `connect_failures`, and [`Rejection::NoBackend`] / [`Rejection::Idle`] /
+    /// [`Rejection::SourceLimit`] / [`Rejection::FirstFrameTimeout`] (no first byte in time).
     pub fn stats(&self) -> &Arc<RelayStats> {
         &self.stats
     }
@@ -234,17 +249,68 @@ impl TcpRelay {
         .await;
     }
 
-    /// Runs one client connection to its end.
+    /// Runs one client connection to its end. A client over its source's limits is closed at
+    /// once, before any backend is chosen.
     pub async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let admitted = match self
+            .admission
+            .admit(peer.ip().to_canonical(), std::time::Instant::now())
+        {
+            Ok(a) => a,
+            Err(why) => {
+                self.stats.reject(Rejection::SourceLimit);
+                if let Some(held) = self.refusal_log.allow_now() {
+                    tracing::warn!(listener = %self.name, client = %peer, held_back = held,
+                        refused_total = self.stats.rejected(Rejection::SourceLimit),
+                        "refusing connection: {why}");
+                }
+                return;
+            }
+        };
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         self.run(client, peer).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        drop(admitted);
+    }
+
+    /// Waits for the client's first byte (or its close) up to `limit`. `false` when the
+    /// connection is to be closed: no byte in time, closed, or failed.
+    async fn first_byte(&self, client: &TcpStream, peer: SocketAddr, limit: Duration) -> bool {
+        let mut one = [0u8; 1];
+        let waited = tokio::select! {
+            r = tokio::time::timeout(limit, client.peek(&mut one)) => r,
+            _ = self.hard_stop.cancelled() => return false,
+        };
+        match waited {
+            Ok(Ok(n)) if n > 0 => true,
+            Ok(Ok(_)) => {
+                tracing::debug!(listener = %self.name, client = %peer, "client closed before sending anything");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(listener = %self.name, client = %peer, "client connection failed: {e}");
+                false
+            }
+            Err(_) => {
+                self.stats.reject(Rejection::FirstFrameTimeout);
+                if let Some(held) = self.refusal_log.allow_now() {
+                    tracing::warn!(listener = %self.name, client = %peer, held_back = held,
+                        "closing client connection: nothing sent within {limit:?}");
+                }
+                false
+            }
+        }
     }
 
     async fn run(&self, client: TcpStream, peer: SocketAddr) {
         let cfg = &self.config;
         tune(&client, cfg.tcp_keepalive);
+        if let Some(limit) = cfg.first_byte_timeout {
+            if !self.first_byte(&client, peer, limit).await {
+                return;
+            }
+        }
         let balancer = self.balancer.load_full();
         let key = BalanceKey::Source(peer.ip());
         let connected = tokio::select! {

@@ -23,7 +23,8 @@
 //! their bytes, `connect_failures` = upstream sockets that could not be opened or were refused
 //! by the manager; rejections [`Rejection::BadEnvelope`] and [`Rejection::TooLong`] (agent
 //! datagrams dropped), [`Rejection::NoBackend`], [`Rejection::ManagerProtocol`] (manager
-//! datagrams dropped). UDP-only counters are in [`UdpRelay::flow_stats`].
+//! datagrams dropped), [`Rejection::SourceLimit`] (datagrams that would open a flow beyond
+//! the source address's limits, [`UdpRelayConfig::source_limits`]). UDP-only counters are in [`UdpRelay::flow_stats`].
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -63,11 +64,8 @@ use tokio_util::task::TaskTracker;
 use crate::balance::{BalanceKey, Balancer, ConnGuard};
 use crate::envelope::{AgentId, Envelope};
 use crate::frame::MAX_PAYLOAD;
+use crate::limits::{Admission, Admitted, LogLimit, SourceLimits};
 use crate::stats::{Rejection, RelayStats};
-
-/// Least time between two log lines about dropped datagrams of one kind: a flood of garbage
-/// must not become a flood of logs. Suppressed lines are counted in the next one.
-const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings of a UDP agent listener.
 #[derive(Debug, Clone)]
@@ -82,6 +80,11 @@ pub struct UdpRelayConfig {
     /// it below the file descriptor limit. Datagrams that would open a flow beyond it are
     /// dropped and counted in [`UdpFlowStats::flows_refused`].
     pub max_flows: usize,
+    /// Per-source flow limits: most flows one IP address may hold open (`max_open`), and new
+    /// flows per second one address may open (`rate`, `burst`). Agents behind one NAT share
+    /// an address, so the defaults are those of the TCP listeners. Datagrams that would open
+    /// a flow beyond them are dropped and counted as [`Rejection::SourceLimit`].
+    pub source_limits: SourceLimits,
 }
 
 impl Default for UdpRelayConfig {
@@ -90,6 +93,7 @@ impl Default for UdpRelayConfig {
             idle_timeout: Duration::from_secs(120),
             max_datagram: MAX_PAYLOAD as usize,
             max_flows: 16_384,
+            source_limits: SourceLimits::default(),
         }
     }
 }
@@ -132,44 +136,6 @@ impl fmt::Display for FlowEnd {
     }
 }
 
-/// Allows one log line per [`LOG_INTERVAL`] and counts the ones it holds back.
-#[derive(Debug)]
-struct LogLimit {
-    next_ms: AtomicU64,
-    held: AtomicU64,
-}
-
-impl LogLimit {
-    const fn new() -> Self {
-        LogLimit {
-            next_ms: AtomicU64::new(0),
-            held: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines held back since the last one)` when a line may be written now.
-    fn allow(&self, now_ms: u64) -> Option<u64> {
-        let next = self.next_ms.load(Ordering::Relaxed);
-        let step = u64::try_from(LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
-        if now_ms >= next
-            && self
-                .next_ms
-                .compare_exchange(
-                    next,
-                    now_ms.saturating_add(step),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.held.swap(0, Ordering::Relaxed))
-        } else {
-            self.held.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
-}
-
 /// One agent's flow: its upstream socket and what it has moved.
 struct Flow {
     /// The agent ID of the datagram that opened the flow, if it had one.
@@ -181,6 +147,8 @@ struct Flow {
     /// The backend set the manager was chosen from (health is reported there after a reload).
     balancer: Arc<Balancer>,
     _guard: ConnGuard,
+    /// The flow's place under its source's limits, released when the flow ends.
+    _admitted: Admitted,
     /// Milliseconds since the relay's epoch of the last datagram either way.
     last_ms: AtomicU64,
     answered: AtomicBool,
@@ -220,6 +188,7 @@ pub struct UdpRelay {
     stats: Arc<RelayStats>,
     flow_stats: UdpFlowStats,
     hard_stop: CancellationToken,
+    admission: Admission,
     /// Time base of every flow's `last_ms`.
     epoch: Instant,
     bad_log: LogLimit,
@@ -243,6 +212,7 @@ impl UdpRelay {
     pub fn new(name: impl Into<String>, config: UdpRelayConfig, balancer: Balancer) -> Self {
         UdpRelay {
             name: name.into(),
+            admission: Admission::new(config.source_limits),
             config,
             balancer: crate::balance::SharedBalancer::new(balancer),
             stats: Arc::new(RelayStats::default()),
@@ -450,6 +420,20 @@ impl UdpRelay {
             }
             return None;
         }
+        let admitted = match self
+            .admission
+            .admit(agent.ip().to_canonical(), std::time::Instant::now())
+        {
+            Ok(a) => a,
+            Err(why) => {
+                self.stats.reject(Rejection::SourceLimit);
+                if let Some(held) = self.refused_log.allow(now_ms) {
+                    tracing::warn!(listener = %self.name, client = %agent, held_back = held,
+                        "dropping datagram: no new flow for this address: {why}");
+                }
+                return None;
+            }
+        };
         let key = agent_id.map_or(BalanceKey::Source(agent.ip()), BalanceKey::Agent);
         let balancer = self.balancer.load_full();
         let mut opened = None;
@@ -483,6 +467,7 @@ impl UdpRelay {
             backend,
             index,
             _guard: balancer.open(index),
+            _admitted: admitted,
             balancer,
             last_ms: AtomicU64::new(now_ms),
             answered: AtomicBool::new(false),
@@ -691,15 +676,5 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(120));
         assert_eq!(c.max_datagram, 65536);
         assert_eq!(c.max_flows, 16_384);
-    }
-
-    #[test]
-    fn log_limit_lets_one_line_through_per_interval() {
-        let l = LogLimit::new();
-        assert_eq!(l.allow(0), Some(0));
-        assert_eq!(l.allow(10), None);
-        assert_eq!(l.allow(999), None);
-        assert_eq!(l.allow(1000), Some(2));
-        assert_eq!(l.allow(1001), None);
     }
 }

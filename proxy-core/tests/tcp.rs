@@ -302,3 +302,127 @@ async fn close_all_ends_connections_and_the_tracker_drains() {
     }
     assert_eq!(stats.active.load(Ordering::Relaxed), 0);
 }
+
+/// A backend that echoes every connection and counts the connections it accepted.
+async fn counting_echo() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Connects from `ip` and checks a round trip through the relay: `true` when it echoed.
+async fn round_trip_from(ip: &str, relay: SocketAddr) -> (bool, TcpStream) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+    let mut s = sock.connect(relay).await.unwrap();
+    let ok = s.write_all(b"ping").await.is_ok() && {
+        let mut buf = [0u8; 4];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await,
+            Ok(Ok(_))
+        ) && &buf == b"ping"
+    };
+    (ok, s)
+}
+
+#[tokio::test]
+async fn per_source_connection_limits_hold_on_tcp_listeners() {
+    let (backend, accepted) = counting_echo().await;
+    let config = TcpRelayConfig {
+        source_limits: wazuh_proxy_core::limits::SourceLimits {
+            max_open: 2,
+            rate: 0.0,
+            burst: 0.0,
+        },
+        ..TcpRelayConfig::default()
+    };
+    let r = start(&[backend], config).await;
+    let (ok1, c1) = round_trip_from("127.0.0.1", r.addr).await;
+    let (ok2, _c2) = round_trip_from("127.0.0.1", r.addr).await;
+    assert!(ok1 && ok2);
+    let (ok3, _c3) = round_trip_from("127.0.0.1", r.addr).await;
+    assert!(!ok3, "a third connection from one address is refused");
+    assert_eq!(r.relay.stats().rejected(Rejection::SourceLimit), 1);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the refused one never reached a backend"
+    );
+    // Another address is not affected; a closed connection frees its place.
+    let (ok4, _c4) = round_trip_from("127.0.0.2", r.addr).await;
+    assert!(ok4);
+    drop(c1);
+    let mut freed = false;
+    for _ in 0..100 {
+        if round_trip_from("127.0.0.1", r.addr).await.0 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed);
+    r.stop.cancel();
+    r.relay.close_all();
+}
+
+#[tokio::test]
+async fn per_source_connection_rate_holds_on_tcp_listeners() {
+    let (backend, _) = counting_echo().await;
+    let config = TcpRelayConfig {
+        source_limits: wazuh_proxy_core::limits::SourceLimits {
+            max_open: 0,
+            rate: 0.001,
+            burst: 2.0,
+        },
+        ..TcpRelayConfig::default()
+    };
+    let r = start(&[backend], config).await;
+    let mut held = Vec::new();
+    let mut ok = 0;
+    for _ in 0..4 {
+        let (o, s) = round_trip_from("127.0.0.1", r.addr).await;
+        ok += usize::from(o);
+        held.push(s);
+    }
+    assert_eq!(ok, 2);
+    assert_eq!(r.relay.stats().rejected(Rejection::SourceLimit), 2);
+    assert!(round_trip_from("127.0.0.4", r.addr).await.0);
+    r.stop.cancel();
+    r.relay.close_all();
+}
+
+#[tokio::test]
+async fn a_client_silent_past_the_first_byte_deadline_is_closed_before_any_backend() {
+    let (backend, accepted) = counting_echo().await;
+    let config = TcpRelayConfig {
+        first_byte_timeout: Some(Duration::from_millis(200)),
+        ..TcpRelayConfig::default()
+    };
+    let r = start(&[backend], config).await;
+    let mut silent = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    assert_eq!(r.relay.stats().rejected(Rejection::FirstFrameTimeout), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    // A client that speaks is relayed.
+    assert!(round_trip_from("127.0.0.1", r.addr).await.0);
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    r.stop.cancel();
+    r.relay.close_all();
+}

@@ -407,3 +407,77 @@ async fn an_unreachable_manager_is_marked_and_the_agent_moves() {
     assert!(!balancer.is_available(0, Instant::now()));
     assert!(relay.relay.stats().connect_failures.load(Ordering::Relaxed) >= 1);
 }
+
+/// An agent socket on another loopback address (another source address to the relay).
+async fn agent_from(ip: &str, relay: SocketAddr) -> UdpSocket {
+    let sock = UdpSocket::bind((ip, 0)).await.unwrap();
+    sock.connect(relay).await.unwrap();
+    sock
+}
+
+#[tokio::test]
+async fn one_address_cannot_hold_more_flows_than_its_limit() {
+    let m = UdpManager::start("m").await;
+    let config = UdpRelayConfig {
+        source_limits: wazuh_proxy_core::limits::SourceLimits {
+            max_open: 2,
+            rate: 0.0,
+            burst: 0.0,
+        },
+        ..UdpRelayConfig::default()
+    };
+    let relay = start("udp-per-source", &[m.addr], config).await;
+    let mut held = Vec::new();
+    let mut answered = 0;
+    for n in 1..=4 {
+        let sock = agent(relay.addr).await;
+        sock.send(&message(&id(n), "hello")).await.unwrap();
+        if recv_within(&sock, 500).await.is_some() {
+            answered += 1;
+        }
+        held.push(sock);
+    }
+    assert_eq!(answered, 2, "127.0.0.1 holds at most 2 flows");
+    assert_eq!(relay.relay.stats().rejected(Rejection::SourceLimit), 2);
+    // The admitted agents keep flowing.
+    held[0].send(&message(&id(1), "again")).await.unwrap();
+    assert!(recv_within(&held[0], 500).await.is_some());
+    // Another address is not affected.
+    let other = agent_from("127.0.0.2", relay.addr).await;
+    other.send(&message(&id(9), "hello")).await.unwrap();
+    assert!(recv_within(&other, 500).await.is_some());
+    assert_eq!(relay.relay.flows(), 3);
+    assert_eq!(m.seen().len(), 4);
+    relay.stop.cancel();
+    relay.tracker.close();
+}
+
+#[tokio::test]
+async fn one_address_cannot_open_flows_faster_than_its_rate() {
+    let m = UdpManager::start("m").await;
+    let config = UdpRelayConfig {
+        source_limits: wazuh_proxy_core::limits::SourceLimits {
+            max_open: 0,
+            // One new flow per 1000 s after a burst of 3: the test never sees a refill.
+            rate: 0.001,
+            burst: 3.0,
+        },
+        ..UdpRelayConfig::default()
+    };
+    let relay = start("udp-rate", &[m.addr], config).await;
+    let mut answered = 0;
+    for n in 1..=5 {
+        let sock = agent(relay.addr).await;
+        sock.send(&message(&id(n), "hello")).await.unwrap();
+        if recv_within(&sock, 500).await.is_some() {
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 3);
+    assert_eq!(relay.relay.stats().rejected(Rejection::SourceLimit), 2);
+    let other = agent_from("127.0.0.3", relay.addr).await;
+    other.send(&message(&id(9), "hello")).await.unwrap();
+    assert!(recv_within(&other, 500).await.is_some());
+    relay.stop.cancel();
+    relay.tracker.close();
+}

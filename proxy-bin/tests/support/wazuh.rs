@@ -352,6 +352,8 @@ pub struct Manager {
     pub remoted_port: u16,
     pub authd_port: u16,
     pub with_authd: bool,
+    /// remoted's `<protocol>`: `tcp` (default), `udp` or `tcp,udp` (one port for both).
+    protocol: String,
     lab: PathBuf,
     build: Build,
     daemons: Vec<Daemon>,
@@ -367,6 +369,7 @@ impl Manager {
             remoted_port: free_port(),
             authd_port: free_port(),
             with_authd: false,
+            protocol: "tcp".to_owned(),
             lab: lab.dir.clone(),
             build: lab.build.clone(),
             daemons: Vec::new(),
@@ -380,6 +383,13 @@ impl Manager {
     /// Also run `wazuh-authd` (enrollment) when started.
     pub fn with_authd(mut self) -> Manager {
         self.with_authd = true;
+        self
+    }
+
+    /// remoted listens with `protocol` (`udp` or `tcp,udp`) on its port.
+    pub fn with_protocol(mut self, protocol: &str) -> Manager {
+        self.protocol = protocol.to_owned();
+        self.write_conf();
         self
     }
 
@@ -404,7 +414,7 @@ impl Manager {
   <remote>
     <connection>secure</connection>
     <port>{remoted}</port>
-    <protocol>tcp</protocol>
+    <protocol>{protocol}</protocol>
     <local_ip>127.0.0.1</local_ip>
     <queue_size>131072</queue_size>
   </remote>
@@ -441,6 +451,7 @@ impl Manager {
             remoted = self.remoted_port,
             authd = self.authd_port,
             name = self.name,
+            protocol = self.protocol,
         );
         std::fs::write(self.home.join("etc/ossec.conf"), conf).unwrap();
     }

@@ -376,7 +376,7 @@ pub struct AgentRelay {
     stats: Arc<RelayStats>,
     hard_stop: CancellationToken,
     keys: Option<KeyStore>,
-    handover: CancellationToken,
+    handover: std::sync::atomic::AtomicBool,
     sweeper: std::sync::atomic::AtomicBool,
     admission: crate::limits::Admission,
     refusals_logged: std::sync::atomic::AtomicU64,
@@ -414,7 +414,7 @@ impl AgentRelay {
             stats: Arc::new(RelayStats::default()),
             hard_stop,
             keys: None,
-            handover: CancellationToken::new(),
+            handover: std::sync::atomic::AtomicBool::new(false),
             sweeper: std::sync::atomic::AtomicBool::new(false),
             admission: crate::limits::Admission::new(limits),
             refusals_logged: std::sync::atomic::AtomicU64::new(0),
@@ -643,8 +643,14 @@ impl AgentRelay {
     /// agents never see their connection close. Stop accepting first.
     pub fn hand_over_all(&self, to: tokio::sync::mpsc::UnboundedSender<Handed>) {
         *self.handover_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
-        self.handover.cancel();
+        self.handover.store(true, Ordering::Relaxed);
         self.sessions.wake_all();
+    }
+
+    /// Ends a hand-over that failed: sessions not handed yet stay here. Sessions already on
+    /// their way arrive on the hand-over channel, to be adopted again ([`AgentRelay::adopt`]).
+    pub fn cancel_hand_over(&self) {
+        self.handover.store(false, Ordering::Relaxed);
     }
 
     fn hand_over(&self, conn: Box<Conn>) {
@@ -1485,7 +1491,7 @@ impl Relaying<'_> {
         if s.is_closing() {
             return Some(End::Closed);
         }
-        if self.relay.handover.is_cancelled() {
+        if self.relay.handover.load(Ordering::Relaxed) {
             return Some(End::HandedOver);
         }
         if self.relay.config.failover && s.is_move_requested() {

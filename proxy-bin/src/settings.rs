@@ -1,0 +1,278 @@
+//! What a validated listener runs with: the settings handed to proxy-core for its kind. The
+//! server builds its relays from here, so what is listed here is what takes effect.
+
+use wazuh_proxy_core::enroll::EnrollConfig;
+use wazuh_proxy_core::relay::AgentRelayConfig;
+use wazuh_proxy_core::tcp::TcpRelayConfig;
+use wazuh_proxy_core::udp::UdpRelayConfig;
+
+use crate::config::{Listener, ListenerKind};
+
+/// The relay settings of one listener, by kind.
+#[derive(Debug, Clone)]
+pub(crate) enum RelaySettings {
+    Agent(AgentRelayConfig),
+    Tcp(TcpRelayConfig),
+    Udp(UdpRelayConfig),
+    Enroll(EnrollConfig),
+}
+
+/// The settings `l`'s relay runs with. `Err` only for an enroll listener without TLS
+/// settings, which the configuration never produces.
+pub(crate) fn relay_settings(l: &Listener) -> Result<RelaySettings, String> {
+    Ok(match l.kind {
+        ListenerKind::Agent => RelaySettings::Agent(l.agent.clone()),
+        ListenerKind::Tcp => RelaySettings::Tcp(TcpRelayConfig {
+            connect_timeout: l.agent.connect_timeout,
+            idle_timeout: l.agent.idle_timeout,
+            tcp_keepalive: l.agent.tcp_keepalive,
+            proxy_protocol: l.agent.proxy_protocol.clone(),
+            source_limits: l.agent.source_limits,
+            first_byte_timeout: l.first_byte_timeout,
+            ..TcpRelayConfig::default()
+        }),
+        ListenerKind::Udp => {
+            let mut config = UdpRelayConfig {
+                max_datagram: l.agent.max_payload as usize,
+                source_limits: l.agent.source_limits,
+                ..UdpRelayConfig::default()
+            };
+            if let Some(idle) = l.agent.idle_timeout {
+                config.idle_timeout = idle;
+            }
+            RelaySettings::Udp(config)
+        }
+        ListenerKind::Enroll => {
+            let settings = l
+                .enroll
+                .clone()
+                .ok_or_else(|| "missing TLS settings".to_owned())?;
+            let mut config = EnrollConfig::new(settings.server_cert, settings.backend_tls);
+            config.connect_timeout = l.agent.connect_timeout;
+            config.replay_ttl = settings.replay_ttl;
+            config.backend_client_cert = settings.backend_client_cert;
+            config.source_limits = l.agent.source_limits;
+            // The deadline for the TLS handshake and the request line.
+            config.request_timeout = l.agent.first_frame_timeout;
+            RelaySettings::Enroll(config)
+        }
+    })
+}
+
+/// Everything a listener runs with, as text: its relay settings and what the server starts
+/// beside the relay (backends, balancing, health checks, keys, rebalancing, re-resolution).
+/// Two listeners with the same text behave the same.
+#[cfg(test)]
+pub(crate) fn effective(l: &Listener) -> String {
+    let rebalance = (l.kind == ListenerKind::Agent).then_some(l.rebalance);
+    let keys = (l.kind == ListenerKind::Agent).then_some(&l.keys);
+    format!(
+        "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
+        l.name,
+        l.listen,
+        l.kind,
+        l.balance,
+        l.backends,
+        l.health,
+        keys,
+        rebalance,
+        l.resolve,
+        relay_settings(l)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{kind_bit, Config, LISTENER_KEYS};
+
+    const KINDS: [(ListenerKind, &str); 4] = [
+        (ListenerKind::Agent, "kind = \"agent\"\n"),
+        (
+            ListenerKind::Udp,
+            "kind = \"udp\"\nhealth_check = \"agent\"\n",
+        ),
+        (
+            ListenerKind::Tcp,
+            "kind = \"tcp\"\nfirst_frame_timeout = \"7s\"\n",
+        ),
+        (
+            ListenerKind::Enroll,
+            "kind = \"enroll\"\nbackend_verify = false\n",
+        ),
+    ];
+
+    /// A value for `key` unlike its default (and unlike the bases above), with what it needs
+    /// beside it; `None` for the keys every listener is built from.
+    fn sample(key: &str, kind: ListenerKind) -> Option<String> {
+        let s = match key {
+            "listen" | "kind" | "backends" => return None,
+            "name" => "name = \"renamed\"",
+            "balance" => "balance = \"round-robin\"",
+            "resolve_interval" => {
+                "resolve_interval = \"30s\"\nbackends = [{ address = \"localhost:9\" }]"
+            }
+            "health_check" if kind == ListenerKind::Agent => "health_check = \"agent\"",
+            "health_check" => "health_check = \"none\"",
+            "health_check_interval" => "health_check_interval = \"0s\"",
+            "health_check_timeout" => "health_check_timeout = \"300ms\"",
+            "health_check_rise" => "health_check_rise = 5",
+            "health_check_fall" => "health_check_fall = 7",
+            "max_connections_per_source" => "max_connections_per_source = 3",
+            "connection_rate_per_source" => "connection_rate_per_source = 2.5",
+            "connection_burst_per_source" => "connection_burst_per_source = 4.0",
+            "first_frame_timeout" => "first_frame_timeout = \"3s\"",
+            "connect_timeout" => "connect_timeout = \"2s\"",
+            "idle_timeout" => "idle_timeout = \"50s\"",
+            "tcp_keepalive" => "tcp_keepalive = \"30s\"",
+            "max_payload" => "max_payload = 2048",
+            "proxy_protocol" | "proxy_protocol_trusted" => {
+                "proxy_protocol = true\nproxy_protocol_trusted = [\"127.0.0.1/32\"]"
+            }
+            "duplicate" => "duplicate = \"reject\"",
+            "keys" => "keys = \"/etc/client.keys\"",
+            "keys_reload" => "keys = \"/etc/client.keys\"\nkeys_reload = \"9s\"",
+            "rebalance_interval" => "rebalance_interval = \"0s\"",
+            "rebalance_batch" => "rebalance_batch = 3",
+            "failover" => "failover = false",
+            "hold_timeout" => "hold_timeout = \"9s\"",
+            "reply_timeout" => "reply_timeout = \"9s\"",
+            "manager_user_timeout" => "manager_user_timeout = \"3s\"",
+            "liveness_timeout" => "liveness_timeout = \"9s\"",
+            "overtake_time" => "overtake_time = \"9s\"",
+            "refused_backoff" => "refused_backoff = \"1s\"",
+            "refused_backoff_max" => "refused_backoff_max = \"9s\"",
+            "source" => "source = \"transparent\"",
+            "tls_cert" | "tls_key" => "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"",
+            "tls_dir" => "tls_dir = \"/tmp/elsewhere\"",
+            "backend_ca" | "backend_server_name" if kind == ListenerKind::Enroll => {
+                // Replaces the base's `backend_verify = false` (see `with`).
+                "backend_ca = \"/ca.pem\"\nbackend_server_name = \"manager\""
+            }
+            "backend_ca" => "backend_ca = \"/ca.pem\"",
+            "backend_server_name" => "backend_ca = \"/ca.pem\"\nbackend_server_name = \"m\"",
+            "backend_verify" => "backend_verify = false",
+            "backend_cert" | "backend_key" => {
+                let (cert, key) = client_cert();
+                return Some(format!("backend_cert = {cert:?}\nbackend_key = {key:?}"));
+            }
+            "replay_ttl" => "replay_ttl = \"9s\"",
+            other => panic!("no sample value for listener key {other:?}: add one"),
+        };
+        Some(s.to_owned())
+    }
+
+    /// A client certificate and key on disk (the configuration checks that they load).
+    fn client_cert() -> &'static (String, String) {
+        static FILES: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        FILES.get_or_init(|| {
+            let dir =
+                std::env::temp_dir().join(format!("wazuh-proxy-settings-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let pair = rcgen::generate_simple_self_signed(vec!["proxy".to_owned()]).unwrap();
+            let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+            std::fs::write(&cert, pair.cert.pem()).unwrap();
+            std::fs::write(&key, pair.key_pair.serialize_pem()).unwrap();
+            (cert.display().to_string(), key.display().to_string())
+        })
+    }
+
+    fn text(kind_lines: &str, extra: &str) -> String {
+        // A later `backends` line replaces the base one (TOML refuses a key twice).
+        let backends = if extra.contains("backends =") {
+            ""
+        } else {
+            "backends = [{ address = \"127.0.0.1:9\" }, { address = \"127.0.0.2:9\" }]\n"
+        };
+        let mut kind_lines = kind_lines.to_owned();
+        if extra.contains("backend_ca") {
+            kind_lines = kind_lines.replace("backend_verify = false\n", "");
+        }
+        if extra.contains("health_check =") || extra.contains("health_check_interval = \"0s\"") {
+            kind_lines = kind_lines.replace("health_check = \"agent\"\n", "");
+        }
+        if extra.contains("first_frame_timeout") {
+            kind_lines = kind_lines.replace("first_frame_timeout = \"7s\"\n", "");
+        }
+        format!("[[listener]]\nlisten = \"127.0.0.1:1\"\n{kind_lines}{backends}{extra}\n")
+    }
+
+    /// For every listener kind and every key: setting the key either changes what the
+    /// listener runs with, or `check-config` refuses it with its line and the listener's
+    /// kind. Nothing is accepted and ignored.
+    #[test]
+    fn every_key_changes_behaviour_or_is_refused_on_every_kind() {
+        let keys = &wazuh_proxy::config::known_keys()
+            .into_iter()
+            .find(|(s, _)| *s == "listener")
+            .unwrap()
+            .1;
+        assert!(keys.len() > 30, "{keys:?}");
+        for key in keys {
+            let bits = LISTENER_KEYS
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("listener key {key:?} is not in LISTENER_KEYS"))
+                .1;
+            for (kind, kind_lines) in KINDS {
+                let Some(extra) = sample(key, kind) else {
+                    continue;
+                };
+                let (base, with) = if key == "backend_verify" && kind == ListenerKind::Enroll {
+                    // An enroll listener must choose: the base already says `false`; the
+                    // other choice is a CA.
+                    let ca =
+                        kind_lines.replace("backend_verify = false", "backend_ca = \"/ca.pem\"");
+                    (text(&ca, ""), text(kind_lines, ""))
+                } else {
+                    (text(kind_lines, ""), text(kind_lines, &extra))
+                };
+                let base = Config::parse(&base, "base.toml").unwrap();
+                match Config::parse(&with, "x.toml") {
+                    Ok(c) => {
+                        assert!(
+                            bits & kind_bit(kind) != 0,
+                            "{key} accepted on kind {kind:?}, which does not use it"
+                        );
+                        assert_ne!(
+                            effective(&c.listeners[0]),
+                            effective(&base.listeners[0]),
+                            "{key} on kind {kind:?} is accepted but changes nothing"
+                        );
+                        // The effective configuration loads again, to the same thing.
+                        let again = Config::parse(&c.to_toml(), "effective").unwrap();
+                        assert_eq!(
+                            effective(&again.listeners[0]),
+                            effective(&c.listeners[0]),
+                            "{key} on kind {kind:?}"
+                        );
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(
+                            bits & kind_bit(kind) == 0,
+                            "{key} refused on kind {kind:?}, which uses it: {e}"
+                        );
+                        // The line of a key of this sample that the kind does not use.
+                        let refused_line = |n: usize, l: &str| {
+                            let k = l.split(' ').next().unwrap_or("");
+                            LISTENER_KEYS
+                                .iter()
+                                .any(|(x, b)| *x == k && b & kind_bit(kind) == 0)
+                                && e.starts_with(&format!("x.toml:{}:", n + 1))
+                        };
+                        let kind_name = format!("{:?}", kind).to_lowercase();
+                        assert!(
+                            with.lines().enumerate().any(|(n, l)| refused_line(n, l)),
+                            "{key} on {kind:?}: error without the key's line: {e}"
+                        );
+                        assert!(
+                            e.contains(&format!("kind = \"{kind_name}\"")),
+                            "{key} on {kind:?}: error does not name the kind: {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
