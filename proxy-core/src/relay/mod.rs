@@ -1567,7 +1567,7 @@ impl std::future::Future for Relaying<'_> {
             relay,
             session,
             &mut down_check,
-            None,
+            Some(unacked),
             cx,
         )
     }
@@ -1642,6 +1642,7 @@ fn drive(
     relay: &AgentRelay,
     session: &Session,
     check: &mut impl FnMut(&[u8]) -> Result<(), End>,
+    // Agent to manager: the copy of what was written; manager to agent: trimmed on answers.
     mut copy: Option<&mut Unacked>,
     cx: &mut std::task::Context<'_>,
 ) -> std::task::Poll<End> {
@@ -1658,9 +1659,11 @@ fn drive(
         if pipe.ready > 0 {
             match dst.try_write(&pipe.buf[..pipe.ready]) {
                 Ok(n) => {
-                    if let Some(copy) = copy.as_deref_mut() {
+                    if let Some(copy) = copy.as_deref_mut().filter(|_| up) {
                         copy.record(&pipe.buf[..n]);
-                        if copy.len() > unacked::TRIM_AT {
+                        // Asked of the kernel only each time the copy doubled: one system
+                        // call per many writes under load.
+                        if copy.should_trim() {
                             if let Ok(left) = crate::net::unacked_bytes(dst) {
                                 copy.trim(left as usize);
                             }
@@ -1741,19 +1744,23 @@ fn drive(
                 }
                 Ok(n) => {
                     crate::pace::note(n);
+                    let frames_before = pipe.ready;
                     take_counted(pipe, dir, cfg.max_payload, &mut *check, relay, session);
+                    if !up && pipe.ready != frames_before {
+                        // The manager answered: it has the agent's frames, so let go of what
+                        // its TCP acknowledged (how an idle agent's copy is freed).
+                        if let Some(copy) = copy.as_deref_mut().filter(|c| c.len() > 0) {
+                            if let Ok(left) = crate::net::unacked_bytes(src) {
+                                copy.trim(left as usize);
+                            }
+                        }
+                    }
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if pipe.buf.is_empty() {
-                        // Idle: give the buffer back so idle agents hold no buffer memory,
-                        // and let go of what the manager acknowledged.
+                        // Idle: give the buffer back so idle agents hold no buffer memory.
                         pipe.buf = BytesMut::new();
-                        if let Some(copy) = copy.as_deref_mut().filter(|c| c.len() > 0) {
-                            if let Ok(left) = crate::net::unacked_bytes(dst) {
-                                copy.trim(left as usize);
-                            }
-                        }
                     }
                     match src.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => progressed = true,

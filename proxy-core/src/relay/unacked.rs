@@ -12,8 +12,9 @@ use bytes::{Buf, BytesMut};
 
 use crate::frame::HEADER_LEN;
 
-/// Bytes copied before the copy is trimmed against the kernel's count while writing.
-pub(super) const TRIM_AT: usize = 32 * 1024;
+/// Bytes copied before the copy is first trimmed against the kernel's count while writing;
+/// after that, each time it doubled.
+pub(super) const TRIM_AT: usize = 4 * 1024;
 /// The most kept: past it the oldest frames are let go unprotected (counted at risk if the
 /// manager then fails). Above the default socket send buffer on loopback and LANs.
 pub(super) const KEEP_MAX: usize = 1024 * 1024;
@@ -26,12 +27,19 @@ pub(super) struct Unacked {
     pub(super) unprotected: u32,
     /// The frames re-sent to the next manager include the control frame it must see first.
     pub(super) replay_resent: bool,
+    /// Twice what was kept after the last trim, in KiB (0: [`TRIM_AT`]).
+    next_trim_kib: u16,
 }
 
 impl Unacked {
     /// Bytes held.
     pub(super) fn len(&self) -> usize {
         self.sent.len()
+    }
+
+    /// Whether the copy grew enough to be worth asking the kernel what was acknowledged.
+    pub(super) fn should_trim(&self) -> bool {
+        self.sent.len() > TRIM_AT.max(usize::from(self.next_trim_kib) * 1024)
     }
 
     /// Notes bytes just written to the manager (in order, continuing the previous ones).
@@ -57,6 +65,7 @@ impl Unacked {
         if self.sent.is_empty() {
             self.sent = BytesMut::new();
         }
+        self.next_trim_kib = u16::try_from(self.sent.len() * 2 / 1024).unwrap_or(u16::MAX);
     }
 
     /// Takes what must be re-sent after the manager failed with `unacked` bytes not
