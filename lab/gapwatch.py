@@ -2,9 +2,11 @@
 """Records when each agent's messages reach a manager's namespace, from the wire.
 
 Listens on an interface with an AF_PACKET socket (run it inside the manager's namespace),
-finds the clear-text `!ID!` prefix of Wazuh messages in TCP segments to PORT and prints
-`<ms> <agent id>` lines, one per agent per 10 ms at most, until DURATION seconds have passed.
-Retransmissions count as arrivals. Usage: gapwatch.py IFACE PORT DURATION
+finds the clear-text `!ID!` prefix of Wazuh messages in TCP segments to PORT (and, given ADDR,
+to that IPv4 address only: a bridge floods frames for a port whose link is down to every other
+port) and prints `<ms> <agent id>` lines, one per agent per 10 ms at most, until DURATION
+seconds have passed. Retransmissions count as arrivals. The interface going down and up again
+(the blackhole scenario) does not end it. Usage: gapwatch.py IFACE PORT DURATION [ADDR]
 """
 import re
 import socket
@@ -13,6 +15,7 @@ import sys
 import time
 
 iface, port, duration = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+dst = socket.inet_aton(sys.argv[4]) if len(sys.argv) > 4 else None
 ETH_P_IP = 0x0800
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP))
 s.bind((iface, 0))
@@ -26,8 +29,12 @@ while time.monotonic() < end:
         pkt = s.recv(65535)
     except socket.timeout:
         continue
+    except OSError:
+        # ENETDOWN while the link is down: wait for it to come back.
+        time.sleep(0.05)
+        continue
     ip = pkt[14:]
-    if len(ip) < 20 or ip[9] != 6:
+    if len(ip) < 20 or ip[9] != 6 or (dst is not None and ip[16:20] != dst):
         continue
     ihl = (ip[0] & 15) * 4
     tcp = ip[ihl:]

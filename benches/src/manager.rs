@@ -3,12 +3,16 @@
 //! per agent what arrived, what is missing, duplicated or out of order (from the sequence
 //! numbers of [`crate::wire::event_seq`]).
 //!
+//! Agents listed in [`ManagerConfig::refuse`] are refused as `wazuh-remoted` refuses a removed
+//! or unknown agent (`(1408): Invalid ID`): their first frame on a connection closes that
+//! connection, unanswered.
+//!
 //! Sampling (`sample > 1`) decrypts the first two frames of each connection and one in
 //! `sample` after that: it keeps a flat-out run from measuring the manager's MD5 instead of the
 //! proxy. Sequence analysis needs every event, so it is off when sampling; frame and byte
 //! counts stay exact and are compared with what the fleet sent.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,8 @@ pub struct ManagerConfig {
     pub echo: bool,
     /// Decrypt one frame in `sample` (1: all).
     pub sample: u64,
+    /// Agent IDs (`"001"`) whose connections are closed, unanswered, at their first frame.
+    pub refuse: HashSet<String>,
 }
 
 /// What one agent sent, as seen by the manager.
@@ -126,6 +132,8 @@ pub struct ManagerState {
     pub rejected: AtomicU64,
     /// Connections still open.
     pub open: AtomicU64,
+    /// Connections closed unanswered because their agent is refused.
+    pub refusals: AtomicU64,
     window: Mutex<Option<(Instant, Instant)>>,
 }
 
@@ -138,6 +146,7 @@ impl ManagerState {
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
             window: Mutex::new(None),
         })
     }
@@ -208,13 +217,15 @@ impl ManagerState {
             .map_or(0.0, |(a, b)| (b - a).as_secs_f64());
         let rate = |n: u64| if span > 0.0 { n as f64 / span } else { 0.0 };
         out.push_str(&format!(
-            "manager-summary name={name} agents={} connections={} rejected={} frames={} bytes={} \
+            "manager-summary name={name} agents={} connections={} rejected={} refusals={} \
+             frames={} bytes={} \
              checked={} events={} startups={} keepalives={} shutdowns={} bad={} lost={lost} \
              duplicated={} reordered={} sequence_checked={} span_s={span:.3} frames_per_s={:.0} \
              mb_per_s={:.2}",
             records.len(),
             self.accepted.load(Relaxed),
             self.rejected.load(Relaxed),
+            self.refusals.load(Relaxed),
             t.frames,
             t.bytes,
             t.checked,
@@ -286,6 +297,14 @@ async fn connection(
             Ok(env) => env,
             Err(e) => break Err(FleetError::Protocol(format!("frame {n}: envelope: {e}"))),
         };
+        if env
+            .agent_id()
+            .is_some_and(|id| state.cfg.refuse.contains(id.as_str()))
+        {
+            // remoted logs "(1408): Invalid ID" and closes the socket without a word.
+            state.refusals.fetch_add(1, Relaxed);
+            break Ok(());
+        }
         let (Some(cipher), ct) = (env.cipher(), env.ciphertext()) else {
             continue; // #ping
         };

@@ -23,6 +23,14 @@ async fn start_manager(
     keys: &std::path::Path,
     echo: bool,
 ) -> (std::net::SocketAddr, Arc<ManagerState>) {
+    start_refusing_manager(keys, echo, &[]).await
+}
+
+async fn start_refusing_manager(
+    keys: &std::path::Path,
+    echo: bool,
+    refuse: &[&str],
+) -> (std::net::SocketAddr, Arc<ManagerState>) {
     let set = Arc::new(fleetkeys::read(keys).unwrap());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -30,6 +38,7 @@ async fn start_manager(
         keys: set,
         echo,
         sample: 1,
+        refuse: refuse.iter().map(|s| (*s).to_owned()).collect(),
     });
     tokio::spawn(manager::serve(listener, Arc::clone(&state)));
     (addr, state)
@@ -155,5 +164,38 @@ async fn nothing_listening_is_a_failure_not_a_hang() {
     assert!(!out.ok, "{}", out.report);
     assert_eq!(field(&out.report, "errors"), 4);
     assert!(started.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_file(keys);
+}
+
+#[tokio::test]
+async fn a_refused_agent_is_closed_unanswered_and_the_others_are_served() {
+    let keys = keys_file("refuse");
+    let (addr, state) = start_refusing_manager(&keys, false, &["002"]).await;
+    let out = fleet::run_agents(
+        &options(addr, &keys, Cipher::Aes, Load::Rate(50.0)),
+        "agents",
+        None,
+        true,
+    )
+    .await
+    .unwrap();
+    // Agent 002 never got its ACK: every attempt failed and it ended without a connection.
+    assert!(!out.ok, "{}", out.report);
+    assert_eq!(field(&out.report, "connects"), 3, "{}", out.report);
+    assert_eq!(field(&out.report, "errors"), 1, "{}", out.report);
+    let attempts = field(&out.report, "failed_attempts");
+    assert!(attempts >= 2, "it kept trying: {}", out.report);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(state.refusals.load(Relaxed), attempts);
+    let (report, ok) = state.report("m", false);
+    assert!(ok, "{report}");
+    let summary = report.lines().last().unwrap();
+    assert_eq!(field(summary, "refusals"), attempts, "{summary}");
+    assert_eq!(field(summary, "events"), field(&out.report, "sent"));
+    assert_eq!(field(summary, "startups"), 3, "{summary}");
+    assert!(
+        state.records().iter().all(|(id, _)| id.as_str() != "002"),
+        "nothing of the refused agent was accepted: {report}"
+    );
     let _ = std::fs::remove_file(keys);
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! wazuh-fleet manager --listen 127.0.0.1:1601 --keys keys.txt [--echo] [--sample N] [--duration S]
+//!                     [--refuse-agent ID]...
 //! wazuh-fleet agents  --target 127.0.0.1:1514 --agents 100 --event-size 256 --flat-out --duration 10
 //! wazuh-fleet latency --target 127.0.0.1:1514 --agents 100 --rate 10 --duration 10
 //! wazuh-fleet connect-storm --target 127.0.0.1:1514 --agents 10000
@@ -101,6 +102,10 @@ enum Command {
         /// Name printed in the summary line.
         #[arg(long, default_value = "manager")]
         name: String,
+        /// Refuse this agent ID as remoted refuses a removed one: close its connection,
+        /// unanswered, at its first frame (repeatable).
+        #[arg(long = "refuse-agent", value_name = "ID")]
+        refuse: Vec<String>,
     },
     /// Write a client.keys with N agents (IDs 001..).
     Keygen {
@@ -222,6 +227,7 @@ async fn run_manager(
     listen: SocketAddr,
     keys: PathBuf,
     cfg: (bool, u64, Option<f64>, bool, String),
+    refuse: Vec<String>,
 ) -> Result<Outcome, FleetError> {
     let (echo, sample, duration, expect_loss, name) = cfg;
     let keys = std::sync::Arc::new(fleetkeys::read(&keys)?);
@@ -236,10 +242,20 @@ async fn run_manager(
     socket.bind(listen).map_err(listen_err)?;
     let listener = socket.listen(65535).map_err(listen_err)?;
     eprintln!(
-        "manager {name}: listening on {listen} with {} keys",
-        keys.len()
+        "manager {name}: listening on {listen} with {} keys{}",
+        keys.len(),
+        if refuse.is_empty() {
+            String::new()
+        } else {
+            format!(", refusing agent(s) {}", refuse.join(" "))
+        }
     );
-    let state = ManagerState::new(ManagerConfig { keys, echo, sample });
+    let state = ManagerState::new(ManagerConfig {
+        keys,
+        echo,
+        sample,
+        refuse: refuse.into_iter().collect(),
+    });
     let server = tokio::spawn(manager::serve(listener, std::sync::Arc::clone(&state)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| FleetError::io("installing the SIGTERM handler", e))?;
@@ -325,7 +341,16 @@ fn main() -> ExitCode {
                 duration,
                 expect_loss,
                 name,
-            } => run_manager(listen, keys, (echo, sample, duration, expect_loss, name)).await,
+                refuse,
+            } => {
+                run_manager(
+                    listen,
+                    keys,
+                    (echo, sample, duration, expect_loss, name),
+                    refuse,
+                )
+                .await
+            }
             Command::Keygen { agents, out } => fleetkeys::write(&out, agents).map(|()| Outcome {
                 report: format!("wrote {agents} keys to {}", out.display()),
                 ok: true,
