@@ -148,10 +148,9 @@ impl Attempts {
             self.redials = 0;
         }
         let pause = match verdict {
-            Verdict::Moved => {
-                self.refused_by.clear();
-                Duration::ZERO
-            }
+            // A move (drain, rebalance) says nothing about who refused this agent: the
+            // refusals still count, so the bound on tries holds across moves.
+            Verdict::Moved => Duration::ZERO,
             Verdict::ManagerFailed => Duration::ZERO,
             Verdict::AgentRefused => {
                 let managers = managers.max(1);
@@ -395,6 +394,26 @@ mod tests {
             g.after(Verdict::SessionFault, addr(1), HEALTHY_STINT, 2),
             Next::Reconnect { .. }
         ));
+    }
+
+    #[test]
+    fn moves_do_not_reset_the_bound_on_refusals() {
+        let mut a = Attempts::default();
+        let mut given_up = false;
+        for i in 0..20 {
+            // A rebalance moves the refused agent between tries.
+            assert!(matches!(
+                a.after(Verdict::Moved, addr(2), Duration::ZERO, 2),
+                Next::Reconnect { .. }
+            ));
+            let m = if i % 2 == 0 { addr(1) } else { addr(2) };
+            if let Next::GiveUp(_) = a.after(Verdict::AgentRefused, m, Duration::ZERO, 2) {
+                given_up = true;
+                assert!(i < 2 * REFUSALS_PER_MANAGER as usize);
+                break;
+            }
+        }
+        assert!(given_up);
     }
 
     #[test]

@@ -1187,7 +1187,9 @@ impl AgentRelay {
                 .frames_resent
                 .fetch_add(resent, Ordering::Relaxed);
         }
-        if verdict != Verdict::Moved {
+        // A manager that refused the agent processed none of its frames (every kept one is
+        // re-sent): nothing is at risk there.
+        if !matches!(verdict, Verdict::Moved | Verdict::AgentRefused) {
             // Written, acknowledged by the manager's TCP, and perhaps lost with its process.
             let at_risk = conn.up.recently_written().saturating_sub(resent)
                 + cut
@@ -1209,6 +1211,11 @@ impl AgentRelay {
                         frames_at_risk = at_risk, frames_resent = resent, answered, "manager ended the agent's connection ({end}); the manager stays in rotation");
                 }
             }
+        } else if verdict == Verdict::AgentRefused {
+            // Debug: one refused agent retried a few times must not fill the log; the give-up
+            // is logged once (rate-limited) and every refusal is counted.
+            tracing::debug!(listener = %self.name, agent = %key, client = %client, backend = %addr,
+                frames_resent = resent, "manager refused the agent ({end}); the manager stays in rotation");
         }
         session.stats().moves.fetch_add(1, Ordering::Relaxed);
         session.clear_move_request();
