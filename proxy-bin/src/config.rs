@@ -203,7 +203,8 @@ pub fn known_keys() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
-/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent and tcp kinds only.
+/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent, tcp and enroll
+/// kinds only.
 fn proxy_protocol_of(
     l: &FileListener,
     kind: ListenerKind,
@@ -221,10 +222,13 @@ fn proxy_protocol_of(
             "proxy_protocol = true needs proxy_protocol_trusted = [\"CIDR\", ...]: the load balancers allowed to send the header",
         )),
         (Some((true, span)), Some(t)) => {
-            if !matches!(kind, ListenerKind::Agent | ListenerKind::Tcp) {
+            if kind == ListenerKind::Udp {
+                // Load balancers in front of Wazuh (nginx stream, HAProxy, cloud NLBs) send
+                // PROXY headers on TCP only; over UDP nothing would send the per-datagram v2
+                // header this would have to expect.
                 return Err(src.error(
                     Some(span),
-                    "proxy_protocol is supported on kind = \"agent\" and \"tcp\" listeners",
+                    "proxy_protocol is not supported on kind = \"udp\" listeners: load balancers in front of Wazuh send the PROXY header on TCP only (PROXY v2 over UDP, one header per datagram, is not what nginx, HAProxy or cloud load balancers forward to 1514/udp); use it on agent, tcp and enroll listeners",
                 ));
             }
             if t.get_ref().is_empty() {

@@ -462,6 +462,7 @@ async fn start_listener(
             config.replay_ttl = settings.replay_ttl;
             config.backend_client_cert = settings.backend_client_cert;
             config.source_limits = l.agent.source_limits;
+            config.proxy_protocol = l.agent.proxy_protocol.clone();
             // The deadline for the TLS handshake and the request line.
             config.request_timeout = l.agent.first_frame_timeout;
             let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {

@@ -489,6 +489,7 @@ impl Collector for RelayCollector {
                     [
                         ("too_many_connections", load(&stats.refused)),
                         ("source_limit", load(&stats.refused_source)),
+                        ("proxy_protocol", load(&stats.refused_proxy_protocol)),
                     ]
                     .into_iter()
                     .map(move |(reason, n)| {
