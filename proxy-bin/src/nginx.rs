@@ -2020,7 +2020,10 @@ mod tests {
                 "{flags}"
             );
             let toml = Config::parse(&c.to_toml(), "effective").unwrap();
-            assert_eq!(toml.listeners[0].agent.proxy_protocol, l.agent.proxy_protocol);
+            assert_eq!(
+                toml.listeners[0].agent.proxy_protocol,
+                l.agent.proxy_protocol
+            );
         }
     }
 

@@ -374,7 +374,10 @@ backends = [{{ address = "127.0.0.1:1" }}]
         )
         .await
     );
-    assert_eq!(metric(admin, &refused("proxy_protocol")).await, before + 2.0);
+    assert_eq!(
+        metric(admin, &refused("proxy_protocol")).await,
+        before + 2.0
+    );
     drop(held);
     std::fs::remove_dir_all(dir).unwrap();
 }
