@@ -1071,7 +1071,11 @@ impl Loader<'_> {
             }
         };
         if udp && proxy_protocol {
-            return Err(self.err(addr.pos, "proxy_protocol on a udp listen is not supported"));
+            return Err(self.err(
+                addr.pos,
+                "proxy_protocol on a udp listen is not supported: load balancers in front of \
+                 Wazuh send the PROXY header on TCP only",
+            ));
         }
         Ok(Listen {
             addrs,
