@@ -236,8 +236,8 @@ pub const LISTENER_KEYS: &[(&str, u8)] = &[
     ("idle_timeout", AGENT | UDP | TCP),
     ("tcp_keepalive", AGENT | TCP),
     ("max_payload", AGENT | UDP),
-    ("proxy_protocol", AGENT | TCP),
-    ("proxy_protocol_trusted", AGENT | TCP),
+    ("proxy_protocol", AGENT | TCP | ENROLL),
+    ("proxy_protocol_trusted", AGENT | TCP | ENROLL),
     ("duplicate", AGENT),
     ("keys", AGENT),
     ("keys_reload", AGENT),
@@ -320,6 +320,16 @@ fn key_span(text: &str, start: usize, key: &str) -> Option<Range<usize>> {
     None
 }
 
+/// Why a key does not apply to a kind, where that is not obvious.
+fn why_not(key: &str, kind: ListenerKind) -> &'static str {
+    match (key, kind) {
+        ("proxy_protocol" | "proxy_protocol_trusted", ListenerKind::Udp) => {
+            " (load balancers in front of Wazuh send the PROXY header on TCP only; PROXY v2 over UDP, one header per datagram, is not what nginx, HAProxy or cloud load balancers forward to 1514/udp)"
+        }
+        _ => "",
+    }
+}
+
 /// Refuses every key of a listener that does not apply to its kind, with the key's line.
 fn check_keys_apply(
     keys: &[String],
@@ -336,9 +346,10 @@ fn check_keys_apply(
             return Err(src.error(
                 at,
                 format!(
-                    "{key} is only used by kind = {} listeners; this listener is kind = {:?}",
+                    "{key} is only used by kind = {} listeners; this listener is kind = {:?}{}",
                     kinds_text(*bits),
-                    serde_kind(kind)
+                    serde_kind(kind),
+                    why_not(key, kind)
                 ),
             ));
         }
@@ -417,7 +428,7 @@ fn health_of(
     }))
 }
 
-/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither, agent and tcp kinds only.
+/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither; agent, tcp and enroll kinds.
 fn proxy_protocol_of(
     l: &FileListener,
     kind: ListenerKind,
@@ -435,10 +446,13 @@ fn proxy_protocol_of(
             "proxy_protocol = true needs proxy_protocol_trusted = [\"CIDR\", ...]: the load balancers allowed to send the header",
         )),
         (Some((true, span)), Some(t)) => {
-            if !matches!(kind, ListenerKind::Agent | ListenerKind::Tcp) {
+            if kind == ListenerKind::Udp {
+                // Load balancers in front of Wazuh (nginx stream, HAProxy, cloud NLBs) send
+                // PROXY headers on TCP only; over UDP nothing would send the per-datagram v2
+                // header this would have to expect.
                 return Err(src.error(
                     Some(span),
-                    "proxy_protocol is supported on kind = \"agent\" and \"tcp\" listeners",
+                    "proxy_protocol is not supported on kind = \"udp\" listeners: load balancers in front of Wazuh send the PROXY header on TCP only (PROXY v2 over UDP, one header per datagram, is not what nginx, HAProxy or cloud load balancers forward to 1514/udp); use it on agent, tcp and enroll listeners",
                 ));
             }
             if t.get_ref().is_empty() {

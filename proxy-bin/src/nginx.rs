@@ -1071,7 +1071,11 @@ impl Loader<'_> {
             }
         };
         if udp && proxy_protocol {
-            return Err(self.err(addr.pos, "proxy_protocol on a udp listen is not supported"));
+            return Err(self.err(
+                addr.pos,
+                "proxy_protocol on a udp listen is not supported: load balancers in front of \
+                 Wazuh send the PROXY header on TCP only",
+            ));
         }
         Ok(Listen {
             addrs,
@@ -1997,6 +2001,33 @@ mod tests {
             "1y1y",
         ] {
             assert_eq!(ms(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn listen_proxy_protocol_on_the_1515_server_goes_to_its_listener() {
+        // 1515 is imported as kind = "tcp" (TLS passes through to the managers' authd), so the
+        // header is read by that listener, with or without nginx's `ssl` flag.
+        for flags in ["ssl proxy_protocol", "proxy_protocol"] {
+            let text = format!(
+                "stream {{ upstream e {{ server 10.0.0.1:1515; }}\n\
+                 server {{ listen 1515 {flags}; set_real_ip_from 10.1.0.0/16; proxy_pass e; }} }}\n"
+            );
+            let c = parse_str(&text, "test.conf", &test_resolve).unwrap();
+            let l = &c.listeners[0];
+            assert_eq!((l.kind, l.listen), (ListenerKind::Tcp, sa("0.0.0.0:1515")));
+            assert_eq!(
+                l.agent.proxy_protocol,
+                Some(ProxyProtocol {
+                    trusted: vec!["10.1.0.0/16".parse().unwrap()]
+                }),
+                "{flags}"
+            );
+            let toml = Config::parse(&c.to_toml(), "effective").unwrap();
+            assert_eq!(
+                toml.listeners[0].agent.proxy_protocol,
+                l.agent.proxy_protocol
+            );
         }
     }
 

@@ -54,6 +54,7 @@ pub(crate) fn relay_settings(l: &Listener) -> Result<RelaySettings, String> {
             config.source_limits = l.agent.source_limits;
             // The deadline for the TLS handshake and the request line.
             config.request_timeout = l.agent.first_frame_timeout;
+            config.proxy_protocol = l.agent.proxy_protocol.clone();
             RelaySettings::Enroll(config)
         }
     })

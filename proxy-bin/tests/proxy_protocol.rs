@@ -288,6 +288,100 @@ backends = [{{ address = "{m1}" }}, {{ address = "{m2}" }}]
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+// An enroll listener reads the header before the TLS handshake: a sender outside the trusted
+// networks, or a connection without a header, is closed and counted as
+// `reason="proxy_protocol"`.
+#[tokio::test]
+async fn enroll_listeners_read_the_header_before_tls() {
+    let (listen, admin) = (free_addr(), free_addr());
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-pp-enroll-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"admin = "{admin}"
+[[listener]]
+name = "enroll"
+kind = "enroll"
+listen = "{listen}"
+tls_dir = "{tls}"
+backend_verify = false
+proxy_protocol = true
+proxy_protocol_trusted = ["127.0.0.1/32"]
+backends = [{{ address = "127.0.0.1:1" }}]
+"#,
+            tls = dir.display()
+        ),
+    )
+    .unwrap();
+    let _proxy = ProxyProcess::start(
+        &[
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--admin",
+            &admin.to_string(),
+        ],
+        listen,
+    );
+    let refused = |reason: &str| {
+        format!("wazuh_proxy_enroll_refused_total{{listener=\"enroll\",reason=\"{reason}\"}}")
+    };
+    let connect = |from: &str, header: Vec<u8>| {
+        let from: IpAddr = from.parse().unwrap();
+        async move {
+            let socket = TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(from, 0)).unwrap();
+            let mut s = socket.connect(listen).await.unwrap();
+            let _ = s.write_all(&header).await;
+            s
+        }
+    };
+    let closed = |mut s: TcpStream| async move {
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read(&mut s, &mut buf)
+            )
+            .await,
+            Ok(Ok(0) | Err(_))
+        )
+    };
+    let carried = |ip: &str| v2(SocketAddr::new(ip.parse().unwrap(), 40000), listen);
+
+    // A trusted sender's connection is read past its header and waits for its TLS
+    // handshake (the carried address as its client is shown by the core front's tests).
+    let held = connect("127.0.0.1", carried("192.0.2.9")).await;
+    // The start-up readiness probe, a bare connect from 127.0.0.1 closed at once, is the
+    // first refusal: wait for it to be counted, then count from there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(admin, &refused("proxy_protocol")).await < 1.0 {
+        assert!(Instant::now() < deadline, "the probe's refusal is counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = metric(admin, &refused("proxy_protocol")).await;
+    // The untrusted sender and the header-less connection are refused.
+    assert!(closed(connect("127.0.0.2", carried("192.0.2.11")).await).await);
+    assert!(
+        closed(
+            connect(
+                "127.0.0.1",
+                b"\x16\x03\x01\x00\x05hello-not-a-header".to_vec()
+            )
+            .await
+        )
+        .await
+    );
+    assert_eq!(
+        metric(admin, &refused("proxy_protocol")).await,
+        before + 2.0
+    );
+    drop(held);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn configuration_rules() {
     let dir = std::env::temp_dir().join(format!("wazuh-proxy-pp-cfg-{}", std::process::id()));
@@ -325,6 +419,19 @@ fn configuration_rules() {
         "udp",
     );
     assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("kind = \"udp\"") && out.contains("TCP only"),
+        "{out}"
+    );
+    let (code, out) = check(
+        "proxy_protocol = true\nproxy_protocol_trusted = [\"10.0.0.0/8\"]\nbackend_verify = false",
+        "enroll",
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("proxy_protocol_trusted = [\"10.0.0.0/8\"]"),
+        "{out}"
+    );
     let (code, out) = check(
         "proxy_protocol = true\nproxy_protocol_trusted = [\"10.0.0.0/8\", \"192.0.2.7\"]",
         "tcp",

@@ -1106,3 +1106,153 @@ async fn an_agent_that_vanishes_silently_gets_its_key_on_retry_once() {
         "ERROR: Duplicate agent name: silent-01. Unable to add agent"
     );
 }
+
+/// A PROXY v2 header (PROXY command, TCP over IPv4) carrying `source`.
+fn proxy_v2(source: &str, dest: SocketAddr) -> Vec<u8> {
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (source.parse::<SocketAddr>().unwrap(), dest)
+    else {
+        panic!("IPv4 only here")
+    };
+    let mut h = wazuh_proxy_core::proxy_protocol::V2_SIGNATURE.to_vec();
+    h.extend_from_slice(&[0x21, 0x11, 0x00, 12]);
+    h.extend_from_slice(&s.ip().octets());
+    h.extend_from_slice(&d.ip().octets());
+    h.extend_from_slice(&s.port().to_be_bytes());
+    h.extend_from_slice(&d.port().to_be_bytes());
+    h
+}
+
+/// Like a load balancer's connection: from `local`, the PROXY header carrying `carried`, then
+/// an agent's TLS enrollment; reads the reply to the close (`read = true`) or goes away at once.
+async fn enroll_via(
+    proxy: SocketAddr,
+    local: &str,
+    carried: &str,
+    line: &str,
+    read: bool,
+) -> String {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{local}:0").parse().unwrap()).unwrap();
+    let mut tcp = socket.connect(proxy).await.unwrap();
+    tcp.write_all(&proxy_v2(carried, proxy)).await.unwrap();
+    let mut tls = agent_connector()
+        .connect(ServerName::try_from("wazuh-proxy").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(line.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    if !read {
+        return String::new();
+    }
+    let mut reply = Vec::new();
+    let _ = tls.read_to_end(&mut reply).await;
+    String::from_utf8(reply).unwrap()
+}
+
+// Behind a load balancer the PROXY header, read before the TLS handshake, names the client:
+// the logs, the per-source limits and the replay cache's "same address" rule all use the
+// carried address; a sender outside the trusted networks, or one without a header, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_protocol_address_is_the_enrolling_client() {
+    let standin = StandIn::start(Some(PASSWORD), Duration::from_millis(300)).await;
+    let proxy = start_proxy_with(standin.addr, BackendTls::NoVerify, "pp", |c| {
+        c.proxy_protocol = Some(wazuh_proxy_core::proxy_protocol::ProxyProtocol {
+            trusted: vec!["127.0.0.1/32".parse().unwrap()],
+        });
+        c.source_limits = wazuh_proxy_core::limits::SourceLimits {
+            max_open: 1,
+            rate: 0.0,
+            burst: 1.0,
+        };
+        c.request_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let stats = proxy.front.stats().clone();
+    let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'web-01' V:'v4.14.7'\n");
+
+    // Enrolled through the header: the log line names the carried address.
+    assert_is_key(
+        &enroll_via(proxy.addr, "127.0.0.1", "192.0.2.10:40000", &line, true).await,
+        "web-01",
+    );
+    assert!(
+        support::logs().contains("client=192.0.2.10:40000"),
+        "the carried address is the client in the log"
+    );
+
+    // The per-source limit counts the carried address, not the load balancer's: one idle
+    // connection for 192.0.2.20 holds its only place...
+    let mut idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    idle.write_all(&proxy_v2("192.0.2.20:1", proxy.addr))
+        .await
+        .unwrap();
+    support::wait_for("the idle one admitted", 10, || {
+        stats.accepted.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    // ...so a second one for 192.0.2.20 is refused, while 192.0.2.21, through the same load
+    // balancer, enrolls.
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    second
+        .write_all(&proxy_v2("192.0.2.20:2", proxy.addr))
+        .await
+        .unwrap();
+    assert!(support::closed_within(&mut second, 5).await, "refused");
+    assert_eq!(stats.refused_source.load(Ordering::Relaxed), 1);
+    let other = format!("OSSEC PASS: {PASSWORD} OSSEC A:'web-02' V:'v4.14.7'\n");
+    assert_is_key(
+        &enroll_via(proxy.addr, "127.0.0.1", "192.0.2.21:1", &other, true).await,
+        "web-02",
+    );
+    drop(idle);
+
+    // The replay cache: a lost key is kept for the carried address it was issued to; the same
+    // request carried for another address goes to the manager, the retry from the first is
+    // answered with the kept key.
+    let lost = format!("OSSEC PASS: {PASSWORD} OSSEC A:'web-03' V:'v4.14.7'\n");
+    enroll_via(proxy.addr, "127.0.0.1", "192.0.2.30:1", &lost, false).await;
+    support::wait_for("the key kept for a retry", 10, || {
+        proxy.front.kept_replies() == 1
+    })
+    .await;
+    let issued = standin.issued("web-03").expect("registered");
+    let requests = standin.requests();
+    assert_eq!(
+        enroll_via(proxy.addr, "127.0.0.1", "192.0.2.31:1", &lost, true).await,
+        "ERROR: Duplicate agent name: web-03. Unable to add agent"
+    );
+    assert_eq!(standin.requests(), requests + 1, "forwarded");
+    assert_eq!(
+        enroll_via(proxy.addr, "127.0.0.1", "192.0.2.30:2", &lost, true).await,
+        issued
+    );
+    assert_eq!(standin.requests(), requests + 1, "answered from the cache");
+
+    // An untrusted sender is refused before any TLS, header or not; so is a trusted one
+    // without a header (an agent's TLS hello is not a header).
+    let refused = stats.refused_proxy_protocol.load(Ordering::Relaxed);
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut untrusted = socket.connect(proxy.addr).await.unwrap();
+    let _ = untrusted
+        .write_all(&proxy_v2("192.0.2.40:1", proxy.addr))
+        .await;
+    assert!(support::closed_within(&mut untrusted, 5).await, "refused");
+    let bare = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(
+        agent_connector()
+            .connect(ServerName::try_from("wazuh-proxy").unwrap(), bare)
+            .await
+            .is_err(),
+        "no TLS without a header"
+    );
+    support::wait_for("both refusals counted", 10, || {
+        stats.refused_proxy_protocol.load(Ordering::Relaxed) == refused + 2
+    })
+    .await;
+    // (The refusal's log line shares the front's one-a-second budget with the one above.)
+    assert!(
+        !support::logs().contains("client=192.0.2.40"),
+        "an untrusted header is never believed"
+    );
+}

@@ -48,7 +48,7 @@ pub(crate) mod names {
     /// Counter: sessions that ended any other way.
     pub(crate) const LOST_SESSIONS: &str = "wazuh_proxy_lost_sessions";
     pub(crate) const ENROLLMENTS: &str = "wazuh_proxy_enrollments";
-    /// Counter, label `reason` (`too_many_connections`, `source_limit`): enrollment
+    /// Counter, label `reason` (`too_many_connections`, `source_limit`, `proxy_protocol`): enrollment
     /// connections closed at accept.
     pub(crate) const ENROLL_REFUSED: &str = "wazuh_proxy_enroll_refused";
     /// Counter: key replies kept for a retry because the agent's TCP did not acknowledge them.
@@ -489,6 +489,7 @@ impl Collector for RelayCollector {
                     [
                         ("too_many_connections", load(&stats.refused)),
                         ("source_limit", load(&stats.refused_source)),
+                        ("proxy_protocol", load(&stats.refused_proxy_protocol)),
                     ]
                     .into_iter()
                     .map(move |(reason, n)| {

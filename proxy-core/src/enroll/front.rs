@@ -64,6 +64,9 @@ pub struct EnrollConfig {
     /// Per-source admission limits (open connections, new connections per second), checked
     /// before the TLS handshake; defaults as for the agent relay.
     pub source_limits: crate::limits::SourceLimits,
+    /// PROXY protocol (v1 or v2) read before the TLS handshake, from trusted senders only;
+    /// the address it carries is the client everywhere in the front. None by default.
+    pub proxy_protocol: Option<crate::proxy_protocol::ProxyProtocol>,
 }
 
 impl EnrollConfig {
@@ -83,6 +86,7 @@ impl EnrollConfig {
             reply_quiet: Duration::from_secs(1),
             max_connections: 1000,
             source_limits: crate::limits::SourceLimits::default(),
+            proxy_protocol: None,
         }
     }
 }
@@ -213,6 +217,9 @@ pub struct EnrollStats {
     pub refused: AtomicU64,
     /// Agent connections closed at accept because their source address was over its limits.
     pub refused_source: AtomicU64,
+    /// Agent connections closed before the TLS handshake because the PROXY protocol header
+    /// was missing or invalid, or came from a sender outside `proxy_protocol_trusted`.
+    pub refused_proxy_protocol: AtomicU64,
     /// Requests sent to a backend.
     pub upstream_requests: AtomicU64,
     /// Key replies kept for a retry because the agent did not acknowledge them.
@@ -402,14 +409,45 @@ impl EnrollFront {
             };
             let front = self.clone();
             tracker.spawn(async move {
-                front.handle(stream, peer).await;
+                match front.config.proxy_protocol.clone() {
+                    None => front.handle(stream, peer).await,
+                    Some(pp) => front.handle_proxied(&pp, stream, peer).await,
+                }
                 drop(permit);
             });
         })
         .await;
     }
 
-    /// Runs one agent connection to its end.
+    /// Reads the PROXY protocol header of an accepted connection (before the TLS handshake),
+    /// then runs it as [`EnrollFront::handle`] with the carried address as the client. A
+    /// connection from an untrusted sender, or without a valid header in time, is closed,
+    /// counted (`refused_proxy_protocol`) and logged (rate-limited).
+    pub async fn handle_proxied(
+        self: Arc<Self>,
+        pp: &crate::proxy_protocol::ProxyProtocol,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        match pp.accept(&mut stream, peer).await {
+            Ok(client) => self.handle(stream, client).await,
+            Err(e) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let total = self
+                    .stats
+                    .refused_proxy_protocol
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    tracing::warn!(client = %peer, refused_total = total, suppressed,
+                        "enrollment: closing connection: {e}");
+                }
+            }
+        }
+    }
+
+    /// Runs one agent connection to its end; `peer` is the client's address (the one a PROXY
+    /// protocol header carried, when the listener reads one).
     pub async fn handle(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let _admitted = match self
