@@ -391,54 +391,49 @@ impl Collector for RelayCollector {
                     })
                 }),
         )?;
-        family(
-            e,
-            CLEAN_STOPS,
-            "Sessions that ended with the agent's shutdown message (needs client.keys).",
-            per(&|s| load(&s.clean_stops)),
-        )?;
-        family(
-            e,
-            LOST_SESSIONS,
-            "Sessions that ended any other way.",
-            per(&|s| load(&s.lost)),
-        )?;
-        family(
-            e,
-            FAILOVERS,
-            "Agents kept connected and moved to another manager after theirs failed.",
-            per(&|s| load(&s.failovers)),
-        )?;
-        family(
-            e,
-            MOVES,
-            "Agents moved on request (drain, rebalance) without disconnecting.",
-            per(&|s| load(&s.moves)),
-        )?;
-        family(
-            e,
-            FRAMES_AT_RISK,
-            "Frames written to managers that then failed, which they may not have processed.",
-            per(&|s| load(&s.frames_at_risk)),
-        )?;
-        family(
-            e,
-            FRAMES_RESENT,
-            "Frames re-sent to the next manager because the failed one's TCP never acknowledged them.",
-            per(&|s| load(&s.frames_resent)),
-        )?;
-        family(
-            e,
-            MANAGER_REFUSALS,
-            "Manager connections closed (or never answered) before the manager answered the agent: one agent refused, the manager not marked failed.",
-            per(&|s| load(&s.manager_refusals)),
-        )?;
-        family(
-            e,
-            MANAGER_CLOSES,
-            "Manager connections the manager closed after serving the agent (the agent was reconnected).",
-            per(&|s| load(&s.manager_closes)),
-        )?;
+        // The plain per-listener counters, one family each.
+        type Field = fn(&RelayStats) -> &std::sync::atomic::AtomicU64;
+        let counters: [(&'static str, &str, Field); 8] = [
+            (
+                CLEAN_STOPS,
+                "Sessions that ended with the agent's shutdown message (needs client.keys).",
+                |s| &s.clean_stops,
+            ),
+            (LOST_SESSIONS, "Sessions that ended any other way.", |s| &s.lost),
+            (
+                FAILOVERS,
+                "Agents kept connected and reconnected after their manager failed or dropped them.",
+                |s| &s.failovers,
+            ),
+            (
+                MOVES,
+                "Agents moved on request (drain, rebalance) without disconnecting.",
+                |s| &s.moves,
+            ),
+            (
+                FRAMES_AT_RISK,
+                "Frames written to managers that then failed, acknowledged by their TCP (so not re-sent), which they may not have processed.",
+                |s| &s.frames_at_risk,
+            ),
+            (
+                FRAMES_RESENT,
+                "Frames re-sent to the next manager because the failed one's TCP never acknowledged them.",
+                |s| &s.frames_resent,
+            ),
+            (
+                MANAGER_REFUSALS,
+                "Manager connections closed (or never answered) before the manager answered the agent: one agent refused, the manager not marked failed.",
+                |s| &s.manager_refusals,
+            ),
+            (
+                MANAGER_CLOSES,
+                "Manager connections the manager closed after serving the agent (the agent was reconnected).",
+                |s| &s.manager_closes,
+            ),
+        ];
+        for (name, help, field) in counters {
+            family(e, name, help, per(&|s| load(field(s))))?;
+        }
         family(
             e,
             AGENTS_KEPT_AWAY,
