@@ -128,22 +128,7 @@ pub fn successor_pid(old_logs: &str) -> Option<u32> {
 
 /// A plain HTTP/1.0 GET (or POST) to the admin API: (status, body).
 pub fn http(method: &str, addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |b| b.1).to_owned();
-    (status, body)
+    http_request(method, addr, path).unwrap()
 }
 
 /// Loud notice for a test that cannot run here; a failure when CI=true (CI provides it).
@@ -160,11 +145,18 @@ pub fn skip_or_fail_in_ci(why: &str) {
 
 /// A plain HTTP/1.1 GET (the admin API); the status code and the body, or the error.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    http_request("GET", addr, path)
+}
+
+/// One HTTP/1.1 request with an empty body to the admin API: the status code and the body.
+pub fn http_request(method: &str, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
