@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    wazuh_proxy_core::enroll::tls::provider()
 }
 
 /// A stand-in authd: the first request for a name gets a key, later ones "Duplicate agent

@@ -28,7 +28,7 @@ use wazuh_proxy_core::enroll::{
 const PASSWORD: &str = "Str0ngPassw0rd";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    wazuh_proxy_core::enroll::tls::provider()
 }
 
 /// A fresh directory for one test's files.

@@ -150,9 +150,15 @@ pub enum TlsError {
     ServerName(String),
 }
 
-/// The crypto provider everything here uses (ring; chosen explicitly so that no process-wide
-/// default has to be installed).
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+/// The crypto provider the enrollment front and its clients use: ring, chosen explicitly so that
+/// no process-wide default has to be installed.
+///
+/// rustls 0.23.48 deprecates ring's provider because it offers no post-quantum key exchange.
+/// Wazuh 4.x agents and authd negotiate classic groups (X25519, P-256) through OpenSSL, and the
+/// alternative (aws-lc-rs) needs cmake and a C toolchain beyond what the build asks for today, so
+/// ring stays until the agents offer a hybrid group.
+#[allow(deprecated)]
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -386,7 +386,7 @@ pub fn enroll_connector() -> tokio_rustls::TlsConnector {
     use rustls::{DigitallySignedStruct, SignatureScheme};
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        wazuh_proxy_core::enroll::tls::provider()
     }
 
     #[derive(Debug)]
