@@ -1758,7 +1758,7 @@ fn drive(
                         // its TCP acknowledged (how an idle agent's copy is freed).
                         if let Some(copy) = copy.as_deref_mut().filter(|c| c.len() > 0) {
                             if let Ok(left) = crate::net::unacked_bytes(src) {
-                                copy.trim(left as usize);
+                                copy.trim_and_release(left as usize);
                             }
                         }
                     }
@@ -1768,6 +1768,9 @@ fn drive(
                     if pipe.buf.is_empty() {
                         // Idle: give the buffer back so idle agents hold no buffer memory.
                         pipe.buf = BytesMut::new();
+                        if let Some(copy) = copy.as_deref_mut() {
+                            copy.release_if_empty();
+                        }
                     }
                     match src.poll_read_ready(cx) {
                         Poll::Ready(Ok(())) => progressed = true,
