@@ -5,7 +5,9 @@
 //!
 //! Agents listed in [`ManagerConfig::refuse`] are refused as `wazuh-remoted` refuses a removed
 //! or unknown agent (`(1408): Invalid ID`): their first frame on a connection closes that
-//! connection, unanswered.
+//! connection, unanswered. The decision is the stand-in manager's model of remoted
+//! ([`wazuh_proxy_core::sim::remoted::Admission`]), taken at each connection's first frame of
+//! an agent (not at every frame: this manager must stay cheap under load).
 //!
 //! Sampling (`sample > 1`) decrypts the first two frames of each connection and one in
 //! `sample` after that: it keeps a flat-out run from measuring the manager's MD5 instead of the
@@ -25,6 +27,7 @@ use wazuh_proxy_core::control::{self, Control, Message};
 use wazuh_proxy_core::envelope::{AgentId, Envelope};
 use wazuh_proxy_core::frame::HEADER_LEN;
 use wazuh_proxy_core::keys::KeySet;
+use wazuh_proxy_core::sim::remoted::{Admission, Verdict};
 
 use crate::wire::{echo_text, event_seq, read_frame, Sealer};
 use crate::FleetError;
@@ -135,12 +138,20 @@ pub struct ManagerState {
     /// Connections closed unanswered because their agent is refused.
     pub refusals: AtomicU64,
     window: Mutex<Option<(Instant, Instant)>>,
+    admission: Mutex<Admission>,
+    next_conn: AtomicU64,
 }
 
 impl ManagerState {
     /// A manager with no agents seen yet.
     pub fn new(cfg: ManagerConfig) -> Arc<ManagerState> {
+        let mut admission = Admission::new(None);
+        for id in &cfg.refuse {
+            admission.refuse(id);
+        }
         Arc::new(ManagerState {
+            admission: Mutex::new(admission),
+            next_conn: AtomicU64::new(1),
             cfg,
             agents: Mutex::default(),
             accepted: AtomicU64::new(0),
@@ -284,6 +295,8 @@ async fn connection(
     let mut agent: Option<(AgentId, Arc<Mutex<AgentRecord>>, Sealer)> = None;
     let sample = state.cfg.sample.max(1);
     let mut first = None;
+    let conn = state.next_conn.fetch_add(1, Relaxed);
+    let mut admitted: Option<AgentId> = None;
     let result = loop {
         match read_frame(&mut rd, &mut buf).await {
             Ok(true) => {}
@@ -297,13 +310,18 @@ async fn connection(
             Ok(env) => env,
             Err(e) => break Err(FleetError::Protocol(format!("frame {n}: envelope: {e}"))),
         };
-        if env
-            .agent_id()
-            .is_some_and(|id| state.cfg.refuse.contains(id.as_str()))
-        {
-            // remoted logs "(1408): Invalid ID" and closes the socket without a word.
-            state.refusals.fetch_add(1, Relaxed);
-            break Ok(());
+        if let Some(id) = env.agent_id().filter(|id| admitted != Some(*id)) {
+            let verdict = state
+                .admission
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .frame(id.as_str(), conn, now);
+            if !matches!(verdict, Verdict::Serve { .. }) {
+                // remoted logs "(1408): Invalid ID" and closes the socket without a word.
+                state.refusals.fetch_add(1, Relaxed);
+                break Ok(());
+            }
+            admitted = Some(id);
         }
         let (Some(cipher), ct) = (env.cipher(), env.ciphertext()) else {
             continue; // #ping
@@ -385,6 +403,11 @@ async fn connection(
     if let Some(f) = first {
         state.touch(f, Instant::now());
     }
+    state
+        .admission
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .closed(conn);
     let _ = wr.shutdown().await;
     result
 }

@@ -18,7 +18,7 @@ use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::MAX_PAYLOAD;
 use wazuh_proxy_core::limits::SourceLimits;
 use wazuh_proxy_core::relay::AgentRelayConfig;
-use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_core::sim::{agent_payload, Manager, Misbehave, Reply};
 use wazuh_proxy_core::stats::{Rejection, RelayStats};
 
 /// The memory test needs the process to itself; every other test shares it.
@@ -56,21 +56,11 @@ struct Scene {
 
 impl Scene {
     async fn start(config: AgentRelayConfig) -> Scene {
-        Scene::start_with(config, |m| async move { m }).await
-    }
-
-    /// `front` gets the real manager's address and returns the address the relay should use.
-    async fn start_with<F, Fut>(config: AgentRelayConfig, front: F) -> Scene
-    where
-        F: FnOnce(SocketAddr) -> Fut,
-        Fut: std::future::Future<Output = SocketAddr>,
-    {
         capture_logs();
         let manager = Manager::start("127.0.0.1:0".parse().unwrap(), "m", Reply::AckFirst)
             .await
             .unwrap();
-        let backend = front(manager.addr()).await;
-        let relay = TestRelay::start(&[backend], Policy::AgentId, config).await;
+        let relay = TestRelay::start(&[manager.addr()], Policy::AgentId, config).await;
         let bystanders = Bystanders::start(
             relay.addr,
             FIRST_BYSTANDER,
@@ -485,12 +475,8 @@ async fn a_manager_that_never_reads_stops_the_agent_without_growing_memory() {
     let mut cfg = config();
     // Long enough to watch the stalled agent; the stall itself is what is measured.
     cfg.idle_timeout = Some(Duration::from_secs(30));
-    let s = Scene::start_with(cfg, |real| async move {
-        SelectiveManager::start(real, victim, Misbehave::NeverRead)
-            .await
-            .addr
-    })
-    .await;
+    let s = Scene::start(cfg).await;
+    s.manager.misbehave(victim.as_str(), Misbehave::NeverRead);
     let mut a = attacker(s.relay.addr).await;
     let client = a.local_addr().unwrap();
     a.write_all(&frame(&agent_payload(Some(victim), 0, 100)))
@@ -534,22 +520,8 @@ async fn a_manager_that_never_reads_stops_the_agent_without_growing_memory() {
 
 async fn manager_misbehaves(how: Misbehave, victim: AgentId, text: &str) {
     let _shared = SERIAL.read().await;
-    let selective = Arc::new(std::sync::Mutex::new(None));
-    let keep = selective.clone();
-    let s = Scene::start_with(config(), |real| async move {
-        let m = SelectiveManager::start(real, victim, how).await;
-        let addr = m.addr;
-        *keep.lock().unwrap() = Some(m);
-        addr
-    })
-    .await;
-    let connections = selective
-        .lock()
-        .unwrap()
-        .as_ref()
-        .unwrap()
-        .victim_connections
-        .clone();
+    let s = Scene::start(config()).await;
+    s.manager.misbehave(victim.as_str(), how);
     let mut a = attacker(s.relay.addr).await;
     let client = a.local_addr().unwrap();
     let started = Instant::now();
@@ -565,10 +537,7 @@ async fn manager_misbehaves(how: Misbehave, victim: AgentId, text: &str) {
     // A protocol violation is this session's fault, not the manager's: the upstream is closed
     // and counted, the session retried a bounded number of times with a pause, then closed.
     assert!(took < Duration::from_secs(12), "{took:?}");
-    assert!(
-        connections.load(Ordering::SeqCst) >= 2,
-        "retried on the manager"
-    );
+    assert!(s.manager.misbehaved() >= 2, "retried on the manager");
     assert!(s.stats().rejected(Rejection::ManagerProtocol) >= 1);
     assert_eq!(s.stats().failovers.load(Ordering::Relaxed), 0);
     assert!(
