@@ -555,6 +555,8 @@ pub struct NamedBackend {
     pub template: BackendConfig,
     /// Whether it resolved when the configuration was loaded.
     pub resolved_at_load: bool,
+    /// Why it did not, then (shown by `/health` until the next lookup).
+    pub load_error: Option<String>,
 }
 
 /// Where the admin HTTP API listens and who may use it.
@@ -851,14 +853,21 @@ impl Config {
                 }
                 let is_literal = !srv && text.parse::<SocketAddr>().is_ok();
                 // (address, a backup because of its SRV priority)
+                let mut load_error = None;
                 let addrs: Vec<(SocketAddr, bool)> = if srv {
                     // Not resolving yet is allowed: the backend waits for the record.
-                    crate::dns::srv_at_load(text, &resolvers).unwrap_or_default()
+                    crate::dns::srv_at_load(text, &resolvers).unwrap_or_else(|e| {
+                        load_error = Some(e);
+                        Vec::new()
+                    })
                 } else {
                     match resolve_all(text) {
                         Ok(a) => a.into_iter().map(|a| (a, false)).collect(),
                         // With re-resolution a name may resolve later: the backend waits.
-                        Err(_) if resolve_every.is_some() && !is_literal => Vec::new(),
+                        Err(e) if resolve_every.is_some() && !is_literal => {
+                            load_error = Some(e);
+                            Vec::new()
+                        }
                         Err(e) => return Err(src.error(Some(text_span), e)),
                     }
                 };
@@ -884,6 +893,7 @@ impl Config {
                         srv,
                         template: template.clone(),
                         resolved_at_load: !addrs.is_empty(),
+                        load_error: load_error.clone(),
                     });
                 }
                 for (addr, srv_backup) in addrs {

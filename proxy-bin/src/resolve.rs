@@ -87,9 +87,10 @@ pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
             .iter()
             .filter(|n| !n.resolved_at_load)
             .map(|n| {
+                let why = n.load_error.as_deref().unwrap_or("no address");
                 (
                     n.name.clone(),
-                    "did not resolve when the configuration was loaded".to_owned(),
+                    format!("did not resolve when the configuration was loaded: {why}"),
                 )
             })
             .collect();

@@ -118,6 +118,8 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
         format!("mgr-b.test:{p2}"),
         "{health}"
     );
+    let why = unresolved[0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot resolve"), "/health says why: {health}");
     let (_, backends) = get(admin, "/backends").await;
     assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
 
@@ -426,6 +428,10 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
         health["listeners"][0]["unresolved"][0]["backend"], "_wazuh._tcp.b.test",
         "{health}"
     );
+    let why = health["listeners"][0]["unresolved"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("no record"), "/health says why: {health}");
     let (_, backends) = get(admin, "/backends").await;
     assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
     let mut agent = Framed::new(
