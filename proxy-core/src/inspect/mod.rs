@@ -654,4 +654,56 @@ mod tests {
             render(read_capture(&classic, Direction::AgentToManager, 1514))
         );
     }
+
+    /// A pipe whose writer has sent `first` and waits: reading past it before `open` is set
+    /// would block a live capture.
+    struct Gate {
+        first: Vec<u8>,
+        rest: Vec<u8>,
+        open: std::rc::Rc<std::cell::Cell<bool>>,
+    }
+
+    impl std::io::Read for Gate {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let from = if self.first.is_empty() {
+                assert!(
+                    self.open.get(),
+                    "read past the first packet before it was printed"
+                );
+                &mut self.rest
+            } else {
+                &mut self.first
+            };
+            let n = buf.len().min(from.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            from.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_live_capture_gives_each_message_once_its_packet_is_read() {
+        let (_, a, _) = keys();
+        let one = up_frame(&a, b"#!-agent one ");
+        let two = up_frame(&a, b"#!-agent two ");
+        let pcap = packet::classic_from_segments(&[
+            (true, 1000, &one),
+            (true, 1000 + one.len() as u32, &two),
+        ]);
+        // The file header and the first packet record.
+        let first_len = 24 + 16 + 54 + one.len();
+        let open = std::rc::Rc::new(std::cell::Cell::new(false));
+        let gate = Gate {
+            first: pcap[..first_len].to_vec(),
+            rest: pcap[first_len..].to_vec(),
+            open: open.clone(),
+        };
+        let mut reader = CaptureReader::new(gate, Direction::AgentToManager, 1514);
+        let first = reader.next().unwrap().unwrap();
+        assert_eq!(first.payload, one[4..]);
+        open.set(true);
+        let second = reader.next().unwrap().unwrap();
+        assert_eq!(second.payload, two[4..]);
+        assert!(reader.next().is_none());
+    }
 }

@@ -17,8 +17,10 @@ use super::packet::{tcp_segment, Endpoint, Segment};
 use super::{base64_decode, CaptureError, Captured, Direction};
 use crate::frame::{self, MAX_PAYLOAD};
 
-/// How much of the input is looked at to tell its format.
+/// How much of the input is looked at to tell text from raw frames.
 const SNIFF: usize = 4096;
+/// The largest pcapng section header read before parsing starts.
+const SNIFF_MAX: usize = 64 << 10;
 /// The pcap reader's buffer: grown for a larger packet record, up to `MAX_RECORD`.
 const PCAP_BUFFER: usize = 256 << 10;
 const MAX_RECORD: usize = 16 << 20;
@@ -107,9 +109,29 @@ impl<'r> CaptureReader<'r> {
             position: 0,
             peak: Held::default(),
         };
-        // The first bytes, read whole even from a pipe that delivers them piecemeal.
+        // The first bytes, read whole even from a pipe that delivers them piecemeal: enough to
+        // tell the format, and for a capture its whole file header (and no more, so that a
+        // live capture's first packets print as they come).
         let mut head = Vec::with_capacity(SNIFF);
-        if let Err(e) = (&mut source).take(SNIFF as u64).read_to_end(&mut head) {
+        let sniffed = fill_to(&mut source, &mut head, 4).and_then(|()| {
+            if head.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
+                // pcapng: the section header block's length, in the byte order of its magic.
+                fill_to(&mut source, &mut head, 12)?;
+                let len =
+                    head.get(4..8)
+                        .and_then(|b| b.first_chunk::<4>())
+                        .map_or(0, |b| match head.get(8..12) {
+                            Some([0x4d, 0x3c, 0x2b, 0x1a]) => u32::from_le_bytes(*b),
+                            _ => u32::from_be_bytes(*b),
+                        }) as usize;
+                fill_to(&mut source, &mut head, len.min(SNIFF_MAX))
+            } else if is_pcap_magic(&head) {
+                fill_to(&mut source, &mut head, 24)
+            } else {
+                fill_to(&mut source, &mut head, SNIFF)
+            }
+        });
+        if let Err(e) = sniffed {
             reader.out.push_back(Err(CaptureError::Read {
                 offset: head.len() as u64,
                 error: e.to_string(),
@@ -119,16 +141,7 @@ impl<'r> CaptureReader<'r> {
         if head.is_empty() {
             return reader;
         }
-        let pcap = matches!(
-            head.first_chunk::<4>(),
-            Some(
-                [0xd4, 0xc3, 0xb2, 0xa1]
-                    | [0xa1, 0xb2, 0xc3, 0xd4]
-                    | [0x4d, 0x3c, 0xb2, 0xa1]
-                    | [0xa1, 0xb2, 0x3c, 0x4d]
-                    | [0x0a, 0x0d, 0x0d, 0x0a]
-            )
-        );
+        let pcap = is_pcap_magic(&head);
         let text = head
             .iter()
             .all(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace());
@@ -384,6 +397,28 @@ fn capture_error(e: &PcapError<&[u8]>, position: u64) -> CaptureError {
             error: "read failed".to_owned(),
         },
     }
+}
+
+fn is_pcap_magic(head: &[u8]) -> bool {
+    matches!(
+        head.first_chunk::<4>(),
+        Some(
+            [0xd4, 0xc3, 0xb2, 0xa1]
+                | [0xa1, 0xb2, 0xc3, 0xd4]
+                | [0x4d, 0x3c, 0xb2, 0xa1]
+                | [0xa1, 0xb2, 0x3c, 0x4d]
+                | [0x0a, 0x0d, 0x0d, 0x0a]
+        )
+    )
+}
+
+/// Reads into `head` until it holds `want` bytes or the input ends.
+fn fill_to(input: &mut impl Read, head: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+    if head.len() < want {
+        let missing = (want - head.len()) as u64;
+        input.take(missing).read_to_end(head)?;
+    }
+    Ok(())
 }
 
 /// One line without its end; `Err(())` when it is longer than [`MAX_LINE`] (the rest of it is
