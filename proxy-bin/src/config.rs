@@ -109,6 +109,7 @@ struct FileConfig {
     admin_token_file: Option<Spanned<PathBuf>>,
     user: Option<Spanned<String>>,
     log_format: Option<crate::logging::LogFormat>,
+    resolvers: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     listener: Vec<Spanned<FileListener>>,
 }
@@ -165,7 +166,8 @@ struct FileListener {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileBackend {
-    address: Spanned<String>,
+    address: Option<Spanned<String>>,
+    srv: Option<Spanned<String>>,
     weight: Option<u32>,
     max_fails: Option<u32>,
     fail_timeout: Option<Dur>,
@@ -538,17 +540,23 @@ pub struct Resolve {
     pub literal: Vec<BackendConfig>,
     /// Backends given as names: every address a name resolves to, with its settings.
     pub named: Vec<NamedBackend>,
+    /// Name servers for SRV lookups (`resolvers`); empty: the system's (/etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// A backend given as `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamedBackend {
-    /// The name as written, `host:port`.
+    /// The name as written: `host:port`, or an SRV record name.
     pub name: String,
+    /// `name` is an SRV record (`srv = ...`): its targets and ports are the addresses.
+    pub srv: bool,
     /// Its settings; `addr` is replaced by each resolved address.
     pub template: BackendConfig,
     /// Whether it resolved when the configuration was loaded.
     pub resolved_at_load: bool,
+    /// Why it did not, then (shown by `/health` until the next lookup).
+    pub load_error: Option<String>,
 }
 
 /// Where the admin HTTP API listens and who may use it.
@@ -620,6 +628,8 @@ pub struct Config {
     pub batch_window: Duration,
     /// How log lines are written (read at start; a reload does not change it).
     pub log_format: crate::logging::LogFormat,
+    /// Name servers for SRV lookups (`resolvers`); empty: the system's (/etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// Accepts a `batch_window` (file or command line) up to `pace::MAX_WINDOW`.
@@ -720,6 +730,23 @@ impl Config {
                 .map(|t| t.keys().cloned().collect())
                 .unwrap_or_default()
         };
+        let mut resolvers = Vec::new();
+        for r in file.resolvers.iter().flat_map(|r| r.get_ref()) {
+            let text = r.get_ref();
+            let addr = text
+                .parse::<SocketAddr>()
+                .or_else(|_| {
+                    text.parse::<std::net::IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                })
+                .map_err(|_| {
+                    src.error(
+                        Some(r.span()),
+                        format!("resolvers: {text:?} is not an IP address or IP:port"),
+                    )
+                })?;
+            resolvers.push(addr);
+        }
         let mut listeners = Vec::new();
         for (i, l) in file.listener.into_iter().enumerate() {
             let span = l.span();
@@ -803,13 +830,46 @@ impl Config {
             let mut literal = Vec::new();
             for b in l.backends.get_ref() {
                 let fb = b.get_ref();
-                let text = fb.address.get_ref();
-                let is_literal = text.parse::<SocketAddr>().is_ok();
-                let addrs = match resolve_all(text) {
-                    Ok(a) => a,
-                    // With re-resolution a name may resolve later: the backend waits for it.
-                    Err(_) if resolve_every.is_some() && !is_literal => Vec::new(),
-                    Err(e) => return Err(src.error(Some(fb.address.span()), e)),
+                let (text, srv, text_span) = match (&fb.address, &fb.srv) {
+                    (Some(a), None) => (a.get_ref(), false, a.span()),
+                    (None, Some(s)) => (s.get_ref(), true, s.span()),
+                    (Some(_), Some(s)) => {
+                        return Err(
+                            src.error(Some(s.span()), "a backend has address or srv, not both")
+                        )
+                    }
+                    (None, None) => {
+                        return Err(src.error(
+                            Some(b.span()),
+                            "a backend needs address (host:port) or srv (an SRV record name)",
+                        ))
+                    }
+                };
+                if srv && resolve_every.is_none() {
+                    return Err(src.error(
+                        Some(text_span),
+                        "srv needs resolve_interval on the listener (how often the SRV record is looked up again)",
+                    ));
+                }
+                let is_literal = !srv && text.parse::<SocketAddr>().is_ok();
+                // (address, a backup because of its SRV priority)
+                let mut load_error = None;
+                let addrs: Vec<(SocketAddr, bool)> = if srv {
+                    // Not resolving yet is allowed: the backend waits for the record.
+                    crate::dns::srv_at_load(text, &resolvers).unwrap_or_else(|e| {
+                        load_error = Some(e);
+                        Vec::new()
+                    })
+                } else {
+                    match resolve_all(text) {
+                        Ok(a) => a.into_iter().map(|a| (a, false)).collect(),
+                        // With re-resolution a name may resolve later: the backend waits.
+                        Err(e) if resolve_every.is_some() && !is_literal => {
+                            load_error = Some(e);
+                            Vec::new()
+                        }
+                        Err(e) => return Err(src.error(Some(text_span), e)),
+                    }
                 };
                 let mut template = BackendConfig::new(SocketAddr::from(([0, 0, 0, 0], 0)));
                 if let Some(w) = fb.weight {
@@ -830,12 +890,21 @@ impl Config {
                 if resolve_every.is_some() && !is_literal {
                     named.push(NamedBackend {
                         name: text.clone(),
+                        srv,
                         template: template.clone(),
                         resolved_at_load: !addrs.is_empty(),
+                        load_error: load_error.clone(),
                     });
                 }
-                for addr in addrs {
+                for (addr, srv_backup) in addrs {
+                    // Named twice (a name and an SRV target): one backend.
+                    if backends.iter().any(|b: &BackendConfig| b.addr == addr) && !is_literal {
+                        continue;
+                    }
                     let mut c = BackendConfig::new(addr);
+                    if srv_backup {
+                        c = c.as_backup();
+                    }
                     if let Some(w) = fb.weight {
                         c = c.with_weight(w);
                     }
@@ -869,6 +938,7 @@ impl Config {
                     interval,
                     literal,
                     named,
+                    resolvers: resolvers.clone(),
                 });
             // The balancer's own validation (empty set, duplicates, weights, all down).
             if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
@@ -1092,6 +1162,7 @@ impl Config {
             listeners,
             user: file.user.map(|u| u.into_inner()),
             log_format: file.log_format.unwrap_or_default(),
+            resolvers,
         })
     }
 
@@ -1137,6 +1208,7 @@ impl Config {
                 resolve: None,
                 first_byte_timeout: None,
             }],
+            resolvers: Vec::new(),
         })
     }
 
@@ -1168,6 +1240,10 @@ impl Config {
             let _ = writeln!(out, "user = {}", toml_str(u));
         }
         let _ = writeln!(out, "log_format = \"{}\"", self.log_format.name());
+        if !self.resolvers.is_empty() {
+            let list: Vec<String> = self.resolvers.iter().map(|r| format!("\"{r}\"")).collect();
+            let _ = writeln!(out, "resolvers = [{}]", list.join(", "));
+        }
         for l in &self.listeners {
             let a = &l.agent;
             let _ = writeln!(out, "\n[[listener]]");
@@ -1323,22 +1399,29 @@ impl Config {
                 let _ = writeln!(out, "keys_reload = {:?}", d(*every));
             }
             // With re-resolution the names stay names (and the output loads again).
-            let shown: Vec<(String, &BackendConfig)> = match &l.resolve {
+            let shown: Vec<(&str, String, &BackendConfig)> = match &l.resolve {
                 Some(r) => {
                     let _ = writeln!(out, "resolve_interval = {:?}", d(r.interval));
                     r.literal
                         .iter()
-                        .map(|b| (b.addr.to_string(), b))
-                        .chain(r.named.iter().map(|n| (n.name.clone(), &n.template)))
+                        .map(|b| ("address", b.addr.to_string(), b))
+                        .chain(r.named.iter().map(|n| {
+                            let key = if n.srv { "srv" } else { "address" };
+                            (key, n.name.clone(), &n.template)
+                        }))
                         .collect()
                 }
-                None => l.backends.iter().map(|b| (b.addr.to_string(), b)).collect(),
+                None => l
+                    .backends
+                    .iter()
+                    .map(|b| ("address", b.addr.to_string(), b))
+                    .collect(),
             };
             let _ = writeln!(out, "backends = [");
-            for (address, b) in shown {
+            for (key, address, b) in shown {
                 let _ = writeln!(
                     out,
-                    "  {{ address = {}, weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
+                    "  {{ {key} = {}, weight = {}, max_fails = {}, fail_timeout = {:?}, backup = {}, down = {} }},",
                     toml_str(&address), b.weight, b.max_fails, d(b.fail_timeout), b.backup, b.down
                 );
             }
@@ -1720,5 +1803,44 @@ backends = [{ address = "127.0.0.1:11515" }]
         .unwrap();
         assert_eq!(c.listeners[0].backends.len(), 2);
         assert!(Config::quick("127.0.0.1:1514", &[], Policy::AgentId).is_err());
+    }
+
+    #[test]
+    fn srv_backends_and_resolvers_are_checked_with_their_line() {
+        let l = "[[listener]]\nlisten = \"127.0.0.1:0\"\n";
+        let e = err(&format!(
+            "{l}backends = [{{ srv = \"_wazuh._tcp.x.test\" }}]\n"
+        ));
+        assert!(
+            e.contains("srv needs resolve_interval") && e.contains("x.toml:3"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{l}resolve_interval = \"10s\"\nbackends = [{{ srv = \"_a._tcp.x\", address = \"127.0.0.1:1\" }}]\n"
+        ));
+        assert!(e.contains("address or srv, not both"), "{e}");
+        let e = err(&format!("{l}backends = [{{ weight = 2 }}]\n"));
+        assert!(e.contains("needs address (host:port) or srv"), "{e}");
+        let e = err(&format!(
+            "resolvers = [\"10.0.0.1\", \"dns.example\"]\n{l}backends = [{{ address = \"127.0.0.1:1\" }}]\n"
+        ));
+        assert!(
+            e.contains("\"dns.example\" is not an IP address") && e.contains("x.toml:1"),
+            "{e}"
+        );
+        let c = Config::parse(
+            &format!("resolvers = [\"10.0.0.1\", \"[::1]:5353\"]\n{l}backends = [{{ address = \"127.0.0.1:1\" }}]\n"),
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.resolvers,
+            vec![
+                "10.0.0.1:53".parse::<SocketAddr>().unwrap(),
+                "[::1]:5353".parse().unwrap()
+            ]
+        );
+        let again = Config::parse(&c.to_toml(), "e").unwrap();
+        assert_eq!(again.resolvers, c.resolvers);
     }
 }

@@ -162,14 +162,23 @@ pub async fn run(agents: usize) -> Result<(), DemoError> {
     }
     println!("   {same} of {agents} agents landed on the manager they had before");
     println!();
-    println!("4. manager-a dies. Its agents stay connected: the proxy moves each one to manager-b");
+    // The manager that holds agents dies (the ports are random, so now and then the hash
+    // puts every agent on one manager: that one, then).
+    let (dead, live, dead_name, live_name) = if conns.iter().any(|c| c.2 == "manager-a") {
+        (&a, &b, "manager-a", "manager-b")
+    } else {
+        (&b, &a, "manager-b", "manager-a")
+    };
+    println!(
+        "4. {dead_name} dies. Its agents stay connected: the proxy moves each one to {live_name}"
+    );
     println!("   at a message boundary, and the agent's next message arrives there:");
-    a.stop().await;
+    dead.stop().await;
     for (id, conn, manager) in conns.iter_mut() {
-        if manager != "manager-a" {
+        if manager != dead_name {
             continue;
         }
-        // The agent notices nothing but one extra ACK (manager-b answering the startup
+        // The agent notices nothing but one extra ACK (the survivor answering the startup
         // message the proxy replayed to register the agent there).
         let ack = tokio::time::timeout(Duration::from_secs(5), conn.next())
             .await
@@ -185,12 +194,12 @@ pub async fn run(agents: usize) -> Result<(), DemoError> {
             .next()
             .unwrap_or("?")
             .to_owned();
-        let before = b.frames_from(id.as_str()).len();
+        let before = live.frames_from(id.as_str()).len();
         conn.send(Bytes::from(agent_payload(Some(*id), 8, 200)))
             .await
             .map_err(|e| DemoError::Unexpected(format!("agent {id}: {e}")))?;
-        wait(|| b.frames_from(id.as_str()).len() > before).await;
-        println!("   agent {id}: manager-a -> {now}, same TCP connection, next event delivered");
+        wait(|| live.frames_from(id.as_str()).len() > before).await;
+        println!("   agent {id}: {dead_name} -> {now}, same TCP connection, next event delivered");
         *manager = now;
     }
     println!(

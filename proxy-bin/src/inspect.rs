@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use wazuh_proxy_core::inspect::{read_capture, Direction, Inspected, Inspector};
+use wazuh_proxy_core::inspect::{CaptureError, CaptureReader, Direction, Inspected, Inspector};
 use wazuh_proxy_core::keys::{KeySet, KeysError};
 
 /// Which way unframed input (base64 lines, raw frames) travelled; pcap input knows by port.
@@ -52,20 +52,31 @@ pub enum InspectError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    /// The capture itself is cut short, malformed or unreadable; the messages before the
+    /// problem were printed.
+    #[error("{path}: {error}")]
+    Capture {
+        /// The input (`-` for standard input).
+        path: String,
+        /// What is wrong with it.
+        error: CaptureError,
+    },
 }
 
 /// Runs the subcommand: prints one JSON object per message on standard output, and problems
 /// with the keys file on standard error.
 ///
 /// # Errors
-/// When the keys file or the input cannot be read, or output fails. Undecodable messages are
-/// reported in the output, not as errors.
+/// When the keys file or the input cannot be opened, output fails, or the capture is cut
+/// short, malformed or unreadable (after printing every message before the problem).
+/// Undecodable messages, holes and unfinished frames are reported in the output, not as
+/// errors.
 pub fn run(args: &InspectArgs) -> Result<(), InspectError> {
     let (keys, problems) = KeySet::read(&args.keys)?;
     for problem in &problems {
         eprintln!("{}: {problem}", args.keys.display());
     }
-    let (name, data) = read_input(args.input.as_ref())?;
+    let (name, input) = open_input(args.input.as_ref())?;
     let direction = match args.direction {
         DirectionArg::Agent => Direction::AgentToManager,
         DirectionArg::Manager => Direction::ManagerToAgent,
@@ -73,37 +84,52 @@ pub fn run(args: &InspectArgs) -> Result<(), InspectError> {
     let mut inspector = Inspector::new(Arc::new(keys));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    for captured in read_capture(&data, direction, args.port) {
+    let mut fatal = None;
+    // Read as a stream: a capture still being written (`tcpdump -w - | ...`) prints each
+    // message as it completes, in memory bounded whatever the capture's size.
+    for captured in CaptureReader::new(input, direction, args.port) {
         let value = match captured {
             Ok(c) => to_json(&inspector.inspect(&c)),
-            Err(e) => json!({ "input": name, "error": e.to_string() }),
+            Err(e) => {
+                let line = json!({ "input": name, "error": e.to_string() });
+                if is_fatal(&e) {
+                    fatal = Some(e);
+                }
+                line
+            }
         };
         writeln!(out, "{value}")?;
+        if name == "-" {
+            // A live pipe: each line as soon as its message is decoded.
+            out.flush()?;
+        }
     }
     out.flush()?;
-    Ok(())
+    match fatal {
+        Some(error) => Err(InspectError::Capture { path: name, error }),
+        None => Ok(()),
+    }
 }
 
-fn read_input(input: Option<&PathBuf>) -> Result<(String, Vec<u8>), InspectError> {
-    let mut data = Vec::new();
+/// Errors of the capture as a whole (as opposed to one message or one flow).
+fn is_fatal(e: &CaptureError) -> bool {
+    matches!(
+        e,
+        CaptureError::Pcap(_) | CaptureError::Truncated { .. } | CaptureError::Read { .. }
+    )
+}
+
+fn open_input(input: Option<&PathBuf>) -> Result<(String, Box<dyn Read>), InspectError> {
     match input {
         Some(path) if path.as_os_str() != "-" => {
             let name = path.display().to_string();
-            data = std::fs::read(path).map_err(|source| InspectError::Input {
+            let file = std::fs::File::open(path).map_err(|source| InspectError::Input {
                 path: name.clone(),
                 source,
             })?;
-            Ok((name, data))
+            Ok((name, Box::new(file)))
         }
-        _ => {
-            std::io::stdin()
-                .read_to_end(&mut data)
-                .map_err(|source| InspectError::Input {
-                    path: "-".into(),
-                    source,
-                })?;
-            Ok(("-".into(), data))
-        }
+        _ => Ok(("-".into(), Box::new(std::io::stdin().lock()))),
     }
 }
 

@@ -2,5 +2,6 @@
 //! be fuzzed and tested on their own; the binary uses them from here.
 
 pub mod config;
+pub mod dns;
 pub mod logging;
 pub mod nginx;

@@ -8,13 +8,20 @@
 //! to their manager in the new set at a frame boundary, without disconnecting them. A name
 //! that does not resolve keeps nothing: its backend is unavailable and `/health` names it. If
 //! nothing resolves at all, the previous set is kept.
+//!
+//! Host names go through the system's resolver (getaddrinfo: /etc/hosts, then DNS), as at
+//! load. SRV records (`srv = "_wazuh._tcp.NAME"`) go through hickory-resolver, asking the
+//! configuration's `resolvers` or else the name servers of /etc/resolv.conf; each record's
+//! target is looked up (A and AAAA) with the record's port, and targets of a priority above
+//! the lowest become backups, as DNS SRV intends.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
+use hickory_resolver::TokioResolver;
 use tokio_util::sync::CancellationToken;
+use wazuh_proxy::dns::{dns_resolver, srv_lookup, LOOKUP_TIMEOUT};
 use wazuh_proxy_core::balance::{BackendConfig, Balancer};
 
 use crate::config::{Config, Listener, Resolve};
@@ -80,9 +87,10 @@ pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
             .iter()
             .filter(|n| !n.resolved_at_load)
             .map(|n| {
+                let why = n.load_error.as_deref().unwrap_or("no address");
                 (
                     n.name.clone(),
-                    "did not resolve when the configuration was loaded".to_owned(),
+                    format!("did not resolve when the configuration was loaded: {why}"),
                 )
             })
             .collect();
@@ -98,12 +106,17 @@ pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
 }
 
 async fn watch(listener: Listener, resolve: Resolve, relay: Running, stop: CancellationToken) {
+    let dns = resolve
+        .named
+        .iter()
+        .any(|n| n.srv)
+        .then(|| dns_resolver(&resolve.resolvers, resolve.interval));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(resolve.interval) => {}
         }
-        let (found, failed) = lookup(&resolve).await;
+        let (found, failed) = lookup(&resolve, dns.as_ref()).await;
         for (name, e) in &failed {
             tracing::debug!(listener = %listener.name, backend = %name, error = %e, "backend name does not resolve");
         }
@@ -113,24 +126,40 @@ async fn watch(listener: Listener, resolve: Resolve, relay: Running, stop: Cance
 }
 
 /// Looks every name up: the backend set (literal backends first) and the names that failed.
-async fn lookup(resolve: &Resolve) -> (Vec<BackendConfig>, Vec<(String, String)>) {
+async fn lookup(
+    resolve: &Resolve,
+    dns: Option<&TokioResolver>,
+) -> (Vec<BackendConfig>, Vec<(String, String)>) {
     let mut set = resolve.literal.clone();
     let mut failed = Vec::new();
     for n in &resolve.named {
-        match tokio::time::timeout(Duration::from_secs(10), tokio::net::lookup_host(&n.name)).await
-        {
-            Ok(Ok(addrs)) => {
-                for addr in addrs {
+        let found: Result<Vec<(SocketAddr, bool)>, String> = match (n.srv, dns) {
+            (true, Some(dns)) => srv_lookup(dns, &n.name).await,
+            (true, None) => Err("no DNS resolver".to_owned()),
+            (false, _) => {
+                match tokio::time::timeout(LOOKUP_TIMEOUT, tokio::net::lookup_host(&n.name)).await {
+                    Ok(Ok(addrs)) => Ok(addrs.map(|a| (a, false)).collect()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("lookup timed out after {LOOKUP_TIMEOUT:?}")),
+                }
+            }
+        };
+        match found {
+            Ok(addrs) => {
+                for (addr, srv_backup) in addrs {
                     if !set.iter().any(|b| b.addr == addr) {
-                        set.push(BackendConfig {
+                        let mut b = BackendConfig {
                             addr,
                             ..n.template.clone()
-                        });
+                        };
+                        if srv_backup {
+                            b = b.as_backup();
+                        }
+                        set.push(b);
                     }
                 }
             }
-            Ok(Err(e)) => failed.push((n.name.clone(), e.to_string())),
-            Err(_) => failed.push((n.name.clone(), "lookup timed out after 10s".to_owned())),
+            Err(e) => failed.push((n.name.clone(), e)),
         }
     }
     (set, failed)

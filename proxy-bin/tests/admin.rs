@@ -494,6 +494,13 @@ async fn the_token_is_enforced_and_a_draining_node_is_unhealthy() {
     }
     let body = draining.expect("/health stayed 200 while draining");
     assert!(body.contains("draining"), "{body}");
+    // Liveness says only that the process serves: a draining node is not restarted.
+    let (status, body) = get(admin, "/live", Some("s3cret-token")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "live"
+    );
     drop(a);
     let status = proxy.wait_exit(10).expect("did not exit after the drain");
     assert!(status.success(), "{status:?}");

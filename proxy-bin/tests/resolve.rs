@@ -118,6 +118,8 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
         format!("mgr-b.test:{p2}"),
         "{health}"
     );
+    let why = unresolved[0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot resolve"), "/health says why: {health}");
     let (_, backends) = get(admin, "/backends").await;
     assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
 
@@ -255,5 +257,273 @@ fn without_resolve_interval_an_unresolvable_name_stops_the_start() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no backend of this listener resolves yet")
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A tiny authoritative DNS server on loopback (UDP): answers SRV and A questions from a table
+/// the test changes, NXDOMAIN for the rest, TTL 0.
+mod dns {
+    use std::collections::HashMap;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::sync::{Arc, Mutex};
+
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::rdata::{A, SRV};
+    use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+    /// Records by (lower-case name without the final dot, type).
+    type Records = HashMap<(String, RecordType), Vec<RData>>;
+
+    #[derive(Clone, Default)]
+    pub struct Zone(Arc<Mutex<Records>>);
+
+    impl Zone {
+        pub fn srv(&self, name: &str, targets: &[(u16, u16, &str)]) {
+            let data = targets
+                .iter()
+                .map(|&(priority, port, target)| {
+                    RData::SRV(SRV::new(
+                        priority,
+                        1,
+                        port,
+                        Name::from_ascii(target).unwrap(),
+                    ))
+                })
+                .collect();
+            self.set(name, RecordType::SRV, data);
+        }
+
+        pub fn a(&self, name: &str, ip: Ipv4Addr) {
+            self.set(name, RecordType::A, vec![RData::A(A(ip))]);
+        }
+
+        fn set(&self, name: &str, kind: RecordType, data: Vec<RData>) {
+            let key = (name.trim_end_matches('.').to_ascii_lowercase(), kind);
+            self.0.lock().unwrap().insert(key, data);
+        }
+    }
+
+    /// Serves `zone` until the test ends; its address.
+    pub async fn serve(zone: Zone) -> SocketAddr {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                let Ok(query) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let mut reply = Message::new();
+                reply
+                    .set_id(query.id())
+                    .set_message_type(MessageType::Response)
+                    .set_op_code(query.op_code())
+                    .set_authoritative(true)
+                    .set_recursion_desired(query.recursion_desired());
+                reply.add_queries(query.queries().to_vec());
+                let mut found_name = false;
+                for q in query.queries() {
+                    let name = q.name().to_ascii();
+                    let key = name.trim_end_matches('.').to_ascii_lowercase();
+                    let table = zone.0.lock().unwrap();
+                    found_name |= table.keys().any(|(n, _)| *n == key);
+                    for data in table.get(&(key, q.query_type())).into_iter().flatten() {
+                        reply.add_answer(Record::from_rdata(q.name().clone(), 0, data.clone()));
+                    }
+                }
+                if !found_name {
+                    reply.set_response_code(ResponseCode::NXDomain);
+                }
+                if let Ok(bytes) = reply.to_vec() {
+                    let _ = socket.send_to(&bytes, from).await;
+                }
+            }
+        });
+        addr
+    }
+}
+
+// Two workers: the DNS server answers while the test thread waits for the proxy to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_records_are_followed_as_they_resolve_and_move() {
+    let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+        .await
+        .unwrap();
+    let m3 = Manager::start("127.0.0.1:0".parse().unwrap(), "m3", Reply::AckFirst)
+        .await
+        .unwrap();
+    let zone = dns::Zone::default();
+    zone.a("m1.test", "127.0.0.1".parse().unwrap());
+    zone.srv("_wazuh._tcp.a.test", &[(10, m1.addr().port(), "m1.test.")]);
+    let server = dns::serve(zone.clone()).await;
+
+    let dir = std::env::temp_dir().join(format!("wazuh-proxy-srv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"admin = "{admin}"
+resolvers = ["{server}"]
+[[listener]]
+name = "agents"
+listen = "{listen}"
+resolve_interval = "200ms"
+health_check_interval = "200ms"
+backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
+"#
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_owned();
+    // The effective configuration keeps the record and the name servers, and loads again.
+    let out = bin().args(["check-config", &cfg]).output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.contains(&format!("resolvers = [\"{server}\"]")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("{ srv = \"_wazuh._tcp.b.test\""),
+        "{printed}"
+    );
+    let effective = dir.join("effective.toml");
+    std::fs::write(&effective, &printed).unwrap();
+    let again = bin()
+        .args(["check-config", effective.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&again.stdout), printed);
+
+    let mut cmd = bin();
+    cmd.args(["run", "--config", &cfg]);
+    let mut proxy = ProxyProcess::start_command(cmd, listen);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/health").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the admin API never answered: {}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 1. Started with b.test's record missing: serving through a.test's target, /health
+    //    names the missing record.
+    let (status, health) = get(admin, "/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        health["listeners"][0]["unresolved"][0]["backend"], "_wazuh._tcp.b.test",
+        "{health}"
+    );
+    let why = health["listeners"][0]["unresolved"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(why.contains("no record"), "/health says why: {health}");
+    let (_, backends) = get(admin, "/backends").await;
+    assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
+    let mut agent = Framed::new(
+        TcpStream::connect(listen).await.unwrap(),
+        FrameCodec::default(),
+    );
+    agent
+        .send(Bytes::from(agent_payload(AgentId::parse(b"001"), 0, 64)))
+        .await
+        .unwrap();
+    let ack = tokio::time::timeout(Duration::from_secs(5), agent.next()).await;
+    assert!(matches!(ack, Ok(Some(Ok(_)))), "{ack:?}");
+    assert_eq!(m1.frames_from("001").len(), 1);
+
+    // 2. b.test's record appears (its target on another port): a backend, and /health stops
+    //    naming it. A second target of a higher priority number is a backup.
+    zone.srv(
+        "_wazuh._tcp.b.test",
+        &[
+            (10, m2.addr().port(), "m1.test."),
+            (20, m3.addr().port(), "m1.test."),
+        ],
+    );
+    until("b.test's targets to be added", || async {
+        let (_, b) = get(admin, "/backends").await;
+        backend_addrs(&b).len() == 3
+    })
+    .await;
+    let (_, health) = get(admin, "/health").await;
+    assert!(health["listeners"][0]["unresolved"].is_null(), "{health}");
+    let (_, backends) = get(admin, "/backends").await;
+    let backup_of = |addr: String| {
+        backends[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr.as_str())
+            .map(|b| b["backup"].clone())
+    };
+    assert_eq!(
+        backup_of(m3.addr().to_string()),
+        Some(Value::Bool(true)),
+        "{backends}"
+    );
+    assert_eq!(
+        backup_of(m2.addr().to_string()),
+        Some(Value::Bool(false)),
+        "{backends}"
+    );
+
+    // 3. a.test's record moves to another port: the agent on the old address moves without a
+    //    disconnect, on the same connection.
+    zone.srv("_wazuh._tcp.a.test", &[(10, m2.addr().port(), "m1.test.")]);
+    until("a.test's old target to go", || async {
+        let (_, b) = get(admin, "/backends").await;
+        !backend_addrs(&b).contains(&m1.addr().to_string())
+    })
+    .await;
+    let old = m1.addr().to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, s) = get(admin, "/sessions").await;
+        let b = s[0]["backend"].as_str().unwrap_or_default().to_owned();
+        if !b.is_empty() && b != old {
+            assert_eq!(b, m2.addr().to_string(), "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent stayed on {old}: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, s) = get(admin, "/sessions").await;
+    assert_eq!(
+        s.as_array().unwrap().len(),
+        1,
+        "one session, never closed: {s}"
+    );
+    agent
+        .send(Bytes::from(agent_payload(AgentId::parse(b"001"), 1, 64)))
+        .await
+        .unwrap();
+    until("the next frame at the new manager", || async {
+        m2.frames_from("001")
+            .iter()
+            .any(|f| f.windows(6).any(|w| w == b"seq=1;"))
+    })
+    .await;
+    let logs = proxy.logs();
+    assert!(!logs.contains("agent disconnected"), "{logs}");
+    assert!(logs.contains("applied like a reload"), "{logs}");
+
+    proxy.signal("TERM");
+    drop(agent);
+    assert!(proxy.wait_exit(40).is_some_and(|s| s.success()));
     std::fs::remove_dir_all(dir).unwrap();
 }
