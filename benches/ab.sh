@@ -34,7 +34,7 @@ for r in $(seq "$ROUNDS"); do
         taskset -c 1 "$FLEET" manager --listen $M1 --keys "$W/keys" --name m1 --sample 16 > /dev/null 2>&1 & PIDS+=($!)
         taskset -c 1 "$FLEET" manager --listen $M2 --keys "$W/keys" --name m2 --sample 16 > /dev/null 2>&1 & PIDS+=($!)
         wait_listen 15731; wait_listen 15732
-        RUST_LOG=warn taskset -c 0 "$bin" run --listen $L --backend $M1 --backend $M2 --balance agent-id 2>"$W/proxy.err" &
+        RUST_LOG=warn taskset -c 0 "$bin" run --listen $L --backend $M1 --backend $M2 --balance agent-id --admin none 2>"$W/proxy.err" &
         pp=$!; PIDS+=($pp)
         wait_listen 15730
         perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pp" -o "$W/perf.txt" & ps=$!
