@@ -2,7 +2,8 @@
 //! 4.14.7: the same client, the same key, the same scenarios, the same outcome. The relay's
 //! tests lean on the stand-in; this is what makes it evidence.
 //!
-//! Scenarios: a startup is ACKed (sealed with the agent's key), an event is not answered and
+//! Shared-file pushes (`merged.mg`) are remoted's own schedule and not modelled: the client
+//! skips them. Scenarios: a startup is ACKed (sealed with the agent's key), an event is not answered and
 //! the next keepalive is, `#ping` gets `#pong`, a second connection of a live agent is closed
 //! unanswered ("Agent key already in use"), a message that does not decrypt closes its
 //! connection, an unknown agent ID closes its connection.
@@ -70,7 +71,28 @@ impl Client {
         self.send_raw(&p);
     }
 
+    /// The next answer, skipping a shared-file push (`#!-up file` .. `#!-close file`): remoted
+    /// sends `merged.mg` to an agent whose keepalive carries another sum, on its own schedule,
+    /// and the stand-in does not model file pushes.
     fn outcome(&mut self, wait: Duration) -> Outcome {
+        let mut in_push = false;
+        loop {
+            let text = match self.frame(wait) {
+                Ok(t) => t,
+                Err(o) => return o,
+            };
+            if text.starts_with("#!-up file ") {
+                in_push = true;
+            } else if text.starts_with("#!-close file") {
+                in_push = false;
+            } else if !in_push {
+                return Outcome::Answer(text.chars().take(14).collect());
+            }
+        }
+    }
+
+    /// One frame's text (decrypted with the agent's key when sealed), or how the wait ended.
+    fn frame(&mut self, wait: Duration) -> Result<String, Outcome> {
         self.stream.set_read_timeout(Some(wait)).unwrap();
         let mut header = [0u8; 4];
         match self.stream.read_exact(&mut header) {
@@ -81,15 +103,15 @@ impl Client {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Outcome::Nothing
+                return Err(Outcome::Nothing)
             }
-            Err(_) => return Outcome::Closed,
+            Err(_) => return Err(Outcome::Closed),
         }
         let mut payload = vec![0u8; u32::from_le_bytes(header) as usize];
         if self.stream.read_exact(&mut payload).is_err() {
-            return Outcome::Closed;
+            return Err(Outcome::Closed);
         }
-        let text = match Envelope::parse(&payload) {
+        Ok(match Envelope::parse(&payload) {
             Ok(env) if env.cipher().is_some() => {
                 match cipher::decrypt(&self.key, env.cipher().unwrap(), env.ciphertext()) {
                     Ok(m) => String::from_utf8_lossy(&m.message).into_owned(),
@@ -97,8 +119,7 @@ impl Client {
                 }
             }
             _ => String::from_utf8_lossy(&payload).into_owned(),
-        };
-        Outcome::Answer(text.chars().take(14).collect())
+        })
     }
 }
 
