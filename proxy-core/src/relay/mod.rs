@@ -57,6 +57,8 @@ mod config;
 pub mod decide;
 mod drive;
 mod end;
+mod handed;
+#[doc(hidden)]
 pub mod harness;
 mod machine;
 mod pipe;

@@ -20,8 +20,6 @@ use super::unacked::Unacked;
 use super::{AgentRelay, AgentRelayConfig, End};
 use crate::balance::{BalanceKey, ConnectError, Connected};
 use crate::frame::HEADER_LEN;
-use crate::handover::Handed;
-use crate::net::tune;
 use crate::session::{Claim, Session, SessionHandle, SessionKey};
 use crate::stats::Rejection;
 use crate::verify::{verify_first, Tracker};
@@ -177,7 +175,7 @@ impl AgentRelay {
     /// Everything that lasts the whole session lives in `conn` (one allocation), and the
     /// steps around relaying (finding a manager, handling its end) run boxed: while frames
     /// flow, this future holds a few words, so an idle agent's task is small.
-    async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
+    pub(super) async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
         let session = conn.handle.session().clone();
         // When the manager carrying the agent failed (for the failover-time histogram).
         let mut failed_at: Option<Instant> = None;
@@ -540,94 +538,6 @@ impl AgentRelay {
             }
         }
     }
-
-    pub(super) fn hand_over(&self, conn: Box<Conn>) {
-        let Conn {
-            agent,
-            handle,
-            up,
-            replay,
-            ..
-        } = *conn;
-        let key = handle.session().key();
-        let peer = handle.session().client();
-        let sink = self
-            .handover_to
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let socket = agent.into_std();
-        match (sink, socket) {
-            (Some(sink), Ok(socket)) => {
-                let handed = Handed {
-                    listener: self.name.clone(),
-                    client: peer,
-                    key,
-                    pending: up.buf.to_vec(),
-                    replay,
-                    socket: socket.into(),
-                };
-                if sink.send(handed).is_err() {
-                    tracing::warn!(listener = %self.name, agent = %key, client = %peer,
-                        "hand-over channel closed; closing the agent connection");
-                } else {
-                    tracing::debug!(listener = %self.name, agent = %key, client = %peer, "agent handed over");
-                }
-            }
-            (_, Err(e)) => {
-                tracing::warn!(listener = %self.name, agent = %key, client = %peer, error = %e,
-                    "cannot detach the agent socket for the hand-over; closing it");
-            }
-            (None, _) => {}
-        }
-        drop(handle);
-    }
-
-    /// Takes over a session handed over by a previous process: reconnects the agent to a
-    /// manager (the startup or keepalive frame first, then the bytes the previous process had
-    /// not forwarded) and relays it as if it had connected here.
-    pub async fn adopt(self: Arc<Self>, handed: Handed) {
-        if handed.listener != self.name {
-            tracing::warn!(listener = %self.name, other = %handed.listener, "adopting a session of another listener");
-        }
-        let std_socket = std::net::TcpStream::from(handed.socket);
-        let agent = match std_socket
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(std_socket))
-        {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(listener = %self.name, agent = %handed.key, client = %handed.client, error = %e,
-                    "cannot adopt the agent socket");
-                return;
-            }
-        };
-        self.start_sweeper();
-        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
-        let handle = match self
-            .sessions
-            .register(handed.key, handed.client, Claim::HandedOver)
-            .await
-        {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(listener = %self.name, agent = %handed.key, "cannot adopt: {e}");
-                self.stats.active.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let tracker = match (&self.keys, handed.key) {
-            (Some(keys), SessionKey::Agent(id)) => keys.get(&id).map(|k| Box::new(Tracker::new(k))),
-            _ => None,
-        };
-        let mut up = Pipe::default();
-        up.buf.extend_from_slice(&handed.pending);
-        tune(&agent, self.config.tcp_keepalive);
-        let conn = Box::new(Conn::new(agent, handle, up, handed.replay, tracker, None));
-        self.carry(conn, true).await;
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// What [`AgentRelay::attach`] found.
@@ -673,7 +583,7 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    fn new(
+    pub(super) fn new(
         agent: TcpStream,
         handle: SessionHandle,
         up: Pipe,
