@@ -66,11 +66,14 @@ IDLE_LATE=30
 CHURN_AGENTS=2000
 CHURN_WORKERS=32
 # KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one;
-# WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s".
+# WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s";
+# the kind "wazuh-alt" runs another build, WAZUH_ALT_BIN, the same way (A/B of two builds).
 KINDS=${KINDS:-"wazuh nginx haproxy direct"}
-LISTEN_PORT=15140
-M1=127.0.0.1:15601
-M2=127.0.0.1:15602
+# PORTS (environment) moves the listener and the two managers, e.g. PORTS="16140 16601 16602"
+# when another run uses the defaults on the same machine.
+read -r LISTEN_PORT M1_PORT M2_PORT <<< "${PORTS:-15140 15601 15602}"
+M1=127.0.0.1:$M1_PORT
+M2=127.0.0.1:$M2_PORT
 NGINX_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
 WORK=$(mktemp -d /tmp/wazuh-compare.XXXXXX)
@@ -219,9 +222,12 @@ start_proxy() {
     PROXY_PID=""
     PROXY_MAIN=""
     case "$kind" in
-        wazuh)
-            RUST_LOG=warn taskset -c 0 "$PROXY_BIN" run --listen 127.0.0.1:$LISTEN_PORT \
-                --backend $M1 --backend $M2 --balance agent-id ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
+        wazuh|wazuh-alt)
+            local bin=$PROXY_BIN
+            [ "$kind" = wazuh-alt ] && bin=${WAZUH_ALT_BIN:?WAZUH_ALT_BIN names the other build}
+            # No admin API: a benchmark does not need it, and its port may be taken on a shared machine.
+            RUST_LOG=warn taskset -c 0 "$bin" run --listen 127.0.0.1:$LISTEN_PORT \
+                --backend $M1 --backend $M2 --balance agent-id --admin none ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
             PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
         nginx)
             taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
@@ -264,8 +270,8 @@ start_managers() {
         MANAGER_PIDS+=($!)
         PIDS+=($!)
     done
-    wait_listen 15601
-    wait_listen 15602
+    wait_listen "$M1_PORT"
+    wait_listen "$M2_PORT"
 }
 
 # stop_managers: prints the two summary lines.
@@ -382,6 +388,7 @@ latency_case() { # latency_case WORKLOAD AGENTS SECONDS
         for kind in $KINDS; do
             run_case "$w" "$kind" "$round" -- --echo -- \
                 latency --agents "$agents" --rate 10 --event-size 256 --duration "$secs" --ramp 256
+            [ "$LAST_RC" = 99 ] && continue
             record "$w" "$kind" "$round" rtt_p50_us "$(field rtt_p50_us "$LAST_OUT")"
             record "$w" "$kind" "$round" rtt_p99_us "$(field rtt_p99_us "$LAST_OUT")"
             record "$w" "$kind" "$round" rtt_p999_us "$(field rtt_p999_us "$LAST_OUT")"
@@ -405,6 +412,7 @@ idle_case() { # idle_case AGENTS ROUNDS SOURCES
             run_case "$w" "$kind" "$round" -- -- \
                 idle --agents "$n" --duration $(( IDLE_LATE + 6 + n / 2000 )) --ramp 512 \
                 --rss-pid @PID@ --rss-late "$IDLE_LATE" --source-ips "$sources" --recv-timeout 20
+            [ "$LAST_RC" = 99 ] && continue
             record "$w" "$kind" "$round" rss_per_agent_bytes "$(field rss_per_agent_bytes "$LAST_OUT")"
             record "$w" "$kind" "$round" rss_late_per_agent_bytes "$(field rss_late_per_agent_bytes "$LAST_OUT")"
             record "$w" "$kind" "$round" busy "$LAST_BUSY"
@@ -442,6 +450,7 @@ want churn && for round in $(seq "$ROUNDS"); do
         run_case "$w" "$kind" "$round" -- -- \
             churn --agents "$CHURN_AGENTS" --workers "$CHURN_WORKERS" --duration "$CHURN_SECS" \
             --source-ips 8 --recv-timeout 5 --drain 5
+        [ "$LAST_RC" = 99 ] && continue
         conns=$(field conns "$LAST_OUT")
         record "$w" "$kind" "$round" conns_per_s "$(field conns_per_s "$LAST_OUT")"
         record "$w" "$kind" "$round" handshake_p50_us "$(field handshake_p50_us "$LAST_OUT")"
@@ -511,12 +520,14 @@ shown = [
     ("failed_attempts", "failed attempts", None),
 ]
 kinds = ["wazuh", "nginx", "haproxy", "direct"]
+alt = any(k == "wazuh-alt" for (_, _, k) in rows)
 workloads = []
 for (w, _, _) in rows:
     if w not in workloads:
         workloads.append(w)
-lines = ["| workload | metric | wazuh-proxy | nginx | HAProxy | direct | wazuh / nginx | wazuh / HAProxy | machine |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+lines = ["| workload | metric | wazuh-proxy | nginx | HAProxy | direct | wazuh / nginx | wazuh / HAProxy | machine |"
+         + (" wazuh-alt | alt / nginx |" if alt else ""),
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" ---: | ---: |" if alt else "")]
 def num(v):
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
 def fmt(v):
@@ -533,13 +544,15 @@ def marker(w):
 for w in workloads:
     for metric, label, _ in shown:
         vals = {k: rows.get((w, metric, k)) for k in kinds}
-        if not any(vals.values()): continue
+        if not any(vals.values()) and not rows.get((w, metric, "wazuh-alt")): continue
         med = {k: (statistics.median(v) if v else None) for k, v in vals.items()}
         def ratio(a, b):
             if a is None or b in (None, 0): return "n/a"
             return f"{a / b:.2f}"
         lines.append(f"| {w} | {label} | " + " | ".join(fmt(vals[k]) for k in kinds)
-                     + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} | {marker(w)} |")
+                     + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} | {marker(w)} |"
+                     + (f" {fmt(rows.get((w, metric, 'wazuh-alt')))} | "
+                        f"{ratio(statistics.median(rows[(w, metric, 'wazuh-alt')]) if rows.get((w, metric, 'wazuh-alt')) else None, med['nginx'])} |" if alt else ""))
 noisy = sorted(w for w, v in busy.items() if any(x != "quiet" for x in v))
 text = "\n".join(lines)
 text += (f"\n\nMedians over {rounds} round(s) (min–max in brackets; {'quick' if quick == '1' else 'full'} mode), "
