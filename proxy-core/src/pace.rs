@@ -59,6 +59,44 @@ pub const SATURATED: u32 = LOAD_ONE * 3 / 4;
 /// The fixed-point 1.0 of a worker's load.
 pub const LOAD_ONE: u32 = 1024;
 
+/// Bytes per second a worker must read, averaged over its recent rounds, to count as
+/// streaming ([`BUSY_BYTES`] every millisecond): a flood that the load side, not the worker's
+/// CPU, limits. Loads of many agents at moderate rates read far less (1,000 agents at
+/// 10 events/s: about 4 MB/s).
+pub const STREAMING: u64 = BUSY_BYTES * 1000;
+
+/// What a worker thread's recent rounds say about its load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Worker {
+    /// The share of its time spent working ([`LOAD_ONE`]: all of it), averaged over about the
+    /// last eight rounds.
+    pub load: u32,
+    /// Bytes read per second, averaged over about the last eight rounds.
+    pub rate: u64,
+}
+
+impl Worker {
+    /// The state after one more round of `busy` work that read `moved` bytes and followed
+    /// `idle` sleep. Averages over rounds, with each round's rate taken over its own sleep
+    /// and work: one long round that catches up after a hiccup neither makes a lightly
+    /// loaded worker look saturated nor (its bytes spread over the hiccup) streaming.
+    pub fn round(self, moved: u64, busy: Duration, idle: Duration) -> Worker {
+        let total = busy.saturating_add(idle).as_nanos().max(1);
+        let share =
+            u32::try_from(busy.as_nanos() * u128::from(LOAD_ONE) / total).unwrap_or(LOAD_ONE);
+        let rate = u64::try_from(u128::from(moved) * 1_000_000_000 / total).unwrap_or(u64::MAX);
+        Worker {
+            load: (self.load.min(LOAD_ONE) * 7 + share.min(LOAD_ONE)) / 8,
+            rate: self.rate / 8 * 7 + rate / 8,
+        }
+    }
+
+    /// Saturated: busy most of the time, or streaming.
+    pub fn saturated(self) -> bool {
+        self.load >= SATURATED || self.rate >= STREAMING
+    }
+}
+
 thread_local! {
     /// Bytes read by relays on this thread since it last slept.
     static MOVED: Cell<u64> = const { Cell::new(0) };
@@ -67,8 +105,8 @@ thread_local! {
     static SLEPT: Cell<Option<Instant>> = const { Cell::new(None) };
     /// How long it slept the last time.
     static IDLE: Cell<Duration> = const { Cell::new(Duration::ZERO) };
-    /// Its load: the share of time spent working, averaged over recent rounds.
-    static LOAD: Cell<u32> = const { Cell::new(0) };
+    /// Its recent rounds.
+    static WORKER: Cell<Worker> = const { Cell::new(Worker { load: 0, rate: 0 }) };
 }
 
 /// Sets the pause taken before sleeping after a busy round (zero turns batching off;
@@ -95,19 +133,10 @@ pub fn note(bytes: usize) {
     MOVED.with(|m| m.set(m.get().saturating_add(bytes as u64)));
 }
 
-/// The load after one more round of `busy` work that followed `idle` sleep: an average over
-/// about the last eight rounds, so that one long round (a catch-up after a hiccup) does not
-/// make a lightly loaded worker look saturated.
-pub fn next_load(load: u32, busy: Duration, idle: Duration) -> u32 {
-    let total = busy.saturating_add(idle).as_nanos().max(1);
-    let share = u32::try_from(busy.as_nanos() * u128::from(LOAD_ONE) / total).unwrap_or(LOAD_ONE);
-    (load.min(LOAD_ONE) * 7 + share.min(LOAD_ONE)) / 8
-}
-
 /// Whether a worker pauses before sleeping: batching is on, its last round read at least
-/// [`BUSY_BYTES`], and it is saturated (its load at least [`SATURATED`]).
-pub fn should_pause(window_ns: u64, moved: u64, load: u32) -> bool {
-    window_ns > 0 && moved >= BUSY_BYTES && load >= SATURATED
+/// [`BUSY_BYTES`], and it is saturated ([`Worker::saturated`]).
+pub fn should_pause(window_ns: u64, moved: u64, worker: Worker) -> bool {
+    window_ns > 0 && moved >= BUSY_BYTES && worker.saturated()
 }
 
 /// To be called by the runtime just after a worker thread wakes: notes how long it slept.
@@ -129,19 +158,19 @@ pub fn before_park() {
     if ns == 0 {
         return;
     }
-    let load = match WOKE.with(Cell::get) {
+    let worker = match WOKE.with(Cell::get) {
         Some(woke) => {
             let busy = woke.elapsed();
             let idle = IDLE.with(Cell::get);
-            LOAD.with(|l| {
-                let load = next_load(l.get(), busy, idle);
-                l.set(load);
-                load
+            WORKER.with(|w| {
+                let next = w.get().round(moved, busy, idle);
+                w.set(next);
+                next
             })
         }
-        None => 0,
+        None => Worker::default(),
     };
-    if should_pause(ns, moved, load) {
+    if should_pause(ns, moved, worker) {
         PAUSES.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_nanos(ns));
     }
@@ -175,36 +204,59 @@ mod tests {
     #[test]
     fn only_a_saturated_worker_after_a_busy_round_pauses() {
         let w = 200_000;
-        assert!(should_pause(w, BUSY_BYTES, SATURATED));
-        assert!(!should_pause(0, BUSY_BYTES, LOAD_ONE), "batching off");
-        assert!(!should_pause(w, BUSY_BYTES - 1, LOAD_ONE), "a quiet round");
-        assert!(!should_pause(w, u64::MAX, SATURATED - 1), "not saturated");
+        let busy = Worker {
+            load: SATURATED,
+            rate: 0,
+        };
+        let streaming = Worker {
+            load: 0,
+            rate: STREAMING,
+        };
+        assert!(should_pause(w, BUSY_BYTES, busy));
+        assert!(should_pause(w, BUSY_BYTES, streaming));
+        assert!(!should_pause(0, BUSY_BYTES, busy), "batching off");
+        assert!(!should_pause(w, BUSY_BYTES - 1, busy), "a quiet round");
+        let neither = Worker {
+            load: SATURATED - 1,
+            rate: STREAMING - 1,
+        };
+        assert!(!should_pause(w, u64::MAX, neither), "not saturated");
+    }
+
+    fn rounds(mut w: Worker, n: usize, moved: u64, busy: Duration, idle: Duration) -> Worker {
+        for _ in 0..n {
+            w = w.round(moved, busy, idle);
+        }
+        w
     }
 
     #[test]
-    fn load_follows_the_share_of_time_spent_working() {
-        // Flat out: rounds that end to find work waiting at once.
-        let mut load = 0;
-        for _ in 0..40 {
-            load = next_load(load, MS, Duration::ZERO);
-        }
-        assert!(load >= SATURATED, "{load}");
-        // Many agents at a moderate rate: 15 µs of work per 100 µs.
-        let mut moderate = 0;
-        for _ in 0..1000 {
-            moderate = next_load(moderate, MS * 15 / 1000, MS * 85 / 1000);
-        }
-        assert!(moderate < LOAD_ONE / 4, "{moderate}");
-        // A catch-up round after a hiccup does not make it saturated...
-        let after = next_load(moderate, MS * 20, MS * 85 / 1000);
-        assert!(after < SATURATED, "{after}");
-        // ...and a quiet stretch brings a saturated worker back down.
-        for _ in 0..20 {
-            load = next_load(load, MS / 100, MS);
-        }
-        assert!(load < SATURATED, "{load}");
+    fn saturation_follows_the_time_spent_working_and_the_bytes_read() {
+        let us = Duration::from_micros(1);
+        // Flat out on the CPU: rounds that find work waiting at once.
+        let cpu_bound = rounds(Worker::default(), 40, 1000, MS, Duration::ZERO);
+        assert!(cpu_bound.load >= SATURATED, "{cpu_bound:?}");
+        // A flood the load side limits: half the time asleep, but 32 KiB every 40 µs.
+        let flood = rounds(Worker::default(), 40, 32 << 10, us * 20, us * 20);
+        assert!(flood.load < SATURATED && flood.saturated(), "{flood:?}");
+        // 1,000 agents at 10 events/s: 15 µs of work and 400 bytes per 100 µs.
+        let moderate = rounds(Worker::default(), 1000, 400, us * 15, us * 85);
+        assert!(!moderate.saturated(), "{moderate:?}");
+        // A catch-up round after a 20 ms hiccup (its backlog read at once) does not make it
+        // saturated, whether the hiccup came while it worked or while it slept.
+        let after = moderate.round(80_000, MS * 20, us * 85);
+        assert!(!after.saturated(), "{after:?}");
+        let after = moderate.round(80_000, us * 300, MS * 20);
+        assert!(!after.saturated(), "{after:?}");
+        // A quiet stretch brings a saturated worker back down.
+        let calm = rounds(cpu_bound, 20, 100, us * 10, MS);
+        assert!(!calm.saturated(), "{calm:?}");
         // Degenerate rounds stay in range.
-        assert!(next_load(LOAD_ONE, Duration::ZERO, Duration::ZERO) <= LOAD_ONE);
-        assert!(next_load(u32::MAX, Duration::MAX, Duration::MAX) <= LOAD_ONE);
+        let top = Worker {
+            load: u32::MAX,
+            rate: u64::MAX,
+        };
+        assert!(top.round(u64::MAX, Duration::ZERO, Duration::ZERO).load <= LOAD_ONE);
+        assert!(top.round(0, Duration::MAX, Duration::MAX).load <= LOAD_ONE);
     }
 }
