@@ -53,41 +53,61 @@ static WINDOW_NS: AtomicU64 = AtomicU64::new(0);
 static PAUSES: AtomicU64 = AtomicU64::new(0);
 
 /// Share of its time a worker must spend working (not asleep in the kernel), averaged over its
-/// recent rounds, to count as saturated: [`LOAD_ONE`] is all of it.
+/// recent time, to count as saturated: [`LOAD_ONE`] is all of it.
 pub const SATURATED: u32 = LOAD_ONE * 3 / 4;
 
 /// The fixed-point 1.0 of a worker's load.
 pub const LOAD_ONE: u32 = 1024;
 
-/// Bytes per second a worker must read, averaged over its recent rounds, to count as
+/// Bytes per second a worker must read, averaged over its recent time, to count as
 /// streaming ([`BUSY_BYTES`] every millisecond): a flood that the load side, not the worker's
 /// CPU, limits. Loads of many agents at moderate rates read far less (1,000 agents at
 /// 10 events/s: about 4 MB/s).
 pub const STREAMING: u64 = BUSY_BYTES * 1000;
 
+/// The stretch of a worker's time (work and sleep) over which its load and rate are measured
+/// before they enter the averages.
+pub const SPAN: Duration = Duration::from_millis(1);
+
 /// What a worker thread's recent rounds say about its load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Worker {
-    /// The share of its time spent working ([`LOAD_ONE`]: all of it), averaged over about the
-    /// last eight rounds.
+    /// The share of its time spent working ([`LOAD_ONE`]: all of it), averaged over the last
+    /// few [`SPAN`]s.
     pub load: u32,
-    /// Bytes read per second, averaged over about the last eight rounds.
+    /// Bytes read per second, averaged over the last few [`SPAN`]s.
     pub rate: u64,
+    /// The span being measured: nanoseconds of work, of work and sleep, and bytes read.
+    busy_ns: u64,
+    span_ns: u64,
+    bytes: u64,
 }
 
 impl Worker {
     /// The state after one more round of `busy` work that read `moved` bytes and followed
-    /// `idle` sleep. Averages over rounds, with each round's rate taken over its own sleep
-    /// and work: one long round that catches up after a hiccup neither makes a lightly
-    /// loaded worker look saturated nor (its bytes spread over the hiccup) streaming.
+    /// `idle` sleep. Time-weighted: rounds add up to spans of at least [`SPAN`], and each span
+    /// enters the averages with a weight of 1/4. One long round that catches up after a hiccup
+    /// of a lightly loaded worker is one span: it neither makes the worker saturated nor (its
+    /// bytes spread over the hiccup) streaming; several in a row do.
     pub fn round(self, moved: u64, busy: Duration, idle: Duration) -> Worker {
-        let total = busy.saturating_add(idle).as_nanos().max(1);
-        let share =
-            u32::try_from(busy.as_nanos() * u128::from(LOAD_ONE) / total).unwrap_or(LOAD_ONE);
-        let rate = u64::try_from(u128::from(moved) * 1_000_000_000 / total).unwrap_or(u64::MAX);
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut w = self;
+        w.busy_ns = w.busy_ns.saturating_add(ns(busy));
+        w.span_ns = w.span_ns.saturating_add(ns(busy.saturating_add(idle)));
+        w.bytes = w.bytes.saturating_add(moved);
+        if w.span_ns < ns(SPAN) {
+            return w;
+        }
+        let span = u128::from(w.span_ns.max(1));
+        let share = u128::from(w.busy_ns) * u128::from(LOAD_ONE) / span;
+        let share = u32::try_from(share).unwrap_or(LOAD_ONE).min(LOAD_ONE);
+        let rate = u64::try_from(u128::from(w.bytes) * 1_000_000_000 / span).unwrap_or(u64::MAX);
         Worker {
-            load: (self.load.min(LOAD_ONE) * 7 + share.min(LOAD_ONE)) / 8,
-            rate: self.rate / 8 * 7 + rate / 8,
+            load: (w.load.min(LOAD_ONE) * 3 + share) / 4,
+            rate: w.rate / 4 * 3 + rate / 4,
+            busy_ns: 0,
+            span_ns: 0,
+            bytes: 0,
         }
     }
 
@@ -106,7 +126,9 @@ thread_local! {
     /// How long it slept the last time.
     static IDLE: Cell<Duration> = const { Cell::new(Duration::ZERO) };
     /// Its recent rounds.
-    static WORKER: Cell<Worker> = const { Cell::new(Worker { load: 0, rate: 0 }) };
+    static WORKER: Cell<Worker> = const {
+        Cell::new(Worker { load: 0, rate: 0, busy_ns: 0, span_ns: 0, bytes: 0 })
+    };
 }
 
 /// Sets the pause taken before sleeping after a busy round (zero turns batching off;
@@ -206,11 +228,11 @@ mod tests {
         let w = 200_000;
         let busy = Worker {
             load: SATURATED,
-            rate: 0,
+            ..Worker::default()
         };
         let streaming = Worker {
-            load: 0,
             rate: STREAMING,
+            ..Worker::default()
         };
         assert!(should_pause(w, BUSY_BYTES, busy));
         assert!(should_pause(w, BUSY_BYTES, streaming));
@@ -219,6 +241,7 @@ mod tests {
         let neither = Worker {
             load: SATURATED - 1,
             rate: STREAMING - 1,
+            ..Worker::default()
         };
         assert!(!should_pause(w, u64::MAX, neither), "not saturated");
     }
@@ -237,7 +260,7 @@ mod tests {
         let cpu_bound = rounds(Worker::default(), 40, 1000, MS, Duration::ZERO);
         assert!(cpu_bound.load >= SATURATED, "{cpu_bound:?}");
         // A flood the load side limits: half the time asleep, but 32 KiB every 40 µs.
-        let flood = rounds(Worker::default(), 40, 32 << 10, us * 20, us * 20);
+        let flood = rounds(Worker::default(), 1000, 32 << 10, us * 20, us * 20);
         assert!(flood.load < SATURATED && flood.saturated(), "{flood:?}");
         // 1,000 agents at 10 events/s: 15 µs of work and 400 bytes per 100 µs.
         let moderate = rounds(Worker::default(), 1000, 400, us * 15, us * 85);
@@ -248,6 +271,12 @@ mod tests {
         assert!(!after.saturated(), "{after:?}");
         let after = moderate.round(80_000, us * 300, MS * 20);
         assert!(!after.saturated(), "{after:?}");
+        // ...though several in a row do.
+        let hiccups = rounds(moderate, 6, 80_000, MS * 20, us * 85);
+        assert!(hiccups.saturated(), "{hiccups:?}");
+        // Many short rounds at a moderate load are not a flood: rates are taken over time.
+        let short = rounds(Worker::default(), 10_000, 400, us * 5, us * 5);
+        assert!(short.rate < STREAMING, "{short:?}");
         // A quiet stretch brings a saturated worker back down.
         let calm = rounds(cpu_bound, 20, 100, us * 10, MS);
         assert!(!calm.saturated(), "{calm:?}");
@@ -255,8 +284,13 @@ mod tests {
         let top = Worker {
             load: u32::MAX,
             rate: u64::MAX,
+            ..Worker::default()
         };
-        assert!(top.round(u64::MAX, Duration::ZERO, Duration::ZERO).load <= LOAD_ONE);
-        assert!(top.round(0, Duration::MAX, Duration::MAX).load <= LOAD_ONE);
+        let w = top.round(u64::MAX, Duration::MAX, Duration::MAX);
+        assert!(w.load <= LOAD_ONE, "{w:?}");
+        let w = top
+            .round(0, Duration::MAX, Duration::ZERO)
+            .round(u64::MAX, MS, MS);
+        assert!(w.load <= LOAD_ONE, "{w:?}");
     }
 }
