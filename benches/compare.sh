@@ -3,7 +3,7 @@
 # plus a direct run without any proxy, on loopback only.
 #
 #   benches/compare.sh [--quick] [--rounds N] [--out FILE] [--no-install] [--no-build]
-#                      [--only throughput|latency|idle|storm]
+#                      [--only throughput|latency|echo|idle|storm|churn]
 #
 # Layout: the proxy under test is pinned to CPU 0 (taskset -c 0); the simulated agents
 # (wazuh-fleet) and the two stand-in managers behind the proxy share CPU 1. Each workload runs
@@ -13,12 +13,21 @@
 #
 # Workloads (full / --quick):
 #   throughput   100 and 1000 agents x 256 B and 4 KB events, flat out, 8 s / 3 s each
-#   latency      100 agents x 10 events/s, event -> manager echo round trip p50/p99
+#   latency      100 agents x 10 events/s, 256 B, event -> manager echo round trip
+#                p50/p99/p99.9, 8 s / 4 s
+#   echo         the same round trip with 1000 agents x 10 events/s (10,000 events/s), 10 s / 6 s
 #   idle memory  10,000 / 2,000 idle agents (fewer if `ulimit -n` cannot give a proxy two
-#                descriptors per agent): the proxy's VmRSS growth per connected agent;
+#                descriptors per agent) that connected and sent their startup: the proxy's
+#                VmRSS growth per connected agent 2 s and 30 s after the last one connected;
 #                full mode also tries 50,000 agents (one round) when descriptors allow
 #   storm        10,000 / 2,000 agents handshaking at the same instant: time until the last
 #                startup is acknowledged, and connections per second
+#   churn        32 workers each connecting as an agent, sending the startup, waiting for its
+#                ACK and closing, over and over for 8 s / 4 s (agents from 8 loopback
+#                addresses): new connections per second and proxy CPU per new agent
+#
+# Tables show the median over the rounds with min-max beside it; each workload is marked
+# busy(N) when N compiler processes ran during one of its runs, else quiet.
 #
 # Every load loop is bounded in time and everything started here is stopped on exit.
 set -euo pipefail
@@ -38,23 +47,33 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0 ;;
         --no-build) BUILD=0 ;;
         --only) ONLY=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
 done
 
 if [ "$QUICK" = 1 ]; then
-    ROUNDS=${ROUNDS:-1}; TP_SECS=3; LAT_SECS=4; IDLE_AGENTS=2000; STORM_AGENTS=2000; BIG_IDLE=0
+    ROUNDS=${ROUNDS:-1}; TP_SECS=3; LAT_SECS=4; ECHO_SECS=6; CHURN_SECS=4
+    IDLE_AGENTS=2000; STORM_AGENTS=2000; BIG_IDLE=0
 else
-    ROUNDS=${ROUNDS:-3}; TP_SECS=8; LAT_SECS=8; IDLE_AGENTS=10000; STORM_AGENTS=10000; BIG_IDLE=50000
+    ROUNDS=${ROUNDS:-3}; TP_SECS=8; LAT_SECS=8; ECHO_SECS=10; CHURN_SECS=8
+    IDLE_AGENTS=10000; STORM_AGENTS=10000; BIG_IDLE=50000
 fi
+# The second idle memory reading, in seconds after the last agent connected.
+IDLE_LATE=30
+# Agents the churn workers take turns with (each comes back after the other 62 of its worker).
+CHURN_AGENTS=2000
+CHURN_WORKERS=32
 # KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one;
-# WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s".
+# WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s";
+# the kind "wazuh-alt" runs another build, WAZUH_ALT_BIN, the same way (A/B of two builds).
 KINDS=${KINDS:-"wazuh nginx haproxy direct"}
-LISTEN_PORT=15140
-M1=127.0.0.1:15601
-M2=127.0.0.1:15602
+# PORTS (environment) moves the listener and the two managers, e.g. PORTS="16140 16601 16602"
+# when another run uses the defaults on the same machine.
+read -r LISTEN_PORT M1_PORT M2_PORT <<< "${PORTS:-15140 15601 15602}"
+M1=127.0.0.1:$M1_PORT
+M2=127.0.0.1:$M2_PORT
 NGINX_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
 WORK=$(mktemp -d /tmp/wazuh-compare.XXXXXX)
@@ -203,9 +222,12 @@ start_proxy() {
     PROXY_PID=""
     PROXY_MAIN=""
     case "$kind" in
-        wazuh)
-            RUST_LOG=warn taskset -c 0 "$PROXY_BIN" run --listen 127.0.0.1:$LISTEN_PORT \
-                --backend $M1 --backend $M2 --balance agent-id ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
+        wazuh|wazuh-alt)
+            local bin=$PROXY_BIN
+            [ "$kind" = wazuh-alt ] && bin=${WAZUH_ALT_BIN:?WAZUH_ALT_BIN names the other build}
+            # No admin API: a benchmark does not need it, and its port may be taken on a shared machine.
+            RUST_LOG=warn taskset -c 0 "$bin" run --listen 127.0.0.1:$LISTEN_PORT \
+                --backend $M1 --backend $M2 --balance agent-id --admin none ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
             PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
         nginx)
             taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
@@ -248,8 +270,8 @@ start_managers() {
         MANAGER_PIDS+=($!)
         PIDS+=($!)
     done
-    wait_listen 15601
-    wait_listen 15602
+    wait_listen "$M1_PORT"
+    wait_listen "$M2_PORT"
 }
 
 # stop_managers: prints the two summary lines.
@@ -360,35 +382,47 @@ want throughput && for agents in 100 1000; do
     done
 done
 
-w=latency_100x10eps
-want latency && for round in $(seq "$ROUNDS"); do
-    for kind in $KINDS; do
-        run_case "$w" "$kind" "$round" -- --echo -- \
-            latency --agents 100 --rate 10 --event-size 256 --duration $LAT_SECS
-        record "$w" "$kind" "$round" rtt_p50_us "$(field rtt_p50_us "$LAST_OUT")"
-        record "$w" "$kind" "$round" rtt_p99_us "$(field rtt_p99_us "$LAST_OUT")"
-        record "$w" "$kind" "$round" lost "$(printf '%s\n' "$LAST_MSUM" | sum_field lost)"
-        [ "$kind" != direct ] && record "$w" "$kind" "$round" proxy_cpu_pct \
-            "$(awk -v c="$LAST_CPU" -v e="$LAT_SECS" 'BEGIN { printf "%.1f", 100 * c / e }')"
-        log "$w $kind round $round: p50 $(field rtt_p50_us "$LAST_OUT") us p99 $(field rtt_p99_us "$LAST_OUT") us rc=$LAST_RC $LAST_BUSY"
+latency_case() { # latency_case WORKLOAD AGENTS SECONDS
+    local w=$1 agents=$2 secs=$3
+    for round in $(seq "$ROUNDS"); do
+        for kind in $KINDS; do
+            run_case "$w" "$kind" "$round" -- --echo -- \
+                latency --agents "$agents" --rate 10 --event-size 256 --duration "$secs" --ramp 256
+            [ "$LAST_RC" = 99 ] && continue
+            record "$w" "$kind" "$round" rtt_p50_us "$(field rtt_p50_us "$LAST_OUT")"
+            record "$w" "$kind" "$round" rtt_p99_us "$(field rtt_p99_us "$LAST_OUT")"
+            record "$w" "$kind" "$round" rtt_p999_us "$(field rtt_p999_us "$LAST_OUT")"
+            record "$w" "$kind" "$round" lost "$(printf '%s\n' "$LAST_MSUM" | sum_field lost)"
+            record "$w" "$kind" "$round" busy "$LAST_BUSY"
+            [ "$kind" != direct ] && record "$w" "$kind" "$round" proxy_cpu_pct \
+                "$(awk -v c="$LAST_CPU" -v e="$secs" 'BEGIN { printf "%.1f", 100 * c / e }')"
+            log "$w $kind round $round: p50 $(field rtt_p50_us "$LAST_OUT") us p99 $(field rtt_p99_us "$LAST_OUT") us p99.9 $(field rtt_p999_us "$LAST_OUT") us rc=$LAST_RC $LAST_BUSY"
+        done
     done
-done
+}
+want latency && latency_case latency_100x10eps 100 "$LAT_SECS"
+want echo && latency_case echo_1000x10eps 1000 "$ECHO_SECS"
 
 idle_case() { # idle_case AGENTS ROUNDS SOURCES
     local n=$1 rounds=$2 sources=$3 w="idle_${1}"
     for round in $(seq "$rounds"); do
-        for kind in wazuh nginx haproxy; do
+        for kind in $KINDS; do
+            [ "$kind" = direct ] && continue
+            # Long enough for the ramp, the reading at 2 s and the one at $IDLE_LATE s.
             run_case "$w" "$kind" "$round" -- -- \
-                idle --agents "$n" --duration $(( 8 + n / 2000 )) --ramp 512 --rss-pid @PID@ \
-                --source-ips "$sources" --recv-timeout 20
+                idle --agents "$n" --duration $(( IDLE_LATE + 6 + n / 2000 )) --ramp 512 \
+                --rss-pid @PID@ --rss-late "$IDLE_LATE" --source-ips "$sources" --recv-timeout 20
+            [ "$LAST_RC" = 99 ] && continue
             record "$w" "$kind" "$round" rss_per_agent_bytes "$(field rss_per_agent_bytes "$LAST_OUT")"
+            record "$w" "$kind" "$round" rss_late_per_agent_bytes "$(field rss_late_per_agent_bytes "$LAST_OUT")"
+            record "$w" "$kind" "$round" busy "$LAST_BUSY"
             record "$w" "$kind" "$round" connected "$(field connected "$LAST_OUT")"
             record "$w" "$kind" "$round" rss_before_kb "$(field rss_before_kb "$LAST_OUT")"
-            log "$w $kind round $round: $(field rss_per_agent_bytes "$LAST_OUT") B/agent, connected $(field connected "$LAST_OUT")/$n, rc=$LAST_RC $LAST_BUSY"
+            log "$w $kind round $round: $(field rss_per_agent_bytes "$LAST_OUT") B/agent at 2 s, $(field rss_late_per_agent_bytes "$LAST_OUT") at ${IDLE_LATE} s, connected $(field connected "$LAST_OUT")/$n, rc=$LAST_RC $LAST_BUSY"
         done
     done
 }
-want idle && idle_case "$IDLE_AGENTS" "$(( ROUNDS < 2 ? ROUNDS : 2 ))" 0
+want idle && idle_case "$IDLE_AGENTS" "$ROUNDS" 0
 
 w=storm_${STORM_AGENTS}
 want storm && for round in $(seq "$ROUNDS"); do
@@ -399,11 +433,37 @@ want storm && for round in $(seq "$ROUNDS"); do
         record "$w" "$kind" "$round" all_acked_ms "$(field all_acked_ms "$LAST_OUT")"
         record "$w" "$kind" "$round" conns_per_s "$(field conns_per_s "$LAST_OUT")"
         record "$w" "$kind" "$round" acked "$(field acked "$LAST_OUT")"
+        record "$w" "$kind" "$round" busy "$LAST_BUSY"
         if [ "$kind" != direct ]; then
             record "$w" "$kind" "$round" proxy_cpu_us_per_conn \
                 "$(awk -v c="$LAST_CPU" -v n="$STORM_AGENTS" 'BEGIN { printf "%.0f", 1e6 * c / n }')"
         fi
         log "$w $kind round $round: all acked in $(field all_acked_ms "$LAST_OUT") ms ($(field acked "$LAST_OUT") acked), rc=$LAST_RC $LAST_BUSY"
+    done
+done
+
+w=churn_${CHURN_WORKERS}w
+want churn && for round in $(seq "$ROUNDS"); do
+    for kind in $KINDS; do
+        # 8 source addresses: the proxy's default per-source limit (10,000 new connections/s)
+        # and one address's ephemeral ports must not be what is measured.
+        run_case "$w" "$kind" "$round" -- -- \
+            churn --agents "$CHURN_AGENTS" --workers "$CHURN_WORKERS" --duration "$CHURN_SECS" \
+            --source-ips 8 --recv-timeout 5 --drain 5
+        [ "$LAST_RC" = 99 ] && continue
+        conns=$(field conns "$LAST_OUT")
+        record "$w" "$kind" "$round" conns_per_s "$(field conns_per_s "$LAST_OUT")"
+        record "$w" "$kind" "$round" handshake_p50_us "$(field handshake_p50_us "$LAST_OUT")"
+        record "$w" "$kind" "$round" handshake_p99_us "$(field handshake_p99_us "$LAST_OUT")"
+        record "$w" "$kind" "$round" failed_attempts "$(field failed_attempts "$LAST_OUT")"
+        record "$w" "$kind" "$round" busy "$LAST_BUSY"
+        if [ "$kind" != direct ]; then
+            record "$w" "$kind" "$round" proxy_cpu_us_per_conn \
+                "$(awk -v c="$LAST_CPU" -v n="${conns:-0}" 'BEGIN { if (n > 0) printf "%.1f", 1e6 * c / n }')"
+            record "$w" "$kind" "$round" proxy_cpu_pct \
+                "$(awk -v c="$LAST_CPU" -v e="$(field elapsed_s "$LAST_OUT")" 'BEGIN { if (e > 0) printf "%.1f", 100 * c / e }')"
+        fi
+        log "$w $kind round $round: $(field conns_per_s "$LAST_OUT") conn/s, $conns conns, failed $(field failed_attempts "$LAST_OUT"), proxy CPU ${LAST_CPU}s, rc=$LAST_RC $LAST_BUSY"
     done
 done
 
@@ -448,38 +508,57 @@ shown = [
     ("fairness", "slowest agent / median agent", True),
     ("missing_frames", "frames sent - received", None),
     ("rtt_p50_us", "p50 µs", False), ("rtt_p99_us", "p99 µs", False),
+    ("rtt_p999_us", "p99.9 µs", False),
     ("lost", "events lost", None),
-    ("rss_per_agent_bytes", "RSS bytes / idle agent", False),
+    ("rss_per_agent_bytes", "RSS bytes / idle agent at 2 s", False),
+    ("rss_late_per_agent_bytes", "RSS bytes / idle agent at 30 s", False),
     ("rss_before_kb", "proxy RSS before, kB", False), ("connected", "agents connected", None),
     ("all_acked_ms", "ms until all acked", False),
     ("proxy_cpu_us_per_conn", "proxy CPU µs per new agent", False), ("conns_per_s", "connections/s", True),
+    ("handshake_p50_us", "connect-to-ACK p50 µs", False),
+    ("handshake_p99_us", "connect-to-ACK p99 µs", False),
+    ("failed_attempts", "failed attempts", None),
 ]
 kinds = ["wazuh", "nginx", "haproxy", "direct"]
+alt = any(k == "wazuh-alt" for (_, _, k) in rows)
 workloads = []
 for (w, _, _) in rows:
     if w not in workloads:
         workloads.append(w)
-lines = ["| workload | metric | wazuh-proxy | nginx | HAProxy | direct | wazuh / nginx | wazuh / HAProxy |",
-         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-def fmt(v):
-    if v is None: return "n/a"
+lines = ["| workload | metric | wazuh-proxy | nginx | HAProxy | direct | wazuh / nginx | wazuh / HAProxy | machine |"
+         + (" wazuh-alt | alt / nginx |" if alt else ""),
+         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |" + (" ---: | ---: |" if alt else "")]
+def num(v):
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+def fmt(v):
+    # Median, with min-max over the rounds when there was more than one.
+    if not v: return "n/a"
+    m = num(statistics.median(v))
+    if len(v) > 1 and min(v) != max(v):
+        m += f" ({num(min(v))}–{num(max(v))})"
+    return m
+def marker(w):
+    b = [x for x in busy.get(w, []) if x != "quiet"]
+    if not busy.get(w): return "?"
+    return max(b, key=lambda x: int(x[5:-1])) if b else "quiet"
 for w in workloads:
     for metric, label, _ in shown:
         vals = {k: rows.get((w, metric, k)) for k in kinds}
-        if not any(vals.values()): continue
+        if not any(vals.values()) and not rows.get((w, metric, "wazuh-alt")): continue
         med = {k: (statistics.median(v) if v else None) for k, v in vals.items()}
         def ratio(a, b):
             if a is None or b in (None, 0): return "n/a"
             return f"{a / b:.2f}"
-        lines.append(f"| {w} | {label} | " + " | ".join(fmt(med[k]) for k in kinds)
-                     + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} |")
+        lines.append(f"| {w} | {label} | " + " | ".join(fmt(vals[k]) for k in kinds)
+                     + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} | {marker(w)} |"
+                     + (f" {fmt(rows.get((w, metric, 'wazuh-alt')))} | "
+                        f"{ratio(statistics.median(rows[(w, metric, 'wazuh-alt')]) if rows.get((w, metric, 'wazuh-alt')) else None, med['nginx'])} |" if alt else ""))
 noisy = sorted(w for w, v in busy.items() if any(x != "quiet" for x in v))
 text = "\n".join(lines)
-text += (f"\n\nMedians over {rounds} round(s) ({'quick' if quick == '1' else 'full'} mode), "
+text += (f"\n\nMedians over {rounds} round(s) (min–max in brackets; {'quick' if quick == '1' else 'full'} mode), "
          f"{secs} s of workloads; load average during runs {min(loads):.2f}..{max(loads):.2f}.\n")
 if noisy:
-    text += "Compilers were running during some throughput runs of: " + ", ".join(noisy) + ".\n"
+    text += "Compilers were running during some runs of: " + ", ".join(noisy) + " (busy machine: indicative only).\n"
 open(out, "w").write(text)
 print(text)
 EOF

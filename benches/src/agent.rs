@@ -220,8 +220,9 @@ impl Agent {
             .map_err(|e| FleetError::io(format!("connecting to {}", cfg.target), e))?;
         // Whole frames are written at once; Nagle would only add delay to the echo timings.
         let _ = stream.set_nodelay(true);
-        let startup = match self.startup.take() {
-            Some(f) => f,
+        // A prepared startup is kept: churn sends it again on every connection.
+        let startup = match &self.startup {
+            Some(f) => f.clone(),
             None => self
                 .sealer
                 .frame(control::startup_text(Some(AGENT_VERSION)).as_bytes())?,

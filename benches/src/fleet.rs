@@ -3,6 +3,8 @@
 //! - [`run_agents`]: throughput (rate or flat out), latency (with the manager's echo) and idle
 //!   (keepalives only, with the resident memory of a watched process before and after).
 //! - [`connect_storm`]: N agents handshaking at the same instant.
+//! - [`churn`]: workers that each connect as an agent, send the startup, wait for its ACK and
+//!   close, over and over (new connections per second).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -107,6 +109,16 @@ fn resolve_load(o: &FleetOptions) -> Load {
     }
 }
 
+/// Whose resident memory an idle run watches, and when.
+#[derive(Debug, Clone, Copy)]
+pub struct RssProbe {
+    /// The process (the proxy).
+    pub pid: u32,
+    /// A second reading this long after every agent connected (besides the one at 2 s), if
+    /// the run lasts that long: memory right after a reconnect storm and once it settled.
+    pub late: Option<Duration>,
+}
+
 /// Resident memory of process `pid` in kB (`VmRSS` of `/proc/PID/status`).
 ///
 /// # Errors
@@ -122,17 +134,19 @@ pub fn rss_kb(pid: u32) -> Result<u64, FleetError> {
 
 /// Runs `o.agents` agents until the duration ends and they have drained.
 ///
-/// With `rss_pid`, reads that process's resident memory before the first connection and once
-/// every agent is connected (plus two seconds to settle), and reports the difference per agent.
+/// With `rss`, reads that process's resident memory before the first connection and once
+/// every agent is connected (plus two seconds to settle), and reports the difference per agent;
+/// with `rss.late`, once more that long after the agents connected.
 ///
 /// # Errors
 /// Keys that cannot be read or written, or events that cannot be sealed.
 pub async fn run_agents(
     o: &FleetOptions,
     mode: &str,
-    rss_pid: Option<u32>,
+    rss: Option<RssProbe>,
     expect_reconnects: bool,
 ) -> Result<Outcome, FleetError> {
+    let rss_pid = rss.map(|r| r.pid);
     let load = resolve_load(o);
     let agents = build(o, load)?;
     if let Load::FlatOut { pool } = load {
@@ -157,15 +171,31 @@ pub async fn run_agents(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let connected = stats.connects.load(Relaxed);
+        let connected_at = Instant::now();
         let ramp = start.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = rss_kb(pid)?;
-        let per = (after.saturating_sub(before) * 1024) as f64 / connected.max(1) as f64;
+        let per_agent =
+            |kb: u64| (kb.saturating_sub(before) * 1024) as f64 / connected.max(1) as f64;
         extra = format!(
             " rss_pid={pid} rss_before_kb={before} rss_after_kb={after} connected={connected} \
-             ramp_s={:.2} rss_per_agent_bytes={per:.0}",
-            ramp.as_secs_f64()
+             ramp_s={:.2} rss_per_agent_bytes={:.0}",
+            ramp.as_secs_f64(),
+            per_agent(after)
         );
+        // Only while every agent is still connected (before the end of the run).
+        if let Some(late) = rss.and_then(|r| r.late) {
+            let at = connected_at + late;
+            if at + Duration::from_millis(500) < cfg.deadline {
+                tokio::time::sleep_until(at).await;
+                let later = rss_kb(pid)?;
+                extra.push_str(&format!(
+                    " rss_late_s={:.0} rss_late_kb={later} rss_late_per_agent_bytes={:.0}",
+                    late.as_secs_f64(),
+                    per_agent(later)
+                ));
+            }
+        }
     }
     let mut per_agent = Vec::with_capacity(o.agents);
     while let Some(r) = tasks.join_next().await {
@@ -264,5 +294,71 @@ pub async fn connect_storm(o: &FleetOptions) -> Result<Outcome, FleetError> {
     Ok(Outcome {
         report,
         ok: errors == 0,
+    })
+}
+
+/// Connection churn: `workers` loops run until the duration ends, each taking its agents in
+/// turn (agent `i` belongs to worker `i % workers`), connecting as the agent, sending its
+/// (pre-sealed) startup, waiting for the ACK and closing. Reports new connections per second
+/// and the connect-to-ACK time. A failed attempt is counted and followed by a 10 ms pause, so
+/// that a target that refuses everything is not hammered.
+///
+/// Each agent comes back only after the others of its worker: with a few agents per worker the
+/// proxy has seen the previous connection close before the next one arrives.
+///
+/// # Errors
+/// Keys that cannot be read or written.
+pub async fn churn(o: &FleetOptions, workers: usize) -> Result<Outcome, FleetError> {
+    let workers = workers.clamp(1, o.agents.max(1));
+    let mut agents = build(o, Load::Idle)?;
+    for a in &mut agents {
+        a.prepare_startup()?;
+    }
+    let mut groups: Vec<Vec<Agent>> = (0..workers).map(|_| Vec::new()).collect();
+    for (i, a) in agents.into_iter().enumerate() {
+        groups[i % workers].push(a);
+    }
+    let stats = Arc::new(FleetStats::new());
+    let cfg = Arc::new(config(o, Load::Idle));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut group in groups {
+        let (cfg, stats) = (Arc::clone(&cfg), Arc::clone(&stats));
+        tasks.spawn(async move {
+            let mut next = 0;
+            while Instant::now() < cfg.deadline && !group.is_empty() {
+                let len = group.len();
+                let a = &mut group[next];
+                next = (next + 1) % len;
+                let t0 = Instant::now();
+                match tokio::time::timeout_at(cfg.deadline + cfg.drain, a.handshake(&cfg)).await {
+                    Ok(Ok(stream)) => {
+                        stats.record_rtt(t0.elapsed());
+                        stats.connects.fetch_add(1, Relaxed);
+                        drop(stream);
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        stats.failed_attempts.fetch_add(1, Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    let n = stats.connects.load(Relaxed);
+    let failed = stats.failed_attempts.load(Relaxed);
+    let (_, p50, p99, _) = stats.latency();
+    let report = format!(
+        "summary mode=churn agents={} workers={workers} conns={n} failed_attempts={failed} \
+         elapsed_s={secs:.3} conns_per_s={:.0} handshake_p50_us={p50} handshake_p99_us={p99}",
+        o.agents,
+        n as f64 / secs,
+    );
+    Ok(Outcome {
+        report,
+        // A few failures (a port still in TIME_WAIT) are tolerated; mostly failing is not.
+        ok: n > 0 && failed * 100 <= n,
     })
 }

@@ -74,6 +74,20 @@ impl FleetStats {
         }
     }
 
+    /// The round trip at quantile `q` (0.999 for p99.9) in microseconds (0 without samples).
+    pub fn quantile(&self, q: f64) -> u64 {
+        self.latency
+            .lock()
+            .map(|h| {
+                if h.is_empty() {
+                    0
+                } else {
+                    h.value_at_quantile(q)
+                }
+            })
+            .unwrap_or(0)
+    }
+
     /// (samples, p50, p99, max) of the round trips in microseconds.
     pub fn latency(&self) -> (u64, u64, u64, u64) {
         match self.latency.lock() {
@@ -110,8 +124,10 @@ impl FleetStats {
         let (n, p50, p99, max) = self.latency();
         if n > 0 {
             line.push_str(&format!(
-                " echoes={} rtt_samples={n} rtt_p50_us={p50} rtt_p99_us={p99} rtt_max_us={max}",
-                self.echoes.load(Relaxed)
+                " echoes={} rtt_samples={n} rtt_p50_us={p50} rtt_p99_us={p99} rtt_p999_us={} \
+                 rtt_max_us={max}",
+                self.echoes.load(Relaxed),
+                self.quantile(0.999)
             ));
         }
         line

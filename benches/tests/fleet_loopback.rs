@@ -199,3 +199,40 @@ async fn a_refused_agent_is_closed_unanswered_and_the_others_are_served() {
     );
     let _ = std::fs::remove_file(keys);
 }
+
+#[tokio::test]
+async fn churn_reconnects_each_agent_with_one_startup_per_connection() {
+    let keys = keys_file("churn");
+    let (addr, state) = start_manager(&keys, false).await;
+    let out = fleet::churn(&options(addr, &keys, Cipher::Aes, Load::Idle), 2)
+        .await
+        .unwrap();
+    assert!(out.ok, "{}", out.report);
+    let conns = field(&out.report, "conns");
+    assert!(conns >= 4, "{}", out.report);
+    assert_eq!(field(&out.report, "workers"), 2, "{}", out.report);
+    // Every connection was one startup, acknowledged, then closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while state.open.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (report, _) = state.report("m", true);
+    let summary = report.lines().last().unwrap();
+    assert!(field(summary, "frames") >= conns, "{report}");
+
+    // The idle probe on the fleet's own process: a reading at 2 s and one at 2.5 s (the run
+    // lasts 5 s, so the second is taken unless connecting 4 agents takes 2 s).
+    let mut o = options(addr, &keys, Cipher::Aes, Load::Idle);
+    o.duration = Duration::from_secs(5);
+    let probe = fleet::RssProbe {
+        pid: std::process::id(),
+        late: Some(Duration::from_millis(2500)),
+    };
+    let out = fleet::run_agents(&o, "idle", Some(probe), false)
+        .await
+        .unwrap();
+    assert!(out.ok, "{}", out.report);
+    field(&out.report, "rss_per_agent_bytes");
+    field(&out.report, "rss_late_kb");
+    let _ = std::fs::remove_file(keys);
+}

@@ -176,6 +176,8 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
 fn runtime() -> Result<tokio::runtime::Runtime, std::io::Error> {
     tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(wazuh_proxy_core::pace::before_park)
+        // How long a worker sleeps tells pace whether it is saturated (batching only then).
+        .on_thread_unpark(wazuh_proxy_core::pace::after_unpark)
         .enable_all()
         .build()
 }

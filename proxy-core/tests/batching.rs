@@ -1,5 +1,5 @@
-//! Batching under load (`pace`): a relay on a runtime that calls `pace::before_park` pauses
-//! when it is busy, never when it is quiet, and loses, duplicates or reorders nothing either
+//! Batching under load (`pace`): a relay on a runtime that calls `pace::before_park` and
+//! `pace::after_unpark` pauses when it is saturated, never when it is quiet, and loses, duplicates or reorders nothing either
 //! way. One test in this file: the pause counter and window are process-wide.
 
 mod support;
@@ -27,6 +27,7 @@ fn a_busy_relay_pauses_a_quiet_one_does_not_and_every_frame_arrives_in_order() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .on_thread_park(pace::before_park)
+        .on_thread_unpark(pace::after_unpark)
         .enable_all()
         .build()
         .unwrap();

@@ -6,7 +6,8 @@
 //! wazuh-fleet agents  --target 127.0.0.1:1514 --agents 100 --event-size 256 --flat-out --duration 10
 //! wazuh-fleet latency --target 127.0.0.1:1514 --agents 100 --rate 10 --duration 10
 //! wazuh-fleet connect-storm --target 127.0.0.1:1514 --agents 10000
-//! wazuh-fleet idle --target 127.0.0.1:1514 --agents 10000 --duration 15 --rss-pid PID
+//! wazuh-fleet idle --target 127.0.0.1:1514 --agents 10000 --duration 40 --rss-pid PID --rss-late 30
+//! wazuh-fleet churn --target 127.0.0.1:1514 --agents 2000 --workers 32 --duration 8
 //! wazuh-fleet keygen --agents 10000 --out keys.txt
 //! ```
 //!
@@ -75,9 +76,22 @@ enum Command {
     Idle {
         #[command(flatten)]
         common: Common,
-        /// Read VmRSS of this process (the proxy) before and after connecting.
+        /// Read VmRSS of this process (the proxy) before and 2 s after connecting.
         #[arg(long)]
         rss_pid: Option<u32>,
+        /// With --rss-pid: read it once more this many seconds after connecting (if the run
+        /// lasts that long).
+        #[arg(long, requires = "rss_pid")]
+        rss_late: Option<f64>,
+    },
+    /// Connection churn: workers that connect as an agent, send the startup, wait for the ACK
+    /// and close, over and over; prints new connections per second.
+    Churn {
+        #[command(flatten)]
+        common: Common,
+        /// Connections in flight at once (each worker loops over its share of the agents).
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
     },
     /// A stand-in manager: decrypts, checks, ACKs, counts loss, duplication and reordering.
     Manager {
@@ -330,8 +344,19 @@ fn main() -> ExitCode {
             Command::ConnectStorm { common } => {
                 fleet::connect_storm(&common.options(Load::Idle, false)).await
             }
-            Command::Idle { common, rss_pid } => {
-                fleet::run_agents(&common.options(Load::Idle, false), "idle", rss_pid, false).await
+            Command::Idle {
+                common,
+                rss_pid,
+                rss_late,
+            } => {
+                let probe = rss_pid.map(|pid| fleet::RssProbe {
+                    pid,
+                    late: rss_late.map(secs),
+                });
+                fleet::run_agents(&common.options(Load::Idle, false), "idle", probe, false).await
+            }
+            Command::Churn { common, workers } => {
+                fleet::churn(&common.options(Load::Idle, false), workers).await
             }
             Command::Manager {
                 listen,
