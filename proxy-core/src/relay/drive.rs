@@ -310,7 +310,7 @@ fn drive(
             // At least a read's worth, and room for the rest of the frame being read (never
             // more than the largest frame: `want` comes from a checked header).
             pipe.buf.reserve(want.max(chunk));
-            match src.try_read_buf(&mut pipe.buf) {
+            match read_once(src, &mut pipe.buf) {
                 Ok(0) => {
                     if pipe.ready > 0 {
                         // The source closed: deliver what is ready first, then end.
@@ -375,4 +375,25 @@ fn drive(
     // Budget spent with work left: yield, and come back at once.
     cx.waker().wake_by_ref();
     Poll::Pending
+}
+
+/// Reads once into `buf`'s spare room. A read that did not fill the room it was given drained
+/// the socket, so its readiness is cleared at once (as tokio's own `poll_read` does on
+/// epoll): the next attempt waits for new data instead of making a system call that can only
+/// say "would block". Data arriving after the read is a new edge and wakes the task again.
+fn read_once(src: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut drained = None;
+    let read = src.try_io(tokio::io::Interest::READABLE, || {
+        let n = src.try_read_buf(buf)?;
+        if n > 0 && n < room {
+            drained = Some(n);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, drained) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (r, _) => r,
+    }
 }
