@@ -23,6 +23,7 @@ pub mod keys;
 pub mod limits;
 pub mod net;
 pub mod pace;
+pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod session;

@@ -7,7 +7,7 @@ use wazuh_proxy_core::balance::{Backend, Balancer};
 use wazuh_proxy_core::session::SessionInfo;
 
 use super::{Shared, Target};
-use crate::server::Running;
+use wazuh_proxy_core::proxy::ListenerHandle;
 
 /// A backend's state: `down` (configured so), `failed` (marked by passive health until its
 /// fail_timeout passes), or `available`.
@@ -213,7 +213,7 @@ fn session_json(listener: &str, s: &SessionInfo) -> Value {
 pub(crate) fn sessions(shared: &Shared, filter: &SessionFilter) -> Value {
     let mut out = Vec::new();
     for t in shared.targets.load().iter() {
-        if let Running::Agent(relay) = &t.relay {
+        if let ListenerHandle::Agent(relay) = &t.relay {
             out.extend(
                 relay
                     .sessions()
@@ -289,7 +289,7 @@ pub(crate) fn act(
     };
     let targets = shared.targets.load();
     let agents = targets.iter().filter_map(|t| match &t.relay {
-        Running::Agent(r) => Some((t.name.as_str(), r)),
+        ListenerHandle::Agent(r) => Some((t.name.as_str(), r)),
         _ => None,
     });
     match path {
