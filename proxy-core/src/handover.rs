@@ -75,6 +75,7 @@ pub enum Message {
     },
     /// A key reply the enrollment front keeps for a retry (on the listener of that name).
     /// Its bytes travel in zeroized buffers.
+    #[cfg(feature = "enroll")]
     EnrollReply {
         /// The enroll listener's name.
         listener: String,
@@ -160,6 +161,7 @@ fn encode(msg: &Message) -> (Zeroizing<Vec<u8>>, Option<RawFd>) {
             put(&mut body, backend.to_string().as_bytes());
             None
         }
+        #[cfg(feature = "enroll")]
         Message::EnrollReply { listener, kept } => {
             body.push(ENROLL_REPLY);
             put(&mut body, listener.as_bytes());
@@ -243,6 +245,13 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
             listener: f.text()?.to_owned(),
             backend: f.addr()?,
         },
+        #[cfg(not(feature = "enroll"))]
+        ENROLL_REPLY => {
+            return Err(HandoverError::Malformed(
+                "an enrollment reply, and this build has no enrollment",
+            ))
+        }
+        #[cfg(feature = "enroll")]
         ENROLL_REPLY => {
             let listener = f.text()?.to_owned();
             let source = f
@@ -460,6 +469,7 @@ mod tests {
         assert!(matches!(got[2], Message::Done));
     }
 
+    #[cfg(feature = "enroll")]
     #[test]
     fn enrollment_replies_round_trip_redacted() {
         let kept = crate::enroll::KeptReply::new(

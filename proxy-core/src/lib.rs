@@ -60,33 +60,67 @@
 //! **Enrollment**: [`enroll`], the 1515 front that terminates the agents' TLS and forwards
 //! their key requests to authd.
 //!
-//! **Tools**: [`inspect`] decodes captured 1514 traffic with the agents' keys; [`sim`]
+//! **Tools**: [`inspect`] decodes captured 1514 traffic with the agents' keys; `sim`
 //! holds stand-in managers and agents on real sockets for tests, demos and benchmarks.
+//!
+//! ## Cargo features
+//!
+//! | feature | default | what it adds | pulls in |
+//! | --- | --- | --- | --- |
+//! | `codec` | always | [`frame`], [`envelope`], [`cipher`], [`control`], [`keys`] (the tokio codec of [`frame`] and the key watch need `runtime`) | aes, blowfish, flate2, md-5, bytes |
+//! | `runtime` | yes | the relays, balancing, sessions, health checks, hand-over, [`proxy`] | tokio, tokio-util, socket2, nix, dashmap |
+//! | `enroll` | yes | [`enroll`] and the `enroll` listener kind (implies `runtime`) | rustls (ring), rcgen |
+//! | `inspect` | yes | [`inspect`]: decoding captured traffic | base64 |
+//! | `sim` | no | `sim`: stand-in managers and agents (implies `runtime`) | |
+//!
+//! A user of the codecs alone builds with `default-features = false, features = ["codec"]`
+//! and gets neither an async runtime nor TLS.
 #![warn(missing_docs, unreachable_pub)]
 // One audited exception: taking ownership of descriptors received over SCM_RIGHTS (handover).
 #![deny(unsafe_code)]
 
-pub mod access;
-pub mod balance;
+// codec
 pub mod cipher;
 pub mod control;
-pub mod enroll;
 pub mod envelope;
 pub mod frame;
-pub mod handover;
-pub mod health;
-pub mod inspect;
 pub mod keys;
+
+#[cfg(feature = "runtime")]
+pub mod access;
+#[cfg(feature = "runtime")]
+pub mod balance;
+#[cfg(feature = "enroll")]
+pub mod enroll;
+#[cfg(feature = "runtime")]
+pub mod handover;
+#[cfg(feature = "runtime")]
+pub mod health;
+#[cfg(feature = "inspect")]
+pub mod inspect;
+#[cfg(feature = "runtime")]
 pub mod limits;
+#[cfg(feature = "runtime")]
 pub mod net;
+#[cfg(feature = "runtime")]
 pub mod pace;
+#[cfg(feature = "runtime")]
 pub mod proxy;
+#[cfg(feature = "runtime")]
 pub mod proxy_protocol;
+#[cfg(feature = "runtime")]
 pub mod relay;
+#[cfg(feature = "runtime")]
 pub mod session;
+#[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(feature = "runtime")]
 pub mod stats;
+#[cfg(feature = "runtime")]
 pub mod tcp;
+#[cfg(feature = "runtime")]
 pub mod timing;
+#[cfg(feature = "runtime")]
 pub mod udp;
+#[cfg(feature = "runtime")]
 pub mod verify;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio_util::task::TaskTracker;
 
+#[cfg(feature = "enroll")]
 use crate::enroll::EnrollFront;
 use crate::handover::{dup, recv, send, Handed, HandoverError, Message};
 use crate::relay::AgentRelay;
@@ -68,9 +69,18 @@ impl Proxy {
     }
 
     fn fronts(&self) -> Vec<(String, Arc<EnrollFront>)> {
-        self.enroll_fronts()
+        #[cfg(feature = "enroll")]
+        return self.enroll_fronts();
+        #[cfg(not(feature = "enroll"))]
+        Vec::new()
     }
 }
+
+/// Built without the `enroll` feature there is no enrollment front: this uninhabited
+/// stand-in keeps the hand-over's signatures the same.
+#[cfg(not(feature = "enroll"))]
+#[derive(Debug)]
+pub enum EnrollFront {}
 
 /// A listening socket received from the previous process.
 #[derive(Debug)]
@@ -281,6 +291,48 @@ async fn hand_over_inner(
             _ = tokio::time::sleep_until(until) => break,
         }
     }
+    #[cfg(not(feature = "enroll"))]
+    let replies = {
+        let _ = fronts;
+        0
+    };
+    #[cfg(feature = "enroll")]
+    let replies = match hand_over_replies(stream, fronts, until).await {
+        Ok(n) => n,
+        Err((e, unsent)) => {
+            if let Some(tracker) = keep {
+                for (front, reply) in unsent {
+                    front.keep(reply);
+                }
+                take_back(relays, tracker, None, rx);
+            }
+            return Err(e);
+        }
+    };
+    if let Err(e) = send(stream, &Message::Done).await {
+        if let Some(tracker) = keep {
+            take_back(relays, tracker, None, rx);
+        }
+        return Err(e);
+    }
+    Ok((handed, replies))
+}
+
+/// The kept enrollment replies, once the enrollments in progress have ended (or `until`);
+/// on failure, the replies not sent with their front.
+#[cfg(feature = "enroll")]
+#[allow(clippy::type_complexity)]
+async fn hand_over_replies<'f>(
+    stream: &UnixStream,
+    fronts: &'f [(String, Arc<EnrollFront>)],
+    until: tokio::time::Instant,
+) -> Result<
+    usize,
+    (
+        HandoverError,
+        Vec<(&'f EnrollFront, crate::enroll::KeptReply)>,
+    ),
+> {
     // An enrollment in progress may still keep a reply: wait for it (each is bounded by
     // the front's timeouts), then hand over what is kept.
     while fronts.iter().any(|(_, f)| f.active() > 0) && tokio::time::Instant::now() < until {
@@ -295,27 +347,18 @@ async fn hand_over_inner(
                 kept: reply,
             };
             if let Err(e) = send(stream, &msg).await {
-                if let Some(tracker) = keep {
-                    if let Message::EnrollReply { kept: reply, .. } = msg {
-                        front.keep(reply);
-                    }
-                    for reply in kept {
-                        front.keep(reply);
-                    }
-                    take_back(relays, tracker, None, rx);
+                let mut unsent = Vec::new();
+                if let Message::EnrollReply { kept: reply, .. } = msg {
+                    unsent.push((&**front, reply));
                 }
-                return Err(e);
+                unsent.extend(kept.map(|r| (&**front, r)));
+                // The other fronts' replies were not taken yet: they stay kept.
+                return Err((e, unsent));
             }
             replies += 1;
         }
     }
-    if let Err(e) = send(stream, &Message::Done).await {
-        if let Some(tracker) = keep {
-            take_back(relays, tracker, None, rx);
-        }
-        return Err(e);
-    }
-    Ok((handed, replies))
+    Ok(replies)
 }
 
 /// New process, step 1: receives the listening sockets.
@@ -387,8 +430,11 @@ pub async fn adopt_all(
     fronts: &[(String, Arc<EnrollFront>)],
     tracker: &TaskTracker,
 ) -> Result<(usize, usize), HandoverError> {
+    #[cfg(not(feature = "enroll"))]
+    let _ = fronts;
     send(stream, &Message::Ready).await?;
     let mut adopted = 0;
+    #[cfg_attr(not(feature = "enroll"), allow(unused_mut))]
     let mut kept = 0;
     loop {
         match recv(stream).await? {
@@ -407,6 +453,7 @@ pub async fn adopt_all(
                     }
                 }
             }
+            #[cfg(feature = "enroll")]
             Some(Message::EnrollReply {
                 listener,
                 kept: reply,
