@@ -316,6 +316,9 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                         if e.after_ready() {
                             // It had stopped accepting for the successor: accept again.
                             proxy.core.resume_accepting();
+                            if let Some(admin) = &admin {
+                                admin.refresh(&proxy.core.view());
+                            }
                         }
                     }
                 }

@@ -142,13 +142,14 @@ impl Target {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) targets: arc_swap::ArcSwap<Vec<Target>>,
-    /// Cancelled when the proxy stops accepting (drain): the node is then unhealthy.
-    pub(crate) accepting: CancellationToken,
+    /// The running proxy: operator actions, sessions, and whether it still accepts (a
+    /// draining node is unhealthy).
+    pub(crate) view: arc_swap::ArcSwap<ProxyView>,
 }
 
 impl Shared {
     pub(crate) fn draining(&self) -> bool {
-        self.accepting.is_cancelled()
+        self.view.load().draining()
     }
 }
 
@@ -204,7 +205,7 @@ impl AdminServer {
         }
         let shared = Arc::new(Shared {
             targets: arc_swap::ArcSwap::from_pointee(targets_of(proxy)),
-            accepting: proxy.stopped_accepting(),
+            view: arc_swap::ArcSwap::from_pointee(proxy.clone()),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(metrics::RelayCollector::new(shared.clone())));
@@ -230,9 +231,10 @@ impl AdminServer {
         }))
     }
 
-    /// Shows the listeners of `proxy` after a reload.
+    /// Shows the listeners of `proxy` after a reload (or after it accepts again).
     pub(crate) fn refresh(&self, proxy: &ProxyView) {
         self.shared.targets.store(Arc::new(targets_of(proxy)));
+        self.shared.view.store(Arc::new(proxy.clone()));
     }
 
     /// The bound address.

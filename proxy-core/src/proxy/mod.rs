@@ -95,6 +95,8 @@ pub enum ProxyError {
 /// One bound listener.
 struct Live {
     config: ListenerConfig,
+    /// The address bound (the configured one, with the port the system chose for port 0).
+    bound: SocketAddr,
     handle: ListenerHandle,
     /// Stops this listener's accept loop and upkeep (a child of the proxy's `stop_accepting`).
     stop: CancellationToken,
@@ -185,6 +187,15 @@ impl Proxy {
             drain_timeout: self.drain_timeout,
             batch_window: self.batch_window,
         }
+    }
+
+    /// The address listener `name` is bound to: its configured address, with the port the
+    /// system chose when that was 0.
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.live
+            .iter()
+            .find(|l| l.config.name == name)
+            .map(|l| l.bound)
     }
 
     /// The running listeners, in configuration order.
@@ -532,6 +543,11 @@ fn start_listener(
         addr: l.listen,
         source,
     })?;
+    let bound_addr = match &bound {
+        BoundSocket::Tcp(s) => s.local_addr(),
+        BoundSocket::Udp(s) => s.local_addr(),
+    }
+    .unwrap_or(l.listen);
     let handle = build(&l, balancer, &stop, tracker)?;
     if let (Some(relay), false) = (handle.as_agent(), drained.is_empty()) {
         // Operator state from the previous process, before anything is accepted.
@@ -551,6 +567,7 @@ fn start_listener(
     spawn_upkeep(&l, &handle, &stop, tracker);
     Ok(Live {
         config: l,
+        bound: bound_addr,
         handle,
         stop,
         socket: Some(socket),
