@@ -1,61 +1,26 @@
-//! Runs a configuration: binds every listener, serves until SIGTERM/SIGINT, then drains.
+//! Runs a configuration: the core's [`wazuh_proxy_core::proxy::Proxy`] with what only the
+//! binary has around it (signals, reload from files, upgrade to a new process, the admin
+//! API, the PID file, privileges, systemd), until SIGTERM/SIGINT, then drains.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wazuh_proxy_core::balance::Balancer;
-use wazuh_proxy_core::enroll::EnrollFront;
-use wazuh_proxy_core::handover::InheritedListener;
-use wazuh_proxy_core::keys::KeyStore;
-use wazuh_proxy_core::net;
-use wazuh_proxy_core::relay::AgentRelay;
-use wazuh_proxy_core::tcp::TcpRelay;
-use wazuh_proxy_core::udp::UdpRelay;
+use wazuh_proxy_core::proxy::{Applies, InheritedListener, ProxyError};
 
-use crate::config::{Config, Listener, ListenerKind};
-use crate::settings::{relay_settings, RelaySettings};
+use crate::config::{Config, Listener};
+
+/// A running listener, as the binary's tasks (re-resolution, admin API) hold it.
+pub(crate) use wazuh_proxy_core::proxy::ListenerHandle as Running;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A listener could not bind its address.
-    #[error("listener {name:?}: cannot bind {addr}: {source}")]
-    Bind {
-        /// Listener name.
-        name: String,
-        /// Its address.
-        addr: std::net::SocketAddr,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// client.keys could not be read.
-    #[error("listener {name:?}: {source}")]
-    Keys {
-        /// Listener name.
-        name: String,
-        /// The cause.
-        source: wazuh_proxy_core::keys::KeysError,
-    },
-    /// A backend set was refused (already validated with the config; kept for embedders).
-    #[error("listener {name:?}: {source}")]
-    Backends {
-        /// Listener name.
-        name: String,
-        /// The cause.
-        source: wazuh_proxy_core::balance::BalanceError,
-    },
-    /// The enrollment front could not start (certificates, TLS settings).
-    #[error("listener {name:?}: {why}")]
-    Enroll {
-        /// Listener name.
-        name: String,
-        /// What went wrong.
-        why: String,
-    },
+    /// A listener could not start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    /// The configuration could not be turned into the proxy's (never, by construction).
+    #[error("{0}")]
+    Settings(String),
     /// Privileges could not be dropped to the configured user.
     #[error("cannot run as user {user:?}: {why}")]
     Privileges {
@@ -78,553 +43,68 @@ pub enum StartError {
     Admin(#[from] crate::admin::AdminError),
 }
 
-/// A listener that is bound and serving.
-#[derive(Debug, Clone)]
-pub(crate) enum Running {
-    Agent(Arc<AgentRelay>),
-    Tcp(Arc<TcpRelay>),
-    Udp(Arc<UdpRelay>),
-    Enroll(Arc<EnrollFront>),
-}
-
-impl Running {
-    fn close_all(&self) {
-        match self {
-            Running::Agent(r) => r.close_all(),
-            Running::Tcp(r) => r.close_all(),
-            Running::Udp(r) => r.close_all(),
-            // An enrollment is one short exchange: the drain timeout bounds it.
-            Running::Enroll(_) => {}
-        }
-    }
-    fn open_sessions(&self) -> usize {
-        match self {
-            Running::Agent(r) => r.sessions().len(),
-            Running::Tcp(r) => r.stats().active.load(Ordering::Relaxed).max(0) as usize,
-            Running::Udp(r) => r.flows(),
-            Running::Enroll(f) => f.active(),
-        }
-    }
-}
-
-/// One bound listener.
-struct Live {
-    spec: Listener,
-    running: Running,
-    /// Stops this listener's accept loop (a child of the proxy's `stop_accepting`).
-    stop: CancellationToken,
-    /// A duplicate of the listening socket, handed to a successor on upgrade (closed when
-    /// the drain starts, so the address stops accepting).
-    socket: Option<OwnedFd>,
-}
-
-/// The proxy: every listener of a configuration, bound.
-pub struct Proxy {
-    live: Vec<Live>,
-    stop_accepting: CancellationToken,
-    tracker: TaskTracker,
-    drain_timeout: Duration,
+/// The core's proxy with the binary's configuration beside it (the re-resolution tasks read
+/// the listeners' names as written).
+pub(crate) struct Proxy {
+    core: wazuh_proxy_core::proxy::Proxy,
+    config: Config,
 }
 
 impl Proxy {
-    /// Binds every listener and starts serving.
-    ///
-    /// # Errors
-    /// When an address cannot be bound.
-    pub async fn start(config: &Config) -> Result<Proxy, StartError> {
-        Proxy::start_with(config, Vec::new()).await
-    }
-
-    /// Like [`Proxy::start`], serving on sockets inherited from a previous process where the
-    /// name, address and kind match (the others are bound anew).
-    ///
-    /// # Errors
-    /// When an address cannot be bound.
-    pub async fn start_with(
+    /// Binds every listener of `config` (on the sockets `inherited` from a previous process
+    /// where they match) and starts serving.
+    async fn start(
         config: &Config,
-        mut inherited: Vec<InheritedListener>,
+        inherited: Vec<InheritedListener>,
     ) -> Result<Proxy, StartError> {
-        wazuh_proxy_core::pace::set_window(config.batch_window);
-        let stop_accepting = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let mut live = Vec::new();
-        for l in &config.listeners {
-            let udp = l.kind == ListenerKind::Udp;
-            let (socket, drained) = match inherited
-                .iter()
-                .position(|i| i.name == l.name && i.addr == l.listen && i.udp == udp)
-            {
-                Some(at) => {
-                    let i = inherited.swap_remove(at);
-                    (Some(i.socket), i.drained)
-                }
-                None => (None, Vec::new()),
-            };
-            live.push(
-                start_listener(l, stop_accepting.child_token(), &tracker, socket, &drained).await?,
-            );
-        }
+        let typed = crate::settings::proxy_config(config).map_err(StartError::Settings)?;
+        let core = wazuh_proxy_core::proxy::Proxy::start_with(typed, inherited).await?;
         Ok(Proxy {
-            live,
-            stop_accepting,
-            tracker,
-            drain_timeout: config.drain_timeout,
+            core,
+            config: config.clone(),
         })
     }
 
     /// The bound listeners, in configuration order, with their configuration.
     pub(crate) fn listeners(&self) -> Vec<(Listener, Running)> {
-        self.live
-            .iter()
-            .map(|l| (l.spec.clone(), l.running.clone()))
-            .collect()
-    }
-
-    /// The agent relays.
-    pub(crate) fn agent_relays(&self) -> Vec<Arc<AgentRelay>> {
-        self.live
-            .iter()
-            .filter_map(|l| match &l.running {
-                Running::Agent(r) => Some(r.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Every enroll listener's front, by listener name.
-    pub(crate) fn enroll_fronts(&self) -> Vec<(String, Arc<EnrollFront>)> {
-        self.live
-            .iter()
-            .filter_map(|l| match &l.running {
-                Running::Enroll(f) => Some((l.spec.name.clone(), f.clone())),
-                _ => None,
-            })
-            .collect()
-    }
-
-    /// Every listening socket, for a successor process.
-    pub(crate) fn listener_sockets(&self) -> Vec<(String, std::net::SocketAddr, bool, &OwnedFd)> {
-        self.live
-            .iter()
-            .filter_map(|l| {
-                let socket = l.socket.as_ref()?;
-                Some((
-                    l.spec.name.clone(),
-                    l.spec.listen,
-                    l.spec.kind == ListenerKind::Udp,
-                    socket,
-                ))
+        self.core
+            .listeners()
+            .filter_map(|(c, handle)| {
+                let spec = self.config.listeners.iter().find(|l| l.name == c.name)?;
+                Some((spec.clone(), handle.clone()))
             })
             .collect()
     }
 
     /// The task tracker every connection runs on.
     pub(crate) fn tracker(&self) -> &TaskTracker {
-        &self.tracker
+        self.core.tracker()
     }
 
-    /// The drain timeout in force.
-    pub(crate) fn drain_timeout(&self) -> Duration {
-        self.drain_timeout
-    }
-
-    /// Cancelled once the proxy stops accepting new connections (the drain has begun).
-    pub(crate) fn stop_accepting(&self) -> CancellationToken {
-        self.stop_accepting.clone()
-    }
-
-    /// Applies a new configuration without dropping anything established: listeners that
-    /// stay (same name, address and kind) get the new backend set (passive-health state
-    /// carried over); new ones are bound; removed ones stop accepting while their sessions
-    /// run on. If a new listener cannot be bound, nothing changes.
-    ///
-    /// # Errors
-    /// When a new listener cannot start; the running configuration is then untouched.
-    pub async fn reload(&mut self, config: &Config) -> Result<(), StartError> {
-        let same = |l: &Listener, o: &Listener| {
-            l.name == o.name && l.kind == o.kind && l.listen == o.listen
-        };
-        // 1. Bind what is new first: a failure leaves everything as it was.
-        let mut added = Vec::new();
-        for l in &config.listeners {
-            if self.live.iter().any(|x| same(&x.spec, l)) {
-                continue;
-            }
-            // A listener moving to another address or kind: its old socket may hold the
-            // address; it is released below, so retry the bind after.
-            match start_listener(
-                l,
-                self.stop_accepting.child_token(),
-                &self.tracker,
-                None,
-                &[],
-            )
-            .await
-            {
-                Ok(live) => added.push(live),
-                Err(e) => {
-                    for a in &added {
-                        a.stop.cancel();
-                    }
-                    return Err(e);
-                }
+    /// Applies `config` (see [`wazuh_proxy_core::proxy::Proxy::reload`]) and says which
+    /// changed settings wait for an upgrade.
+    async fn reload(&mut self, config: &Config) -> Result<(), StartError> {
+        let typed = crate::settings::proxy_config(config).map_err(StartError::Settings)?;
+        let plan = self.core.reload(typed).await?;
+        let mut later: Vec<(&str, Vec<&str>)> = Vec::new();
+        for c in plan
+            .changes
+            .iter()
+            .filter(|c| c.applies == Applies::AfterUpgrade)
+        {
+            let listener = c.listener.as_deref().unwrap_or("");
+            match later.iter_mut().find(|(l, _)| *l == listener) {
+                Some((_, fields)) => fields.push(c.field),
+                None => later.push((listener, vec![c.field])),
             }
         }
-        // 2. Update the listeners that stay; stop the ones that are gone.
-        let mut kept = Vec::new();
-        for x in self.live.drain(..) {
-            match config.listeners.iter().find(|l| same(&x.spec, l)) {
-                Some(l) => {
-                    let balancer =
-                        Balancer::new(l.balance, l.backends.clone()).map_err(|source| {
-                            StartError::Backends {
-                                name: l.name.clone(),
-                                source,
-                            }
-                        })?;
-                    match &x.running {
-                        Running::Agent(r) => r.set_balancer(balancer),
-                        Running::Tcp(r) => r.set_balancer(balancer),
-                        Running::Udp(r) => r.set_balancer(balancer),
-                        Running::Enroll(f) => f.set_balancer(balancer),
-                    }
-                    if l.agent.first_frame_timeout != x.spec.agent.first_frame_timeout
-                        || l.agent.idle_timeout != x.spec.agent.idle_timeout
-                        || l.agent.connect_timeout != x.spec.agent.connect_timeout
-                        || l.agent.duplicate_policy != x.spec.agent.duplicate_policy
-                        || l.agent.max_payload != x.spec.agent.max_payload
-                        || l.keys != x.spec.keys
-                        || l.health != x.spec.health
-                        || l.rebalance != x.spec.rebalance
-                        || l.agent.transparent != x.spec.agent.transparent
-                        || l.agent.proxy_protocol != x.spec.agent.proxy_protocol
-                    {
-                        tracing::warn!(listener = %l.name,
-                            "reload: only backends and balancing change in place; other settings of this listener apply after an upgrade or restart");
-                    }
-                    tracing::info!(listener = %l.name, backends = l.backends.len(), balance = %l.balance, "reload: backends updated");
-                    let mut x = x;
-                    let agent = x.spec.agent.clone();
-                    let (keys, health, rebalance) =
-                        (x.spec.keys.clone(), x.spec.health, x.spec.rebalance);
-                    x.spec = Listener {
-                        agent,
-                        keys,
-                        health,
-                        rebalance,
-                        ..l.clone()
-                    };
-                    kept.push(x);
-                }
-                None => {
-                    tracing::info!(listener = %x.spec.name, address = %x.spec.listen,
-                        "reload: listener removed; it stops accepting, its sessions run on");
-                    x.stop.cancel();
-                }
-            }
+        for (listener, fields) in later {
+            tracing::warn!(listener, settings = %fields.join(","),
+                "reload: these settings apply after an upgrade or restart; the listener keeps running with the old ones");
         }
-        for a in &added {
-            tracing::info!(listener = %a.spec.name, address = %a.spec.listen, "reload: listener added");
-        }
-        kept.extend(added);
-        // Keep the configuration's order.
-        kept.sort_by_key(|x| {
-            config
-                .listeners
-                .iter()
-                .position(|l| l.name == x.spec.name)
-                .unwrap_or(usize::MAX)
-        });
-        self.live = kept;
-        self.drain_timeout = config.drain_timeout;
-        wazuh_proxy_core::pace::set_window(config.batch_window);
+        self.config = config.clone();
         Ok(())
     }
-
-    /// Accepts again on every listener after a hand-over to a successor failed (the
-    /// successor died or broke the protocol after it said it was ready): each accept loop
-    /// starts again on this process's own copy of its listening socket, with its health
-    /// checks, rebalancing and client.keys watch. UDP flows ended when receiving stopped;
-    /// agents' next datagrams open new ones.
-    pub(crate) fn resume_accepting(&mut self) {
-        self.stop_accepting = CancellationToken::new();
-        for l in &mut self.live {
-            let stop = self.stop_accepting.child_token();
-            let Some(socket) = &l.socket else {
-                continue;
-            };
-            let fd = match socket.try_clone() {
-                Ok(fd) => fd,
-                Err(e) => {
-                    tracing::error!(listener = %l.spec.name, error = %e,
-                        "cannot accept again after the failed upgrade: cannot duplicate the listening socket");
-                    continue;
-                }
-            };
-            let tracker = &self.tracker;
-            let started = match &l.running {
-                Running::Udp(r) => {
-                    let std_socket = std::net::UdpSocket::from(fd);
-                    std_socket
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::UdpSocket::from_std(std_socket))
-                        .map(|u| {
-                            drop(tracker.spawn(r.clone().serve(u, stop.clone(), tracker.clone())))
-                        })
-                }
-                running => tcp_listener(&l.spec, Some(fd)).map(|listener| {
-                    let (stop, t) = (stop.clone(), tracker.clone());
-                    drop(match running {
-                        Running::Agent(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
-                        Running::Tcp(r) => tracker.spawn(r.clone().serve(listener, stop, t)),
-                        Running::Enroll(f) => tracker.spawn(f.clone().serve(listener, stop, t)),
-                        Running::Udp(_) => return,
-                    })
-                }),
-            };
-            if let Err(e) = started {
-                tracing::error!(listener = %l.spec.name, error = %e,
-                    "cannot accept again after the failed upgrade");
-                continue;
-            }
-            if let (Running::Agent(r), Some((path, every))) = (&l.running, &l.spec.keys) {
-                if let Some(store) = r.keys() {
-                    tracker.spawn(store.clone().watch(path.clone(), *every, stop.clone()));
-                }
-            }
-            l.stop = stop.clone();
-            spawn_upkeep(l, &stop, tracker);
-            tracing::info!(listener = %l.spec.name, address = %l.spec.listen, "accepting again");
-        }
-    }
-
-    fn open_sessions(&self) -> usize {
-        self.live.iter().map(|l| l.running.open_sessions()).sum()
-    }
-
-    /// Stops accepting, lets sessions finish for up to the drain timeout, then closes the rest.
-    pub async fn drain(&mut self) {
-        self.stop_accepting.cancel();
-        for l in &mut self.live {
-            l.socket = None;
-        }
-        self.tracker.close();
-        let open = self.open_sessions();
-        tracing::info!(sessions = open, timeout = ?self.drain_timeout, "draining: no new connections; waiting for sessions to end");
-        if tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                sessions = self.open_sessions(),
-                "drain timeout reached; closing the remaining sessions"
-            );
-            for l in &self.live {
-                l.running.close_all();
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
-        }
-        tracing::info!("drained");
-    }
-}
-
-async fn start_listener(
-    l: &Listener,
-    stop: CancellationToken,
-    tracker: &TaskTracker,
-    inherited: Option<OwnedFd>,
-    drained: &[std::net::SocketAddr],
-) -> Result<Live, StartError> {
-    let stop = &stop;
-    let balancer =
-        Balancer::new(l.balance, l.backends.clone()).map_err(|source| StartError::Backends {
-            name: l.name.clone(),
-            source,
-        })?;
-    let bind_err = |source| StartError::Bind {
-        name: l.name.clone(),
-        addr: l.listen,
-        source,
-    };
-    let settings = relay_settings(l).map_err(|why| StartError::Enroll {
-        name: l.name.clone(),
-        why,
-    })?;
-    let live: Result<Live, StartError> = match l.kind {
-        ListenerKind::Tcp => {
-            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
-            let socket = dup_fd(&listener).map_err(bind_err)?;
-            let RelaySettings::Tcp(config) = settings else {
-                return Err(settings_mismatch(l));
-            };
-            let relay = Arc::new(TcpRelay::new(l.name.clone(), config, balancer));
-            tracing::info!(listener = %l.name, address = %l.listen, kind = "tcp", balance = %l.balance,
-                backends = l.backends.len(), "listening");
-            tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
-            Ok(Live {
-                spec: l.clone(),
-                running: Running::Tcp(relay),
-                stop: stop.clone(),
-                socket: Some(socket),
-            })
-        }
-        ListenerKind::Udp => {
-            let udp = match inherited {
-                Some(fd) => {
-                    let std_socket = std::net::UdpSocket::from(fd);
-                    std_socket
-                        .set_nonblocking(true)
-                        .and_then(|()| tokio::net::UdpSocket::from_std(std_socket))
-                }
-                None => net::bind_udp(l.listen),
-            }
-            .map_err(bind_err)?;
-            let socket = dup_fd(&udp).map_err(bind_err)?;
-            let RelaySettings::Udp(config) = settings else {
-                return Err(settings_mismatch(l));
-            };
-            let relay = Arc::new(UdpRelay::new(l.name.clone(), config, balancer));
-            tracing::info!(listener = %l.name, address = %l.listen, kind = "udp", balance = %l.balance,
-                backends = l.backends.len(), "listening");
-            tracker.spawn(relay.clone().serve(udp, stop.clone(), tracker.clone()));
-            Ok(Live {
-                spec: l.clone(),
-                running: Running::Udp(relay),
-                stop: stop.clone(),
-                socket: Some(socket),
-            })
-        }
-        ListenerKind::Enroll => {
-            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
-            let socket = dup_fd(&listener).map_err(bind_err)?;
-            let RelaySettings::Enroll(config) = settings else {
-                return Err(settings_mismatch(l));
-            };
-            if let wazuh_proxy_core::enroll::ServerCert::SelfSigned { cert, .. } =
-                &config.server_cert
-            {
-                if let Some(dir) = cert.parent() {
-                    let _ = std::fs::create_dir_all(dir);
-                }
-            }
-            let front = EnrollFront::new(config, balancer).map_err(|e| StartError::Enroll {
-                name: l.name.clone(),
-                why: e.to_string(),
-            })?;
-            let front = Arc::new(front);
-            tracing::info!(listener = %l.name, address = %l.listen, kind = "enroll", balance = %l.balance,
-                backends = l.backends.len(), certificate_sha256 = %front.fingerprint(), "listening (TLS terminated here)");
-            tracker.spawn(front.clone().serve(listener, stop.clone(), tracker.clone()));
-            Ok(Live {
-                spec: l.clone(),
-                running: Running::Enroll(front),
-                stop: stop.clone(),
-                socket: Some(socket),
-            })
-        }
-        ListenerKind::Agent => {
-            let listener = tcp_listener(l, inherited).map_err(bind_err)?;
-            let socket = dup_fd(&listener).map_err(bind_err)?;
-            let RelaySettings::Agent(config) = settings else {
-                return Err(settings_mismatch(l));
-            };
-            let mut relay = AgentRelay::new(l.name.clone(), config, balancer);
-            if let Some((path, every)) = &l.keys {
-                let (store, problems) =
-                    KeyStore::open(path).map_err(|source| StartError::Keys {
-                        name: l.name.clone(),
-                        source,
-                    })?;
-                for p in &problems {
-                    tracing::warn!(listener = %l.name, file = %path.display(), "client.keys: {p}");
-                }
-                tracing::info!(listener = %l.name, file = %path.display(), agents = store.len(),
-                    "verifying agents with client.keys");
-                tracker.spawn(store.clone().watch(path.clone(), *every, stop.clone()));
-                relay = relay.with_keys(store);
-            }
-            let relay = Arc::new(relay);
-            if !drained.is_empty() {
-                // Operator state from the previous process, before anything is accepted.
-                tracing::info!(listener = %l.name, ?drained, "upgrade: backends stay drained");
-                relay.restore_drained(drained);
-            }
-            tracing::info!(listener = %l.name, address = %l.listen, kind = "agent", balance = %l.balance,
-                backends = l.backends.len(), "listening");
-            tracker.spawn(relay.clone().serve(listener, stop.clone(), tracker.clone()));
-            Ok(Live {
-                spec: l.clone(),
-                running: Running::Agent(relay),
-                stop: stop.clone(),
-                socket: Some(socket),
-            })
-        }
-    };
-    let live = live?;
-    spawn_upkeep(&live, stop, tracker);
-    Ok(live)
-}
-
-/// A listener whose settings are not of its kind (never, by construction).
-fn settings_mismatch(l: &Listener) -> StartError {
-    StartError::Enroll {
-        name: l.name.clone(),
-        why: "settings do not match the listener kind".into(),
-    }
-}
-
-/// Active health checks, and for agent listeners the paced rebalancing.
-fn spawn_upkeep(live: &Live, stop: &CancellationToken, tracker: &TaskTracker) {
-    let name = live.spec.name.clone();
-    if let Some(check) = live.spec.health {
-        let running = live.running.clone();
-        let balancer = move || match &running {
-            Running::Agent(r) => r.balancer(),
-            Running::Tcp(r) => r.balancer(),
-            Running::Udp(r) => r.balancer(),
-            Running::Enroll(f) => f.balancer(),
-        };
-        let on_change = move |backend: std::net::SocketAddr, up: bool| {
-            tracing::info!(listener = %name, %backend, up, "active health check changed a backend's state");
-        };
-        tracker.spawn(wazuh_proxy_core::health::run(
-            balancer,
-            check,
-            stop.clone(),
-            on_change,
-        ));
-    }
-    if let (Some((every, batch)), Running::Agent(relay)) = (live.spec.rebalance, &live.running) {
-        let (relay, stop) = (relay.clone(), stop.clone());
-        tracker.spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tick.tick() => { relay.rebalance(batch); }
-                }
-            }
-        });
-    }
-}
-
-fn tcp_listener(
-    l: &Listener,
-    inherited: Option<OwnedFd>,
-) -> std::io::Result<tokio::net::TcpListener> {
-    match inherited {
-        Some(fd) => {
-            let std_listener = std::net::TcpListener::from(fd);
-            std_listener.set_nonblocking(true)?;
-            tokio::net::TcpListener::from_std(std_listener)
-        }
-        None => net::bind_tcp(l.listen, net::DEFAULT_BACKLOG),
-    }
-}
-
-fn dup_fd(socket: &impl AsFd) -> std::io::Result<OwnedFd> {
-    socket.as_fd().try_clone_to_owned()
 }
 
 /// Switches to `user` (its primary group and supplementary groups) after the listeners are
@@ -662,11 +142,11 @@ fn drop_privileges(user: &str) -> Result<(), StartError> {
 /// `CAP_NET_RAW`); without it every connect to a manager fails, so say so once, after
 /// privileges are dropped (switching users clears the capabilities), rather than once per
 /// agent.
-fn warn_if_not_transparent_capable(config: &Config) {
+fn warn_if_not_transparent_capable(config: &wazuh_proxy_core::proxy::ProxyConfig) {
     let transparent: Vec<&str> = config
         .listeners
         .iter()
-        .filter(|l| l.kind == ListenerKind::Agent && l.agent.transparent)
+        .filter(|l| l.settings.agent().is_some_and(|a| a.relay.transparent))
         .map(|l| l.name.as_str())
         .collect();
     if transparent.is_empty() {
@@ -750,13 +230,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                 listeners = inherited.len(),
                 "taking over from the previous process"
             );
-            (Proxy::start_with(&config, inherited).await?, Some(stream))
+            (Proxy::start(&config, inherited).await?, Some(stream))
         }
-        None => (Proxy::start(&config).await?, None),
+        None => (Proxy::start(&config, Vec::new()).await?, None),
     };
     let mut admin = match takeover {
         Some(stream) => {
-            match crate::upgrade::adopt(stream, &proxy).await {
+            match crate::upgrade::adopt(stream, &proxy.core).await {
                 Ok(n) => {
                     tracing::info!(sessions = n, "upgrade complete: agent sessions taken over")
                 }
@@ -766,7 +246,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             // over: wait for it.
             let mut tries = 0;
             loop {
-                match crate::admin::AdminServer::start(&config, &proxy).await {
+                match crate::admin::AdminServer::start(&config, &proxy.core.view()).await {
                     Ok(a) => break a,
                     Err(e) if tries < 100 => {
                         tries += 1;
@@ -778,7 +258,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             }
         }
         None => {
-            let admin = crate::admin::AdminServer::start(&config, &proxy).await?;
+            let admin = crate::admin::AdminServer::start(&config, &proxy.core.view()).await?;
             crate::upgrade::notify_systemd("READY=1\n");
             admin
         }
@@ -791,7 +271,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
     if let Some(user) = &config.user {
         drop_privileges(user)?;
     }
-    warn_if_not_transparent_capable(&config);
+    warn_if_not_transparent_capable(&proxy.core.config());
     let mut watchers = crate::resolve::start(&config, &proxy);
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
@@ -810,11 +290,11 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                         Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
                         Ok(()) => {
                             if let Some(admin) = &admin {
-                                admin.refresh(&proxy);
+                                admin.refresh(&proxy.core.view());
                             }
                             watchers.stop();
                             watchers = crate::resolve::start(&new, &proxy);
-                            warn_if_not_transparent_capable(&new);
+                            warn_if_not_transparent_capable(&proxy.core.config());
                             tracing::info!("reload applied");
                         }
                     },
@@ -822,7 +302,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
             }
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: upgrading to a new process");
-                match crate::upgrade::hand_over(&proxy, &options.upgrade_socket).await {
+                match crate::upgrade::hand_over(&proxy.core, &options.upgrade_socket).await {
                     Ok(n) => {
                         tracing::info!(sessions = n, "upgrade: handed over; draining what is left and exiting");
                         // The new process serves the admin API from now on.
@@ -835,7 +315,10 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                         tracing::error!("upgrade failed, this process keeps serving: {e}");
                         if e.after_ready() {
                             // It had stopped accepting for the successor: accept again.
-                            proxy.resume_accepting();
+                            proxy.core.resume_accepting();
+                            if let Some(admin) = &admin {
+                                admin.refresh(&proxy.core.view());
+                            }
                         }
                     }
                 }
@@ -844,7 +327,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
     }
     watchers.stop();
     tokio::select! {
-        _ = proxy.drain() => {}
+        _ = proxy.core.drain() => {}
         _ = shutdown_signal() => tracing::warn!("second signal: exiting without waiting for sessions"),
     }
     if let Some(admin) = admin {

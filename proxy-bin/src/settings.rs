@@ -2,11 +2,86 @@
 //! server builds its relays from here, so what is listed here is what takes effect.
 
 use wazuh_proxy_core::enroll::EnrollConfig;
+use wazuh_proxy_core::proxy::{
+    AgentSettings, KeysFile, ListenerConfig, ListenerSettings, ProxyConfig, Rebalance,
+};
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::tcp::TcpRelayConfig;
 use wazuh_proxy_core::udp::UdpRelayConfig;
 
-use crate::config::{Listener, ListenerKind};
+use crate::config::{Config, Listener, ListenerKind};
+
+/// What the core's proxy runs for `config`. Every field of the binary's configuration is
+/// either converted or named here as the binary's own (a new field must be placed).
+///
+/// # Errors
+/// Only for an enroll listener without TLS settings, which the configuration never produces.
+pub(crate) fn proxy_config(config: &Config) -> Result<ProxyConfig, String> {
+    let Config {
+        drain_timeout,
+        // The binary's own: the admin API, the user to run as and the log format are read
+        // at start (a reload does not change them).
+        admin: _,
+        listeners,
+        user: _,
+        batch_window,
+        log_format: _,
+        // The binary's own: the name servers the resolver tasks ask for SRV records.
+        resolvers: _,
+    } = config;
+    Ok(ProxyConfig {
+        listeners: listeners
+            .iter()
+            .map(listener_config)
+            .collect::<Result<_, _>>()?,
+        drain_timeout: *drain_timeout,
+        batch_window: *batch_window,
+    })
+}
+
+/// What the core's proxy runs for one listener.
+///
+/// # Errors
+/// As [`proxy_config`].
+pub(crate) fn listener_config(l: &Listener) -> Result<ListenerConfig, String> {
+    let Listener {
+        name,
+        listen,
+        kind: _,
+        balance,
+        backends,
+        agent: _,
+        keys,
+        health,
+        enroll: _,
+        rebalance,
+        // The binary's own: the re-resolution tasks (`crate::resolve`), restarted by a reload.
+        resolve: _,
+        first_byte_timeout: _,
+    } = l;
+    // `kind`, `agent`, `enroll` and `first_byte_timeout` go through `relay_settings`.
+    let settings = match relay_settings(l)? {
+        RelaySettings::Agent(relay) => ListenerSettings::Agent(AgentSettings {
+            relay,
+            keys: keys.as_ref().map(|(path, every)| KeysFile {
+                path: path.clone(),
+                reload_every: *every,
+            }),
+            rebalance: rebalance.map(|(every, batch)| Rebalance { every, batch }),
+        }),
+        RelaySettings::Tcp(c) => ListenerSettings::Tcp(c),
+        RelaySettings::Udp(c) => ListenerSettings::Udp(c),
+        RelaySettings::Enroll(c) => ListenerSettings::Enroll(c),
+    };
+    Ok(ListenerConfig {
+        name: name.clone(),
+        listen: *listen,
+        balance: *balance,
+        backends: backends.clone(),
+        health: *health,
+        settings,
+    })
+}
 
 /// The relay settings of one listener, by kind.
 #[derive(Debug, Clone)]

@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
-use wazuh_proxy_core::handover::{self, HandoverError, InheritedListener};
-
-use crate::server::Proxy;
+use wazuh_proxy_core::handover::{self, HandoverError};
+use wazuh_proxy_core::proxy::{InheritedListener, Proxy};
 
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -87,18 +86,7 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
             return Err(UpgradeError::Timeout(TAKEOVER_WAIT));
         }
     };
-    let sockets = proxy.listener_sockets();
-    let offered: Vec<_> = sockets
-        .iter()
-        .map(|(n, a, u, fd)| (n.clone(), *a, *u, std::os::fd::AsFd::as_fd(fd)))
-        .collect();
-    let drained: Vec<(String, std::net::SocketAddr)> = proxy
-        .agent_relays()
-        .iter()
-        .flat_map(|r| r.drained().into_iter().map(|b| (r.name().to_owned(), b)))
-        .collect();
-    let offer = handover::offer_listeners_with(&stream, &offered, &drained);
-    match tokio::time::timeout(TAKEOVER_WAIT, offer).await {
+    match tokio::time::timeout(TAKEOVER_WAIT, proxy.offer_listeners(&stream)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             let _ = child.kill();
@@ -110,16 +98,7 @@ pub async fn hand_over(proxy: &Proxy, socket: &Path) -> Result<usize, UpgradeErr
         }
     }
     tracing::info!("upgrade: the new process serves the listeners; handing over agent sessions");
-    proxy.stop_accepting().cancel();
-    let (handed, replies) = handover::hand_over_all_or_keep(
-        &stream,
-        &proxy.agent_relays(),
-        &proxy.enroll_fronts(),
-        proxy.drain_timeout(),
-        proxy.tracker(),
-    )
-    .await
-    .map_err(|e| {
+    let (handed, replies) = proxy.hand_over(&stream).await.map_err(|e| {
         // The successor holds the listeners too and may be alive; it was not asked to stop.
         tracing::warn!(
             pid = child.id(),
@@ -170,7 +149,7 @@ pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener
             path: socket.to_owned(),
             source,
         })?;
-    let listeners = handover::receive_listeners(&stream).await?;
+    let listeners = wazuh_proxy_core::proxy::handover::receive_listeners(&stream).await?;
     Ok((stream, listeners))
 }
 
@@ -193,13 +172,7 @@ pub async fn adopt(stream: UnixStream, proxy: &Proxy) -> Result<usize, UpgradeEr
         }
         std::process::exit(75);
     }
-    let (adopted, replies) = handover::adopt_all(
-        &stream,
-        &proxy.agent_relays(),
-        &proxy.enroll_fronts(),
-        proxy.tracker(),
-    )
-    .await?;
+    let (adopted, replies) = proxy.adopt(&stream).await?;
     if replies > 0 {
         tracing::info!(
             enrollment_replies = replies,

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
-use wazuh_proxy_core::handover;
+use wazuh_proxy_core::proxy;
 use wazuh_proxy_core::relay::{AgentRelay, AgentRelayConfig};
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
 
@@ -174,19 +174,22 @@ async fn main() {
     let importer = {
         let new = new.clone();
         tokio::spawn(async move {
-            let _listeners = handover::receive_listeners(&b).await.unwrap();
-            handover::adopt_sessions(&b, &[new], &TaskTracker::new())
+            let _listeners = proxy::handover::receive_listeners(&b).await.unwrap();
+            proxy::handover::adopt_sessions(&b, &[new], &TaskTracker::new())
                 .await
                 .unwrap()
         })
     };
-    handover::offer_listeners(&a, &[("agents".into(), addr, false, fd.as_fd())])
+    proxy::handover::offer_listeners(&a, &[("agents".into(), addr, false, fd.as_fd())])
         .await
         .unwrap();
-    let handed =
-        handover::hand_over_sessions(&a, std::slice::from_ref(&old), Duration::from_secs(60))
-            .await
-            .unwrap();
+    let handed = proxy::handover::hand_over_sessions(
+        &a,
+        std::slice::from_ref(&old),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
     importer.await.unwrap();
     let moved = t.elapsed();
     until(|| new.sessions().len() == n).await;

@@ -1300,21 +1300,21 @@ mod tests {
 /// set in force without locking; a replacement carries the passive-health marks, totals and
 /// connection counts of the backends present in both sets (see [`Balancer::with_state_from`]).
 #[derive(Debug)]
-pub struct SharedBalancer(arc_swap::ArcSwap<Balancer>);
+pub(crate) struct SharedBalancer(arc_swap::ArcSwap<Balancer>);
 
 impl SharedBalancer {
     /// Shares `balancer`.
-    pub fn new(balancer: Balancer) -> Self {
+    pub(crate) fn new(balancer: Balancer) -> Self {
         SharedBalancer(arc_swap::ArcSwap::from_pointee(balancer))
     }
 
     /// The set in force.
-    pub fn load_full(&self) -> Arc<Balancer> {
+    pub(crate) fn load_full(&self) -> Arc<Balancer> {
         self.0.load_full()
     }
 
     /// Replaces the set; connections already made keep their backend.
-    pub fn replace(&self, balancer: Balancer) {
+    pub(crate) fn replace(&self, balancer: Balancer) {
         let old = self.0.load_full();
         self.0.store(Arc::new(balancer.with_state_from(&old)));
     }

@@ -18,7 +18,9 @@
 //! assert_eq!(&payload[..], b"#ping");
 //! ```
 
+#[cfg(feature = "runtime")]
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+#[cfg(feature = "runtime")]
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Length of the frame header.
@@ -173,6 +175,8 @@ pub enum CodecError {
     Io(#[from] std::io::Error),
 }
 
+// The tokio codec traits, for `Framed` sockets (runtime).
+#[cfg(feature = "runtime")]
 impl Decoder for FrameCodec {
     type Item = Bytes;
     type Error = CodecError;
@@ -204,6 +208,7 @@ impl Decoder for FrameCodec {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Encoder<&[u8]> for FrameCodec {
     type Error = CodecError;
 
@@ -217,6 +222,7 @@ impl Encoder<&[u8]> for FrameCodec {
     }
 }
 
+#[cfg(feature = "runtime")]
 impl Encoder<Bytes> for FrameCodec {
     type Error = CodecError;
 

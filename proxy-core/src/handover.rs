@@ -8,6 +8,8 @@
 //! frame boundary ([`Message::Agent`], see [`crate::relay::AgentRelay::hand_over_all`]), then
 //! sends [`Message::Done`]. The agents' TCP connections never close.
 //!
+//! This module is the wire format only; [`crate::proxy::handover`] runs the exchange.
+//!
 //! Wire format of one message: `u32` little-endian length of the rest, a kind byte, then
 //! fields, each a `u32` length and its bytes. A file descriptor, when the message carries one,
 //! travels as ancillary data on the message's first byte.
@@ -73,6 +75,7 @@ pub enum Message {
     },
     /// A key reply the enrollment front keeps for a retry (on the listener of that name).
     /// Its bytes travel in zeroized buffers.
+    #[cfg(feature = "enroll")]
     EnrollReply {
         /// The enroll listener's name.
         listener: String,
@@ -158,6 +161,7 @@ fn encode(msg: &Message) -> (Zeroizing<Vec<u8>>, Option<RawFd>) {
             put(&mut body, backend.to_string().as_bytes());
             None
         }
+        #[cfg(feature = "enroll")]
         Message::EnrollReply { listener, kept } => {
             body.push(ENROLL_REPLY);
             put(&mut body, listener.as_bytes());
@@ -241,6 +245,13 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
             listener: f.text()?.to_owned(),
             backend: f.addr()?,
         },
+        #[cfg(not(feature = "enroll"))]
+        ENROLL_REPLY => {
+            return Err(HandoverError::Malformed(
+                "an enrollment reply, and this build has no enrollment",
+            ))
+        }
+        #[cfg(feature = "enroll")]
         ENROLL_REPLY => {
             let listener = f.text()?.to_owned();
             let source = f
@@ -384,7 +395,7 @@ pub async fn recv(stream: &UnixStream) -> Result<Option<Message>, HandoverError>
 ///
 /// # Errors
 /// When the descriptor cannot be duplicated (descriptor limit).
-pub fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     fd.try_clone_to_owned()
 }
 
@@ -458,6 +469,7 @@ mod tests {
         assert!(matches!(got[2], Message::Done));
     }
 
+    #[cfg(feature = "enroll")]
     #[test]
     fn enrollment_replies_round_trip_redacted() {
         let kept = crate::enroll::KeptReply::new(
@@ -496,359 +508,5 @@ mod tests {
         ));
         let (bytes, _) = encode(&Message::Ready);
         assert!(matches!(decode(&bytes[4..], None), Ok(Message::Ready)));
-    }
-}
-
-/// A listening socket received from the previous process.
-#[derive(Debug)]
-pub struct InheritedListener {
-    /// Listener name.
-    pub name: String,
-    /// Its address.
-    pub addr: SocketAddr,
-    /// Whether it is UDP.
-    pub udp: bool,
-    /// The socket.
-    pub socket: OwnedFd,
-    /// Backends the operator drained on this listener (they stay drained).
-    pub drained: Vec<SocketAddr>,
-}
-
-/// Old process, step 1: sends every listening socket (duplicated: this process keeps
-/// accepting on its own copy until the new one is ready), then waits for the new process to
-/// say it serves them.
-///
-/// # Errors
-/// When the socket fails or the new process does not answer [`Message::Ready`].
-pub async fn offer_listeners(
-    stream: &UnixStream,
-    listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
-) -> Result<(), HandoverError> {
-    offer_listeners_with(stream, listeners, &[]).await
-}
-
-/// [`offer_listeners`], with the operator's drained backends of each listener (by name), so
-/// that the new process applies them before it accepts anything.
-///
-/// # Errors
-/// When the socket fails or the new process does not answer [`Message::Ready`].
-pub async fn offer_listeners_with(
-    stream: &UnixStream,
-    listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
-    drained: &[(String, SocketAddr)],
-) -> Result<(), HandoverError> {
-    for (name, addr, udp, fd) in listeners {
-        let socket = dup(*fd)?;
-        send(
-            stream,
-            &Message::Listener {
-                name: name.clone(),
-                addr: *addr,
-                udp: *udp,
-                socket,
-            },
-        )
-        .await?;
-    }
-    for (listener, backend) in drained {
-        send(
-            stream,
-            &Message::Drained {
-                listener: listener.clone(),
-                backend: *backend,
-            },
-        )
-        .await?;
-    }
-    send(stream, &Message::ListenersDone).await?;
-    match recv(stream).await? {
-        Some(Message::Ready) => Ok(()),
-        Some(_) => Err(HandoverError::Malformed("expected Ready")),
-        None => Err(HandoverError::Malformed(
-            "the new process closed the hand-over socket before it was ready",
-        )),
-    }
-}
-
-/// Old process, step 2 (after it stopped accepting): hands every agent session of `relays`
-/// to the new process, and returns how many were handed once every connection has left
-/// (or `deadline` passed; what is left then is closed by the caller's drain).
-///
-/// # Errors
-/// When the socket fails.
-pub async fn hand_over_sessions(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    deadline: std::time::Duration,
-) -> Result<usize, HandoverError> {
-    hand_over_all(stream, relays, &[], deadline)
-        .await
-        .map(|(sessions, _)| sessions)
-}
-
-/// Old process, step 2 with enrollment: the agent sessions as [`hand_over_sessions`] does,
-/// then, once the enroll listeners' connections in progress have ended (or `deadline`
-/// passed), every reply they keep for a retry ([`Message::EnrollReply`]). Returns the number
-/// of sessions and of replies handed.
-///
-/// # Errors
-/// When the socket fails.
-pub async fn hand_over_all(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
-    deadline: std::time::Duration,
-) -> Result<(usize, usize), HandoverError> {
-    hand_over_inner(stream, relays, fronts, deadline, None).await
-}
-
-/// [`hand_over_all`], and when it fails (the new process died or broke the protocol after
-/// it said it was ready) the sessions not handed yet stay in this process: the relays stop
-/// handing over, and every session already detached for the hand-over but not sent is
-/// adopted again here, on `tracker` (its agent never sees its connection close; it reconnects
-/// to a manager as after an upgrade). Kept enrollment replies not sent stay kept. Sessions
-/// sent before the failure belonged to the new process and are gone with it.
-///
-/// # Errors
-/// When the socket fails; what is left has then been taken back.
-pub async fn hand_over_all_or_keep(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
-    deadline: std::time::Duration,
-    tracker: &tokio_util::task::TaskTracker,
-) -> Result<(usize, usize), HandoverError> {
-    hand_over_inner(stream, relays, fronts, deadline, Some(tracker)).await
-}
-
-/// Adopts `h` on the relay of its listener in this process.
-fn adopt_here(
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    tracker: &tokio_util::task::TaskTracker,
-    h: Handed,
-) {
-    let relay = relays
-        .iter()
-        .find(|r| r.name() == h.listener)
-        .or_else(|| relays.first());
-    if let Some(r) = relay {
-        tracker.spawn(r.clone().adopt(h));
-    }
-}
-
-/// Takes everything back after a failed hand-over (see [`hand_over_all_or_keep`]).
-fn take_back(
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    tracker: &tokio_util::task::TaskTracker,
-    unsent: Option<Handed>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Handed>,
-) {
-    for r in relays {
-        r.cancel_hand_over();
-    }
-    let mut back = 0;
-    if let Some(h) = unsent {
-        adopt_here(relays, tracker, h);
-        back += 1;
-    }
-    while let Ok(h) = rx.try_recv() {
-        adopt_here(relays, tracker, h);
-        back += 1;
-    }
-    tracing::warn!(
-        sessions = back,
-        "hand-over failed: taking back the agent sessions not handed yet"
-    );
-    // Sessions that were finishing a frame when the hand-over stopped arrive later; the
-    // channel closes when a next hand-over replaces it.
-    let relays = relays.to_vec();
-    let t = tracker.clone();
-    tracker.spawn(async move {
-        while let Some(h) = rx.recv().await {
-            tracing::info!(agent = %h.key, "hand-over failed: taking back an agent session");
-            adopt_here(&relays, &t, h);
-        }
-    });
-}
-
-async fn hand_over_inner(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
-    deadline: std::time::Duration,
-    keep: Option<&tokio_util::task::TaskTracker>,
-) -> Result<(usize, usize), HandoverError> {
-    use std::sync::atomic::Ordering;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for r in relays {
-        r.hand_over_all(tx.clone());
-    }
-    drop(tx);
-    let until = tokio::time::Instant::now() + deadline;
-    let mut handed = 0;
-    loop {
-        let idle = relays
-            .iter()
-            .all(|r| r.stats().active.load(Ordering::Relaxed) <= 0);
-        tokio::select! {
-            h = rx.recv() => match h {
-                Some(h) => {
-                    let msg = Message::Agent(h);
-                    if let Err(e) = send(stream, &msg).await {
-                        if let (Some(tracker), Message::Agent(h)) = (keep, msg) {
-                            take_back(relays, tracker, Some(h), rx);
-                        }
-                        return Err(e);
-                    }
-                    handed += 1;
-                }
-                None => break,
-            },
-            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {
-                if idle && rx.is_empty() {
-                    break;
-                }
-            }
-            _ = tokio::time::sleep_until(until) => break,
-        }
-    }
-    // An enrollment in progress may still keep a reply: wait for it (each is bounded by
-    // the front's timeouts), then hand over what is kept.
-    while fronts.iter().any(|(_, f)| f.active() > 0) && tokio::time::Instant::now() < until {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let mut replies = 0;
-    for (name, front) in fronts {
-        let mut kept = front.take_kept().into_iter();
-        while let Some(reply) = kept.next() {
-            let msg = Message::EnrollReply {
-                listener: name.clone(),
-                kept: reply,
-            };
-            if let Err(e) = send(stream, &msg).await {
-                if let Some(tracker) = keep {
-                    if let Message::EnrollReply { kept: reply, .. } = msg {
-                        front.keep(reply);
-                    }
-                    for reply in kept {
-                        front.keep(reply);
-                    }
-                    take_back(relays, tracker, None, rx);
-                }
-                return Err(e);
-            }
-            replies += 1;
-        }
-    }
-    if let Err(e) = send(stream, &Message::Done).await {
-        if let Some(tracker) = keep {
-            take_back(relays, tracker, None, rx);
-        }
-        return Err(e);
-    }
-    Ok((handed, replies))
-}
-
-/// New process, step 1: receives the listening sockets.
-///
-/// # Errors
-/// When the socket fails or the old process sends something unexpected.
-pub async fn receive_listeners(
-    stream: &UnixStream,
-) -> Result<Vec<InheritedListener>, HandoverError> {
-    let mut out = Vec::new();
-    loop {
-        match recv(stream).await? {
-            Some(Message::Listener {
-                name,
-                addr,
-                udp,
-                socket,
-            }) => out.push(InheritedListener {
-                name,
-                addr,
-                udp,
-                socket,
-                drained: Vec::new(),
-            }),
-            Some(Message::Drained { listener, backend }) => {
-                match out.iter_mut().find(|l| l.name == listener) {
-                    Some(l) => l.drained.push(backend),
-                    None => {
-                        tracing::warn!(listener = %listener, %backend, "drained backend of a listener that was not handed over; ignored")
-                    }
-                }
-            }
-            Some(Message::ListenersDone) => return Ok(out),
-            Some(_) => return Err(HandoverError::Malformed("expected a listener")),
-            None => {
-                return Err(HandoverError::Malformed(
-                    "the old process closed the hand-over socket early",
-                ))
-            }
-        }
-    }
-}
-
-/// New process, step 2 (serving on the inherited listeners): says so, then adopts every
-/// agent session the old process hands over, on the relay with the same listener name.
-/// Returns the number adopted.
-///
-/// # Errors
-/// When the socket fails.
-pub async fn adopt_sessions(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    tracker: &tokio_util::task::TaskTracker,
-) -> Result<usize, HandoverError> {
-    adopt_all(stream, relays, &[], tracker)
-        .await
-        .map(|(sessions, _)| sessions)
-}
-
-/// New process, step 2 with enrollment: as [`adopt_sessions`], and every kept enrollment
-/// reply goes to the enroll listener of the same name (dropped, zeroized, when there is
-/// none). Returns the number of sessions adopted and of replies kept.
-///
-/// # Errors
-/// When the socket fails.
-pub async fn adopt_all(
-    stream: &UnixStream,
-    relays: &[std::sync::Arc<crate::relay::AgentRelay>],
-    fronts: &[(String, std::sync::Arc<crate::enroll::EnrollFront>)],
-    tracker: &tokio_util::task::TaskTracker,
-) -> Result<(usize, usize), HandoverError> {
-    send(stream, &Message::Ready).await?;
-    let mut adopted = 0;
-    let mut kept = 0;
-    loop {
-        match recv(stream).await? {
-            Some(Message::Agent(h)) => {
-                let relay = relays
-                    .iter()
-                    .find(|r| r.name() == h.listener)
-                    .or_else(|| relays.first());
-                match relay {
-                    Some(r) => {
-                        tracker.spawn(r.clone().adopt(h));
-                        adopted += 1;
-                    }
-                    None => {
-                        tracing::warn!(listener = %h.listener, "no agent listener to adopt a session; closing it")
-                    }
-                }
-            }
-            Some(Message::EnrollReply {
-                listener,
-                kept: reply,
-            }) => match fronts.iter().find(|(n, _)| *n == listener) {
-                Some((_, front)) => kept += usize::from(front.keep(reply)),
-                None => {
-                    tracing::warn!(listener = %listener, "no enroll listener of that name to keep an enrollment reply; dropped")
-                }
-            },
-            Some(Message::Done) | None => return Ok((adopted, kept)),
-            Some(_) => return Err(HandoverError::Malformed("expected an agent session")),
-        }
     }
 }

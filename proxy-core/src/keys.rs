@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use blowfish::Blowfish;
 use md5::{Digest, Md5};
+#[cfg(feature = "runtime")]
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
@@ -586,6 +587,7 @@ impl KeyStore {
     /// Polls `path` every `interval` (remoted uses [`DEFAULT_RELOAD_INTERVAL`]) and reloads it
     /// when it changes, until `cancel` fires. Logs the number of keys loaded and each malformed
     /// line (number and problem only); read errors keep the current keys and are logged.
+    #[cfg(feature = "runtime")]
     pub async fn watch(self, path: PathBuf, interval: Duration, cancel: CancellationToken) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

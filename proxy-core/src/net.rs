@@ -88,7 +88,10 @@ pub fn tune(stream: &tokio::net::TcpStream, keepalive: Option<std::time::Duratio
 /// Gives a listening socket the settings of [`tune`]: Linux copies them to every connection
 /// it accepts (as nginx's `listen ... so_keepalive=` relies on), which saves five system
 /// calls per connection in a reconnect storm.
-pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: Option<std::time::Duration>) {
+pub(crate) fn tune_listener(
+    listener: &tokio::net::TcpListener,
+    keepalive: Option<std::time::Duration>,
+) {
     let sock = socket2::SockRef::from(listener);
     if let Err(e) = sock.set_nodelay(true) {
         tracing::debug!(error = %e, "could not set TCP_NODELAY on the listener");

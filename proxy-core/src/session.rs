@@ -521,7 +521,7 @@ impl SessionRegistry {
 
     /// An empty registry whose sessions are all asked to close when `parent` is cancelled
     /// (the process's hard-stop token).
-    pub fn with_parent(policy: DuplicatePolicy, parent: CancellationToken) -> Self {
+    pub(crate) fn with_parent(policy: DuplicatePolicy, parent: CancellationToken) -> Self {
         SessionRegistry {
             inner: Arc::new(Inner {
                 policy,
@@ -701,7 +701,7 @@ impl SessionRegistry {
 
     /// Wakes every session's relay task so it looks at its flags (after a relay-wide event:
     /// a hand-over, a hard stop).
-    pub fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         for s in self.inner.sessions.iter() {
             s.wake();
         }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 use wazuh_proxy_core::envelope::AgentId;
-use wazuh_proxy_core::handover;
+use wazuh_proxy_core::proxy;
 use wazuh_proxy_core::relay::{AgentRelay, AgentRelayConfig};
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
 
@@ -98,19 +98,19 @@ async fn an_upgrade_under_load_closes_no_agent_and_loses_no_frame() {
     let importer = {
         let (new, new_tracker, new_stop) = (new.clone(), new_tracker.clone(), new_stop.clone());
         tokio::spawn(async move {
-            let inherited = handover::receive_listeners(&new_side).await.unwrap();
+            let inherited = proxy::handover::receive_listeners(&new_side).await.unwrap();
             assert_eq!(inherited.len(), 1);
             let std_listener =
                 std::net::TcpListener::from(inherited.into_iter().next().unwrap().socket);
             std_listener.set_nonblocking(true).unwrap();
             let l = TcpListener::from_std(std_listener).unwrap();
             tokio::spawn(new.clone().serve(l, new_stop, new_tracker.clone()));
-            handover::adopt_sessions(&new_side, std::slice::from_ref(&new), &new_tracker)
+            proxy::handover::adopt_sessions(&new_side, std::slice::from_ref(&new), &new_tracker)
                 .await
                 .unwrap()
         })
     };
-    handover::offer_listeners(
+    proxy::handover::offer_listeners(
         &old_side,
         &[("agents".into(), addr, false, listener_fd.as_fd())],
     )
@@ -123,7 +123,7 @@ async fn an_upgrade_under_load_closes_no_agent_and_loses_no_frame() {
     recv(&mut late)
         .await
         .expect("a new agent during the upgrade is served");
-    let handed = handover::hand_over_sessions(
+    let handed = proxy::handover::hand_over_sessions(
         &old_side,
         std::slice::from_ref(&old),
         Duration::from_secs(20),

@@ -7,7 +7,7 @@ use wazuh_proxy_core::balance::{Backend, Balancer};
 use wazuh_proxy_core::session::SessionInfo;
 
 use super::{Shared, Target};
-use crate::server::Running;
+use wazuh_proxy_core::proxy::OperatorError;
 
 /// A backend's state: `down` (configured so), `failed` (marked by passive health until its
 /// fail_timeout passes), or `available`.
@@ -211,19 +211,14 @@ fn session_json(listener: &str, s: &SessionInfo) -> Value {
 
 /// `/sessions`: every live agent session that passes `filter`, by listener then session number.
 pub(crate) fn sessions(shared: &Shared, filter: &SessionFilter) -> Value {
-    let mut out = Vec::new();
-    for t in shared.targets.load().iter() {
-        if let Running::Agent(relay) = &t.relay {
-            out.extend(
-                relay
-                    .sessions()
-                    .snapshot()
-                    .iter()
-                    .filter(|s| filter.matches(s))
-                    .map(|s| session_json(&t.name, s)),
-            );
-        }
-    }
+    let out = shared
+        .view
+        .load()
+        .sessions()
+        .iter()
+        .filter(|(_, s)| filter.matches(s))
+        .map(|(name, s)| session_json(name, s))
+        .collect();
     Value::Array(out)
 }
 
@@ -287,11 +282,7 @@ pub(crate) fn act(
             (k == name).then(|| v.replace("%3A", ":").replace("%3a", ":"))
         })
     };
-    let targets = shared.targets.load();
-    let agents = targets.iter().filter_map(|t| match &t.relay {
-        Running::Agent(r) => Some((t.name.as_str(), r)),
-        _ => None,
-    });
+    let view = shared.view.load();
     match path {
         "/rebalance" => {
             let limit = match param("limit") {
@@ -300,8 +291,10 @@ pub(crate) fn act(
                     .map_err(|_| (StatusCode::BAD_REQUEST, format!("bad limit {l:?}")))?,
                 None => usize::MAX,
             };
-            let moved: Vec<Value> = agents
-                .map(|(name, r)| json!({"listener": name, "moving": r.rebalance(limit)}))
+            let moved: Vec<Value> = view
+                .rebalance(limit)
+                .into_iter()
+                .map(|(name, n)| json!({"listener": name, "moving": n}))
                 .collect();
             Ok(json!({"rebalance": moved}))
         }
@@ -316,28 +309,26 @@ pub(crate) fn act(
                     format!("bad backend address {backend:?}"),
                 )
             })?;
-            let mut done = Vec::new();
-            for (name, r) in agents {
-                if r.balancer().index_of(addr).is_none() {
-                    continue;
-                }
-                let result = if path == "/drain" {
-                    r.drain_backend(addr)
-                        .map(|n| json!({"listener": name, "moving": n}))
-                } else {
-                    r.undrain_backend(addr)
-                        .map(|()| json!({"listener": name, "back_in_rotation": true}))
+            let refused = |e: OperatorError| {
+                let status = match e {
+                    OperatorError::NoSuchBackend(_) => StatusCode::NOT_FOUND,
+                    _ => StatusCode::CONFLICT,
                 };
-                done.push(
-                    result.map_err(|e| (StatusCode::CONFLICT, format!("listener {name}: {e}")))?,
-                );
-            }
-            if done.is_empty() {
-                return Err((
-                    StatusCode::NOT_FOUND,
-                    format!("no agent listener has backend {addr}"),
-                ));
-            }
+                (status, e.to_string())
+            };
+            let done: Vec<Value> = if path == "/drain" {
+                view.drain_backend(addr)
+                    .map_err(refused)?
+                    .into_iter()
+                    .map(|(name, n)| json!({"listener": name, "moving": n}))
+                    .collect()
+            } else {
+                view.undrain_backend(addr)
+                    .map_err(refused)?
+                    .into_iter()
+                    .map(|name| json!({"listener": name, "back_in_rotation": true}))
+                    .collect()
+            };
             Ok(json!({"backend": addr.to_string(), "listeners": done}))
         }
         _ => Err((StatusCode::NOT_FOUND, format!("no such action {path:?}"))),

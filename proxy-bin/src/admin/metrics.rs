@@ -19,7 +19,7 @@ use wazuh_proxy_core::stats::{Rejection, RelayStats};
 
 use super::api::{backend_state, listener_problem, BACKEND_STATES};
 use super::{Shared, Target};
-use crate::server::Running;
+use wazuh_proxy_core::proxy::ListenerHandle;
 
 /// Every metric name, in one place.
 pub(crate) mod names {
@@ -342,7 +342,7 @@ impl Collector for RelayCollector {
             SESSIONS_LIVE,
             "Agent sessions live now (agent listeners).",
             targets.iter().filter_map(|t| match &t.relay {
-                Running::Agent(r) => Some((listener(t), gauge_of(r.sessions().len()))),
+                ListenerHandle::Agent(r) => Some((listener(t), gauge_of(r.sessions().len()))),
                 _ => None,
             }),
         )?;
@@ -439,7 +439,7 @@ impl Collector for RelayCollector {
             AGENTS_KEPT_AWAY,
             "Agents every manager refused that the proxy keeps away for now (their reconnections are closed by the proxy).",
             targets.iter().filter_map(|t| match &t.relay {
-                Running::Agent(r) => Some((listener(t), gauge_of(r.kept_away()))),
+                ListenerHandle::Agent(r) => Some((listener(t), gauge_of(r.kept_away()))),
                 _ => None,
             }),
         )?;
@@ -450,7 +450,7 @@ impl Collector for RelayCollector {
             targets
                 .iter()
                 .filter_map(|t| match &t.relay {
-                    Running::Enroll(f) => Some((t, f.stats().clone())),
+                    ListenerHandle::Enroll(f) => Some((t, f.stats().clone())),
                     _ => None,
                 })
                 .flat_map(|(t, stats)| {
@@ -466,7 +466,7 @@ impl Collector for RelayCollector {
             ENROLL_KEPT,
             "Key replies kept for a retry because the agent's TCP did not acknowledge them (enroll listeners).",
             targets.iter().filter_map(|t| match &t.relay {
-                Running::Enroll(f) => Some((listener(t), C(load(&f.stats().kept_for_replay)))),
+                ListenerHandle::Enroll(f) => Some((listener(t), C(load(&f.stats().kept_for_replay)))),
                 _ => None,
             }),
         )?;
@@ -477,7 +477,7 @@ impl Collector for RelayCollector {
             targets
                 .iter()
                 .filter_map(|t| match &t.relay {
-                    Running::Enroll(f) => Some((t, f.stats().clone())),
+                    ListenerHandle::Enroll(f) => Some((t, f.stats().clone())),
                     _ => None,
                 })
                 .flat_map(|(t, stats)| {
@@ -571,7 +571,7 @@ impl Collector for RelayCollector {
         let udp: Vec<_> = targets
             .iter()
             .filter_map(|t| match &t.relay {
-                Running::Udp(r) => Some((t, r)),
+                ListenerHandle::Udp(r) => Some((t, r)),
                 _ => None,
             })
             .collect();

@@ -37,8 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ListenerKind};
-use crate::server::{Proxy, Running};
+use wazuh_proxy_core::proxy::{ListenerHandle, ListenerKind, ProxyView};
+
+use crate::config::Config;
 
 /// Admin connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 64;
@@ -108,44 +109,32 @@ pub fn read_token(path: &Path) -> Result<Zeroizing<String>, AdminError> {
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) name: String,
-    pub(crate) kind: ListenerKind,
     pub(crate) listen: SocketAddr,
-    pub(crate) relay: Running,
+    pub(crate) relay: ListenerHandle,
 }
 
 impl Target {
+    pub(crate) fn kind(&self) -> ListenerKind {
+        self.relay.kind()
+    }
+
     /// Kinds that carry agents: keepalived must not give the VIP to a node that cannot reach a
     /// manager for them.
     pub(crate) fn is_agent_facing(&self) -> bool {
-        matches!(self.kind, ListenerKind::Agent | ListenerKind::Udp)
+        self.kind().is_agent_facing()
     }
 
     pub(crate) fn kind_name(&self) -> &'static str {
-        match self.kind {
-            ListenerKind::Agent => "agent",
-            ListenerKind::Udp => "udp",
-            ListenerKind::Tcp => "tcp",
-            ListenerKind::Enroll => "enroll",
-        }
+        self.kind().name()
     }
 
     pub(crate) fn balancer(&self) -> Arc<wazuh_proxy_core::balance::Balancer> {
-        match &self.relay {
-            Running::Agent(r) => r.balancer(),
-            Running::Tcp(r) => r.balancer(),
-            Running::Udp(r) => r.balancer(),
-            Running::Enroll(f) => f.balancer(),
-        }
+        self.relay.balancer()
     }
 
     /// Relay counters (`None` for the enrollment front, which has its own outcomes).
     pub(crate) fn stats(&self) -> Option<&wazuh_proxy_core::stats::RelayStats> {
-        match &self.relay {
-            Running::Agent(r) => Some(r.stats()),
-            Running::Tcp(r) => Some(r.stats()),
-            Running::Udp(r) => Some(r.stats()),
-            Running::Enroll(_) => None,
-        }
+        self.relay.stats()
     }
 }
 
@@ -153,13 +142,14 @@ impl Target {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) targets: arc_swap::ArcSwap<Vec<Target>>,
-    /// Cancelled when the proxy stops accepting (drain): the node is then unhealthy.
-    pub(crate) accepting: CancellationToken,
+    /// The running proxy: operator actions, sessions, and whether it still accepts (a
+    /// draining node is unhealthy).
+    pub(crate) view: arc_swap::ArcSwap<ProxyView>,
 }
 
 impl Shared {
     pub(crate) fn draining(&self) -> bool {
-        self.accepting.is_cancelled()
+        self.view.load().draining()
     }
 }
 
@@ -178,15 +168,14 @@ pub struct AdminServer {
     shared: Arc<Shared>,
 }
 
-fn targets_of(proxy: &Proxy) -> Vec<Target> {
+fn targets_of(proxy: &ProxyView) -> Vec<Target> {
     proxy
         .listeners()
-        .into_iter()
-        .map(|(l, relay)| Target {
-            name: l.name,
-            kind: l.kind,
+        .iter()
+        .map(|l| Target {
+            name: l.name.clone(),
             listen: l.listen,
-            relay,
+            relay: l.handle.clone(),
         })
         .collect()
 }
@@ -198,7 +187,7 @@ impl AdminServer {
     /// When the token file is unusable or the address cannot be bound.
     pub(crate) async fn start(
         config: &Config,
-        proxy: &Proxy,
+        proxy: &ProxyView,
     ) -> Result<Option<AdminServer>, AdminError> {
         let Some(addr) = config.admin.listen else {
             tracing::info!("admin API disabled");
@@ -216,7 +205,7 @@ impl AdminServer {
         }
         let shared = Arc::new(Shared {
             targets: arc_swap::ArcSwap::from_pointee(targets_of(proxy)),
-            accepting: proxy.stop_accepting(),
+            view: arc_swap::ArcSwap::from_pointee(proxy.clone()),
         });
         let mut registry = Registry::default();
         registry.register_collector(Box::new(metrics::RelayCollector::new(shared.clone())));
@@ -242,9 +231,10 @@ impl AdminServer {
         }))
     }
 
-    /// Shows the listeners of `proxy` after a reload.
-    pub(crate) fn refresh(&self, proxy: &Proxy) {
+    /// Shows the listeners of `proxy` after a reload (or after it accepts again).
+    pub(crate) fn refresh(&self, proxy: &ProxyView) {
         self.shared.targets.store(Arc::new(targets_of(proxy)));
+        self.shared.view.store(Arc::new(proxy.clone()));
     }
 
     /// The bound address.
