@@ -278,3 +278,61 @@ async fn a_manager_that_never_answers_the_handshake_is_left_for_another() {
         );
     }
 }
+
+/// An agent refused by a manager that never answered it continues on another; with the copy of
+/// unacknowledged frames its frames go again, without it (`resend_unacknowledged = false`)
+/// only the replayed startup does, and the agent stays connected either way.
+#[tokio::test]
+async fn the_copy_of_unacknowledged_frames_can_be_turned_off() {
+    for keep in [true, false] {
+        let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::Silent)
+            .await
+            .unwrap();
+        let m2 = Manager::start("127.0.0.1:0".parse().unwrap(), "m2", Reply::AckFirst)
+            .await
+            .unwrap();
+        let config = AgentRelayConfig {
+            resend_unacknowledged: keep,
+            ..AgentRelayConfig::default()
+        };
+        let relay = TestRelay::start(&[m1.addr(), m2.addr()], Policy::AgentId, config).await;
+        // An agent whose manager by ID is the silent m1.
+        let mut found = None;
+        for a in 1..=64 {
+            let mut conn = connect(relay.addr).await;
+            send(&mut conn, agent_payload(Some(id(a)), 0, 100)).await;
+            wait_for("the startup", 5, || {
+                m1.frames_from(&id(a).to_string()).len() + m2.frames_from(&id(a).to_string()).len()
+                    == 1
+            })
+            .await;
+            if m1.frames_from(&id(a).to_string()).len() == 1 {
+                found = Some((a, conn));
+                break;
+            }
+        }
+        let (a, mut conn) = found.expect("an agent on m1");
+        for seq in 1..=5 {
+            send(&mut conn, agent_payload(Some(id(a)), seq, 100)).await;
+        }
+        wait_for("six frames on m1", 5, || seqs(&m1, a).len() == 6).await;
+        m1.refuse(&id(a).to_string());
+        send(&mut conn, agent_payload(Some(id(a)), 6, 100)).await;
+        wait_for("the agent on m2", 10, || !seqs(&m2, a).is_empty()).await;
+        send(&mut conn, agent_payload(Some(id(a)), 7, 100)).await;
+        wait_for("frame 7 on m2", 10, || seqs(&m2, a).contains(&7)).await;
+        let resent = relay.relay.stats().frames_resent.load(Ordering::Relaxed);
+        let got = seqs(&m2, a);
+        if keep {
+            // m1 processed nothing: every frame goes again, in order.
+            assert_eq!(got, (0..=7).collect::<Vec<u64>>(), "with the copy");
+            assert!(resent >= 6, "{resent} frames re-sent");
+        } else {
+            assert_eq!(resent, 0);
+            assert_eq!(got.first(), Some(&0), "the startup replayed first: {got:?}");
+            assert!(!got.contains(&3), "frames re-sent without a copy: {got:?}");
+        }
+        // Connected throughout.
+        all_open(&mut [(conn, String::new())]).await;
+    }
+}

@@ -236,6 +236,7 @@ fn agent_changes(
             duplicate_policy: AfterUpgrade,
             tcp_keepalive: AfterUpgrade,
             failover: AfterUpgrade,
+            resend_unacknowledged: AfterUpgrade,
             hold_timeout: AfterUpgrade,
             reply_timeout: AfterUpgrade,
             source_limits: AfterUpgrade,

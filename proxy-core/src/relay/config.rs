@@ -28,6 +28,12 @@ pub struct AgentRelayConfig {
     /// agent's connection and continue its stream on another manager at the next frame
     /// boundary (default on). Off: the agent is disconnected, as with any TCP proxy.
     pub failover: bool,
+    /// Keep a copy of what was written to the manager until its TCP acknowledges it, and
+    /// re-send to the next manager what a failed one never acknowledged (default on: a manager
+    /// that dies silently loses nothing). Off: no copy is kept (about 40 ns less CPU per
+    /// 256-byte event at saturation), and the frames in flight when a manager fails are
+    /// counted at risk instead.
+    pub resend_unacknowledged: bool,
     /// How long an agent is held while no manager can be reached, before it is disconnected
     /// (default 30 s; an agent waits 60 s for the answer to its startup message).
     pub hold_timeout: Duration,
@@ -189,6 +195,7 @@ impl Default for AgentRelayConfig {
             duplicate_policy: DuplicatePolicy::Replace,
             tcp_keepalive: Some(Duration::from_secs(60)),
             failover: true,
+            resend_unacknowledged: true,
             hold_timeout: Duration::from_secs(30),
             reply_timeout: Some(Duration::from_secs(20)),
             source_limits: crate::limits::SourceLimits::default(),

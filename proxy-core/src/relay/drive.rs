@@ -175,7 +175,7 @@ impl std::future::Future for Relaying<'_> {
             relay,
             session,
             &mut up_check,
-            Some(unacked),
+            relay.config.resend_unacknowledged.then_some(&mut *unacked),
             cx,
         );
         if let Poll::Ready(end) = up {
@@ -190,7 +190,7 @@ impl std::future::Future for Relaying<'_> {
             relay,
             session,
             &mut down_check,
-            Some(unacked),
+            relay.config.resend_unacknowledged.then_some(&mut *unacked),
             cx,
         )
     }

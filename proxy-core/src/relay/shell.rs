@@ -295,6 +295,7 @@ impl AgentRelay {
     /// next one to be found. `answered`: the manager sent the agent something during this
     /// stint.
     async fn detach(&self, conn: &mut Conn, session: &Session, end: End, answered: bool) -> Detach {
+        let keep = self.config.resend_unacknowledged;
         let Some(manager) = conn.manager.take() else {
             // Not reached: the relay ran on this manager connection.
             return Detach::Stop(end);
@@ -303,9 +304,13 @@ impl AgentRelay {
             // A planned hand-over: complete the frame being written, deliver what the
             // agent is owed, close the manager connection (FIN) before the next process
             // opens its own, then pass the agent's socket on.
-            if finish_head(&mut conn.up, &mut conn.unacked, &manager.stream)
-                .await
-                .is_err()
+            if finish_head(
+                &mut conn.up,
+                keep.then_some(&mut conn.unacked),
+                &manager.stream,
+            )
+            .await
+            .is_err()
             {
                 conn.up.drop_partial_head();
             }
@@ -326,7 +331,13 @@ impl AgentRelay {
         // left only once the old manager's TCP acknowledged everything written.
         let cause = match cause {
             StintCause::Moved => machine::settle_move(
-                match finish_head(&mut conn.up, &mut conn.unacked, &manager.stream).await {
+                match finish_head(
+                    &mut conn.up,
+                    keep.then_some(&mut conn.unacked),
+                    &manager.stream,
+                )
+                .await
+                {
                     Ok(()) => Ok(acknowledged(&manager.stream, MOVE_ACK_WAIT).await),
                     Err(e) => Err(e),
                 },
@@ -666,12 +677,18 @@ async fn flush(pipe: &mut Pipe, dst: &TcpStream) -> io::Result<()> {
 }
 
 /// Writes the rest of a partly written frame, so that a planned move happens at a boundary.
-async fn finish_head(up: &mut Pipe, copy: &mut Unacked, manager: &TcpStream) -> io::Result<()> {
+async fn finish_head(
+    up: &mut Pipe,
+    mut copy: Option<&mut Unacked>,
+    manager: &TcpStream,
+) -> io::Result<()> {
     while up.head_left > 0 {
         let n = up.head_left.min(up.ready);
         match manager.try_write(&up.buf[..n]) {
             Ok(w) => {
-                copy.record(&up.buf[..w]);
+                if let Some(copy) = copy.as_deref_mut() {
+                    copy.record(&up.buf[..w]);
+                }
                 up.consume(w);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => manager.writable().await?,
