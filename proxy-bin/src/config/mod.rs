@@ -137,6 +137,43 @@ impl std::str::FromStr for ListenerKind {
     }
 }
 
+impl ListenerKind {
+    /// Backend choice when `balance` is not set: by agent ID where IDs are read, else by
+    /// source address.
+    pub fn default_balance(self) -> Policy {
+        match self {
+            ListenerKind::Agent | ListenerKind::Udp => Policy::AgentId,
+            ListenerKind::Tcp | ListenerKind::Enroll => Policy::Source,
+        }
+    }
+
+    /// Active health probe when `health_check` is not set: a TCP connect, except on udp
+    /// listeners, whose managers may have nothing on TCP.
+    pub fn default_probe(self) -> Option<wazuh_proxy_core::health::Probe> {
+        match self {
+            ListenerKind::Udp => None,
+            _ => Some(wazuh_proxy_core::health::Probe::Connect),
+        }
+    }
+
+    /// Active health checks when none of the `health_check*` keys is set.
+    pub fn default_health(self) -> Option<wazuh_proxy_core::health::HealthCheck> {
+        self.default_probe()
+            .map(|probe| wazuh_proxy_core::health::HealthCheck {
+                probe,
+                ..wazuh_proxy_core::health::HealthCheck::default()
+            })
+    }
+
+    /// Automatic rebalancing when the `rebalance_*` keys are not set: agent listeners only.
+    pub fn default_rebalance(self) -> Option<(Duration, usize)> {
+        match self {
+            ListenerKind::Agent => Some(DEFAULT_REBALANCE),
+            _ => None,
+        }
+    }
+}
+
 /// One validated listener.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -366,8 +403,8 @@ impl Config {
                 backends: list,
                 agent: AgentRelayConfig::default(),
                 keys: None,
-                health: Some(wazuh_proxy_core::health::HealthCheck::default()),
-                rebalance: Some(DEFAULT_REBALANCE),
+                health: ListenerKind::Agent.default_health(),
+                rebalance: ListenerKind::Agent.default_rebalance(),
                 enroll: None,
                 resolve: None,
                 first_byte_timeout: None,

@@ -15,7 +15,7 @@ use super::print::serde_kind;
 use super::{
     check_batch_window, parse_admin, AdminSettings, Config, ConfigError, Dur, EnrollSettings,
     Listener, ListenerKind, NamedBackend, Resolve, Source, DEFAULT_BATCH_WINDOW, DEFAULT_DRAIN,
-    DEFAULT_REBALANCE, DEFAULT_TLS_DIR,
+    DEFAULT_TLS_DIR,
 };
 
 /// Where `key` is written inside the listener table that starts at `start`: the span of its
@@ -96,8 +96,7 @@ pub(super) fn health_of(
     use wazuh_proxy_core::health::{HealthCheck, Probe};
     let kind_name = serde_kind(kind);
     let probe = match &l.health_check {
-        None if kind == ListenerKind::Udp => None,
-        None => Some(Probe::Connect),
+        None => kind.default_probe(),
         Some(h) => match (h.get_ref().as_str(), kind) {
             ("none", _) => None,
             ("tcp", _) => Some(Probe::Connect),
@@ -271,8 +270,7 @@ impl Config {
                     .get_ref()
                     .parse::<Policy>()
                     .map_err(|e| src.error(Some(b.span()), e))?,
-                None if matches!(kind, ListenerKind::Tcp | ListenerKind::Enroll) => Policy::Source,
-                None => Policy::AgentId,
+                None => kind.default_balance(),
             };
             if matches!(kind, ListenerKind::Tcp | ListenerKind::Enroll)
                 && balance == Policy::AgentId
@@ -608,10 +606,9 @@ impl Config {
             let rebalance = match (kind, l.rebalance_interval, l.rebalance_batch) {
                 (ListenerKind::Agent, Some(Dur(d)), _) if d.is_zero() => None,
                 (ListenerKind::Agent, _, Some(0)) => None,
-                (ListenerKind::Agent, every, batch) => Some((
-                    every.map_or(DEFAULT_REBALANCE.0, |d| d.0),
-                    batch.unwrap_or(DEFAULT_REBALANCE.1),
-                )),
+                (ListenerKind::Agent, every, batch) => kind
+                    .default_rebalance()
+                    .map(|(d, n)| (every.map_or(d, |e| e.0), batch.unwrap_or(n))),
                 _ => None,
             };
             let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));

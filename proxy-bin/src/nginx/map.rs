@@ -127,6 +127,10 @@ impl Loader<'_> {
                     l.name = name;
                     l.listen = addr;
                     l.kind = kind;
+                    // The defaults of this kind, as the TOML reader gives them (the
+                    // prototype is an agent listener).
+                    l.health = kind.default_health();
+                    l.rebalance = kind.default_rebalance();
                     l.balance = policy;
                     l.backends = backends.clone();
                     l.agent = agent.clone();

@@ -102,6 +102,40 @@ fn the_wazuh_docker_stream_block_runs_unchanged() {
     assert_eq!(toml.to_toml(), c.to_toml());
 }
 
+/// Settings nginx has no word for take the defaults of each listener's kind, the same ones
+/// the TOML reader gives: no health probe on udp (managers may have nothing on TCP) and
+/// automatic rebalancing on agent listeners only.
+#[test]
+fn settings_nginx_lacks_take_the_defaults_of_the_kind() {
+    let c = parse(
+        "kinds.conf",
+        &stream(
+            "server { listen 1514; listen 127.0.0.1:1514 udp; proxy_pass 10.0.0.1:1514; }\n\
+             server { listen 55000; proxy_pass 10.0.0.1:55000; }",
+        ),
+    )
+    .unwrap();
+    let toml = Config::parse(
+        "[[listener]]\nlisten = \"127.0.0.1:1\"\nkind = \"agent\"\nbackends = [{ address = \"10.0.0.1:1514\" }]\n\
+         [[listener]]\nlisten = \"127.0.0.1:2\"\nkind = \"udp\"\nbackends = [{ address = \"10.0.0.1:1514\" }]\n\
+         [[listener]]\nlisten = \"127.0.0.1:3\"\nkind = \"tcp\"\nbackends = [{ address = \"10.0.0.1:55000\" }]\n",
+        "kinds.toml",
+    )
+    .unwrap();
+    let kinds: Vec<_> = c.listeners.iter().map(|l| l.kind).collect();
+    assert_eq!(
+        kinds,
+        [ListenerKind::Agent, ListenerKind::Udp, ListenerKind::Tcp]
+    );
+    for (n, t) in c.listeners.iter().zip(&toml.listeners) {
+        assert_eq!(n.kind, t.kind);
+        assert_eq!(n.health, t.health, "{:?}", n.kind);
+        assert_eq!(n.rebalance, t.rebalance, "{:?}", n.kind);
+    }
+    assert_eq!(c.listeners[1].health, None);
+    assert_eq!(c.listeners[2].rebalance, None);
+}
+
 #[test]
 fn every_directive_maps() {
     let c = parse(
