@@ -8,22 +8,29 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use zeroize::Zeroizing;
 
 use super::cache::{ReplayCache, RequestKey, Secret, Upstream};
-use super::reply::{error_reply, reply_progress, EnrollReply, ReplyProgress};
-use super::request::{EnrollRequest, RequestError, MAX_REQUEST};
+use super::reply::{error_reply, EnrollReply};
+use super::request::{EnrollRequest, RequestError};
 use super::tls::{
     backend_name, client_config, server_config, BackendTls, ClientCert, ServerCert, TlsError,
 };
 use crate::balance::{BalanceKey, Balancer};
+
+use wire::{
+    acknowledged, read_line, read_reply, watch_agent, Active, Line, RateLog, CLOSE_TIMEOUT,
+};
+
+#[cfg(test)]
+mod tests;
+mod wire;
 
 /// Settings of the enrollment front. [`EnrollConfig::new`] fills in the documented defaults.
 #[derive(Debug, Clone)]
@@ -677,325 +684,5 @@ impl EnrollFront {
         // Close properly: close_notify, then FIN, as authd does.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, agent.shutdown()).await;
         delivered
-    }
-}
-
-/// A few log lines per second at most for a kind of refusal, so that a flood does not become
-/// a log flood; the next line written says how many were left out.
-#[derive(Debug)]
-struct RateLog {
-    per_second: u64,
-    /// The current second (since `START`, plus one) in the high bits, lines written in it in
-    /// the low 16.
-    window: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl RateLog {
-    fn new(per_second: u16) -> Self {
-        RateLog {
-            per_second: u64::from(per_second),
-            window: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(lines left out since the last one written)` when a line may be written now.
-    fn allow(&self) -> Option<u64> {
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        let now = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
-        let granted = self
-            .window
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |w| {
-                let (second, used) = (w >> 16, w & 0xffff);
-                if second != now {
-                    Some((now << 16) | 1)
-                } else if used < self.per_second {
-                    Some(w + 1)
-                } else {
-                    None
-                }
-            })
-            .is_ok();
-        if granted {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
-}
-
-/// Counts a connection as active while alive.
-struct Active(Arc<AtomicUsize>);
-
-impl Active {
-    fn enter(count: &Arc<AtomicUsize>) -> Active {
-        count.fetch_add(1, Ordering::Relaxed);
-        Active(count.clone())
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Waits until the peer's TCP has acknowledged every byte written to `tcp`: true at zero
-/// outstanding bytes, false on a reset or error first, or at `limit`.
-async fn acknowledged(tcp: &TcpStream, limit: Duration) -> bool {
-    let until = tokio::time::Instant::now() + limit;
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match crate::net::unacked_bytes(tcp) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-        // A reset: nothing more will be acknowledged (the count above was taken first, so
-        // bytes acknowledged before the reset were seen).
-        if !matches!(tcp.take_error(), Ok(None)) {
-            return matches!(crate::net::unacked_bytes(tcp), Ok(0));
-        }
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
-/// Time allowed for closing a connection properly (close_notify) before it is dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The request line as read.
-enum Line {
-    /// Everything up to the first LF (LF excluded).
-    Complete(Zeroizing<Vec<u8>>),
-    /// No LF within [`MAX_REQUEST`] bytes.
-    TooLong,
-    /// The agent closed first.
-    Closed,
-}
-
-/// Reads up to the first LF, at most [`MAX_REQUEST`] bytes. Bytes after the LF are ignored
-/// (authd ignores them too).
-async fn read_line<S: AsyncRead + Unpin>(agent: &mut S) -> io::Result<Line> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(4096));
-    let mut chunk = Zeroizing::new([0u8; 4096]);
-    loop {
-        let n = match agent.read(&mut chunk[..]).await {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return Ok(Line::Closed);
-        }
-        let start = buf.len();
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(lf) = buf[start..].iter().position(|&b| b == b'\n') {
-            buf.truncate(start + lf);
-            return Ok(if buf.len() < MAX_REQUEST {
-                Line::Complete(buf)
-            } else {
-                Line::TooLong
-            });
-        }
-        if buf.len() >= MAX_REQUEST {
-            return Ok(Line::TooLong);
-        }
-    }
-}
-
-/// A backend's reply as received: the bytes, and where each of the backend's reads ended
-/// (a 4.0-4.12 refusal comes in two writes; they are relayed as two).
-pub(crate) struct Received {
-    pub(crate) bytes: Zeroizing<Vec<u8>>,
-    pub(crate) writes: Vec<usize>,
-}
-
-/// Reads a backend's reply until it is complete: a key at its closing quote (the manager's
-/// close is not awaited: the QA simulators keep the connection open), anything else at the
-/// manager's close or after `quiet` without a byte. A close without close_notify ends the
-/// reply too (authd does not always send one).
-async fn read_reply<S: AsyncRead + Unpin>(
-    backend: &mut S,
-    max: usize,
-    quiet: Duration,
-) -> Result<Received, String> {
-    let mut got = Received {
-        bytes: Zeroizing::new(Vec::with_capacity(4096)),
-        writes: Vec::new(),
-    };
-    let mut chunk = Zeroizing::new([0u8; 4096]);
-    loop {
-        let progress = reply_progress(&got.bytes);
-        if let ReplyProgress::Key(end) = progress {
-            // One record, however it arrived: the agent parses the key from a single read.
-            got.bytes.truncate(end);
-            got.writes = vec![end];
-            return Ok(got);
-        }
-        let read = if progress == ReplyProgress::Other {
-            match tokio::time::timeout(quiet, backend.read(&mut chunk[..])).await {
-                Ok(r) => r,
-                // Quiet: the refusal is whole.
-                Err(_) => return Ok(got),
-            }
-        } else {
-            backend.read(&mut chunk[..]).await
-        };
-        match read {
-            Ok(0) => return Ok(got),
-            Ok(n) => {
-                if got.bytes.len() + n > max {
-                    return Err(format!("reply longer than {max} bytes"));
-                }
-                got.bytes.extend_from_slice(&chunk[..n]);
-                got.writes.push(got.bytes.len());
-            }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(got),
-            // A reset after some bytes still leaves a whole reply (authd writes it in one go).
-            Err(_) if !got.bytes.is_empty() => return Ok(got),
-            Err(e) => return Err(format!("reading the reply failed: {e}")),
-        }
-    }
-}
-
-/// Runs `work` while watching the agent's side: any close, reset or error there means a
-/// reply written later cannot reach it. Returns the work's result and whether the agent went.
-async fn watch_agent<T>(
-    agent: &mut TlsStream<TcpStream>,
-    work: impl std::future::Future<Output = T>,
-) -> (T, bool) {
-    tokio::pin!(work);
-    let mut gone = false;
-    let mut scratch = [0u8; 512];
-    loop {
-        tokio::select! {
-            result = &mut work => return (result, gone),
-            read = agent.read(&mut scratch), if !gone => {
-                // Bytes after the request line are ignored, as authd does.
-                if !matches!(read, Ok(n) if n > 0) {
-                    gone = true;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::VecDeque;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-
-    /// A backend that delivers its reply in the given reads, then closes (or stays open).
-    struct Chunks(VecDeque<&'static [u8]>, bool);
-
-    impl AsyncRead for Chunks {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &mut tokio::io::ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            match self.0.pop_front() {
-                Some(chunk) => {
-                    buf.put_slice(chunk);
-                    Poll::Ready(Ok(()))
-                }
-                None if self.1 => Poll::Pending,
-                None => Poll::Ready(Ok(())),
-            }
-        }
-    }
-
-    async fn read(chunks: &[&'static [u8]], stays_open: bool) -> (Vec<u8>, Vec<usize>) {
-        let mut backend = Chunks(chunks.iter().copied().collect(), stays_open);
-        let got = read_reply(&mut backend, 64 * 1024, Duration::from_millis(50))
-            .await
-            .unwrap();
-        (got.bytes.to_vec(), got.writes)
-    }
-
-    // The three ways `acknowledged` ends: all acknowledged, a peer that does not take the
-    // bytes (a silent or vanished host looks the same: nothing comes back), a reset.
-    #[tokio::test]
-    async fn acknowledged_waits_for_the_peers_tcp_and_no_longer() {
-        use tokio::io::AsyncWriteExt;
-        let listener = crate::net::bind_tcp("127.0.0.1:0".parse().unwrap(), 4).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limit = Duration::from_millis(300);
-
-        let client = TcpStream::connect(addr).await.unwrap();
-        let (mut server, _) = listener.accept().await.unwrap();
-        server.write_all(&[1u8; 1000]).await.unwrap();
-        assert!(
-            acknowledged(&server, limit).await,
-            "read or not, the kernel ACKs"
-        );
-
-        // A peer whose window is full leaves bytes unacknowledged: false at the limit.
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
-        let big = vec![2u8; 4 << 20];
-        let _ = tokio::time::timeout(Duration::from_millis(200), server.write_all(&big)).await;
-        let started = Instant::now();
-        assert!(!acknowledged(&server, limit).await);
-        assert!(started.elapsed() >= limit);
-
-        // A reset: false at once.
-        socket2::SockRef::from(&client)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(client);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let started = Instant::now();
-        assert!(!acknowledged(&server, Duration::from_secs(5)).await);
-        assert!(started.elapsed() < Duration::from_secs(1));
-    }
-
-    // Agents take the key from one TLS read: it goes to them as one record however it came,
-    // without waiting for the manager to close.
-    #[tokio::test]
-    async fn a_key_is_whole_at_its_quote_and_goes_out_as_one_record() {
-        let (bytes, writes) = read(&[b"OSSEC K:'001 a", b"1 any k'\n", b"junk"], true).await;
-        assert_eq!(bytes, b"OSSEC K:'001 a1 any k'\n");
-        assert_eq!(writes, vec![bytes.len()]);
-    }
-
-    // A refusal in two writes (4.0-4.12) keeps its two records, whether the manager closes or
-    // goes quiet.
-    #[tokio::test]
-    async fn a_refusal_ends_at_the_close_or_when_quiet_and_keeps_its_writes() {
-        for open in [false, true] {
-            let (bytes, writes) = read(
-                &[b"ERROR: Invalid password", b"ERROR: Unable to add agent"],
-                open,
-            )
-            .await;
-            assert_eq!(bytes, b"ERROR: Invalid passwordERROR: Unable to add agent");
-            assert_eq!(writes, vec![23, bytes.len()]);
-        }
-    }
-
-    #[test]
-    fn rate_log_lets_a_few_lines_through_per_second_and_counts_the_rest() {
-        let log = RateLog::new(3);
-        let allowed: Vec<_> = (0..10).map(|_| log.allow()).collect();
-        // Within one second (the test runs well within it, or straddles one boundary).
-        let written = allowed.iter().filter(|a| a.is_some()).count();
-        assert!((3..=6).contains(&written), "{allowed:?}");
-        assert_eq!(allowed[0], Some(0));
-        // Every line left out is reported by a later line, or still pending.
-        let reported: u64 = allowed.iter().flatten().sum();
-        assert_eq!(
-            reported + log.suppressed.load(Ordering::Relaxed),
-            (10 - written) as u64
-        );
     }
 }
