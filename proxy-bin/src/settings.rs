@@ -211,6 +211,7 @@ mod tests {
             "rebalance_interval" => "rebalance_interval = \"0s\"",
             "rebalance_batch" => "rebalance_batch = 3",
             "failover" => "failover = false",
+            "resend_unacknowledged" => "resend_unacknowledged = false",
             "hold_timeout" => "hold_timeout = \"9s\"",
             "reply_timeout" => "reply_timeout = \"9s\"",
             "manager_user_timeout" => "manager_user_timeout = \"3s\"",

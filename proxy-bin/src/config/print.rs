@@ -57,6 +57,7 @@ impl Config {
                 let _ = writeln!(out, "first_frame_timeout = {:?}", d(a.first_frame_timeout));
                 let _ = writeln!(out, "max_payload = {}", a.max_payload);
                 let _ = writeln!(out, "failover = {}", a.failover);
+                let _ = writeln!(out, "resend_unacknowledged = {}", a.resend_unacknowledged);
                 let _ = writeln!(out, "hold_timeout = {:?}", d(a.hold_timeout));
                 let _ = writeln!(out, "reply_timeout = {:?}", od(a.reply_timeout));
                 let _ = writeln!(

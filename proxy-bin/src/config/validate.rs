@@ -456,6 +456,9 @@ impl Config {
             if let Some(f) = l.failover {
                 agent.failover = f;
             }
+            if let Some(r) = l.resend_unacknowledged {
+                agent.resend_unacknowledged = r;
+            }
             if let Some(Dur(d)) = l.hold_timeout {
                 agent.hold_timeout = d;
             }
