@@ -45,7 +45,7 @@ pub struct AgentRelayConfig {
     /// A manager that sends an agent nothing for this long while the agent keeps sending is
     /// taken for hung, and the agent continues elsewhere (default 45 s: remoted answers every
     /// keepalive, which agents send every 10 s, and agents themselves reconnect after 60 s
-    /// without an answer). Judged by [`decide::judge`]: if the manager's TCP left data
+    /// without an answer). Judged by [`super::decide::judge`]: if the manager's TCP left data
     /// unacknowledged it is marked failed, otherwise only this agent moves. `None` disables it.
     pub liveness_timeout: Option<Duration>,
     /// `TCP_USER_TIMEOUT` on manager connections: a manager whose TCP leaves sent data
@@ -67,7 +67,7 @@ pub struct AgentRelayConfig {
     /// Connect to managers from the agent's own address (`IP_TRANSPARENT`; default false:
     /// from the proxy's address). Managers then check and log the agent's real address,
     /// which keys bound to an IP or a network need. Needs `CAP_NET_ADMIN`, and replies to the
-    /// agents' addresses routed back through this host (see [`Balancer::connect_from`]).
+    /// agents' addresses routed back through this host (see [`crate::balance::Balancer::connect_from`]).
     pub transparent: bool,
     /// Read a PROXY protocol header (v1 or v2) first, from trusted senders only, and take the
     /// client's address from it (default off).

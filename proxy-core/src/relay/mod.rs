@@ -6,7 +6,7 @@
 //! the next frame starts on both sides; that is what makes a later switch of manager at a frame
 //! boundary possible.
 //!
-//! Each direction is a [`Pipe`]: one buffer that holds whole, checked frames at its front and
+//! Each direction is a pipe (`Pipe`): one buffer that holds whole, checked frames at its front and
 //! the start of an incomplete frame behind them. Reads are batched (one `read` may bring many
 //! frames) and the whole frames of a batch leave in one `write`, so the cost per frame is a
 //! header check and an envelope check, with no allocation and no syscall of its own. A pipe
