@@ -3,8 +3,10 @@
 # proxy CPU (user and system, nanoseconds per event), system calls and context switches per
 # 1,000 events, under the same flat-out fleet (proxy on CPU 0, fleet and managers on CPU 1).
 #
-#   benches/ab.sh LABEL=BINARY [LABEL=BINARY ...]
+#   benches/ab.sh LABEL=BINARY[,CONFIG] [LABEL=BINARY[,CONFIG] ...]
 #   e.g. benches/ab.sh old=/tmp/old/wazuh-proxy new=target/release/wazuh-proxy
+#   A CONFIG file (TOML) replaces the default command line; it must listen on 127.0.0.1:15730
+#   with the managers 127.0.0.1:15731 and 127.0.0.1:15732 as backends (admin = "none").
 #
 # Environment: AGENTS (100), SIZE (event bytes, 256), SECS (per run, 4), ROUNDS (3),
 # FLEET (wazuh-fleet binary; default target/release/wazuh-fleet). Needs perf (linux-perf) for
@@ -29,12 +31,17 @@ ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 for r in $(seq "$ROUNDS"); do
     for spec in "$@"; do
-        label=${spec%%=*}; bin=${spec#*=}
+        label=${spec%%=*}; bin=${spec#*=}; config=""
+        case "$bin" in *,*) config=${bin#*,}; bin=${bin%%,*} ;; esac
         PIDS=()
         taskset -c 1 "$FLEET" manager --listen $M1 --keys "$W/keys" --name m1 --sample 16 > /dev/null 2>&1 & PIDS+=($!)
         taskset -c 1 "$FLEET" manager --listen $M2 --keys "$W/keys" --name m2 --sample 16 > /dev/null 2>&1 & PIDS+=($!)
         wait_listen 15731; wait_listen 15732
-        RUST_LOG=warn taskset -c 0 "$bin" run --listen $L --backend $M1 --backend $M2 --balance agent-id --admin none 2>"$W/proxy.err" &
+        if [ -n "$config" ]; then
+            RUST_LOG=warn taskset -c 0 "$bin" run --config "$config" 2>"$W/proxy.err" &
+        else
+            RUST_LOG=warn taskset -c 0 "$bin" run --listen $L --backend $M1 --backend $M2 --balance agent-id --admin none 2>"$W/proxy.err" &
+        fi
         pp=$!; PIDS+=($pp)
         wait_listen 15730
         perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pp" -o "$W/perf.txt" & ps=$!
