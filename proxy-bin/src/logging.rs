@@ -49,21 +49,3 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
-
-/// The `log_format` of a TOML configuration file, read before the file is loaded (so that the
-/// loading itself logs in that format); `None` when absent or unreadable (the load reports it).
-pub fn format_in_file(path: &std::path::Path) -> Option<LogFormat> {
-    use std::io::Read;
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(crate::config::MAX_CONFIG_SIZE)
-        .read_to_string(&mut text)
-        .ok()?;
-    let value: toml::Table = text.parse().ok()?;
-    match value.get("log_format")?.as_str()? {
-        "text" => Some(LogFormat::Text),
-        "json" => Some(LogFormat::Json),
-        _ => None,
-    }
-}

@@ -235,7 +235,7 @@ fn main() -> ExitCode {
             // The file's log_format is read first, so the load itself logs in that format.
             let format = args
                 .log_format
-                .or_else(|| args.config.as_deref().and_then(logging::format_in_file))
+                .or_else(|| args.config.as_deref().and_then(config::log_format_in_file))
                 .unwrap_or_default();
             logging::init(format);
             let admin_listen = match args.admin.as_deref().map(config::parse_admin).transpose() {

@@ -25,7 +25,8 @@ use wazuh_proxy::dns::{dns_resolver, srv_lookup, LOOKUP_TIMEOUT};
 use wazuh_proxy_core::balance::{BackendConfig, Balancer};
 
 use crate::config::{Config, Listener, Resolve};
-use crate::server::{Proxy, Running};
+use tokio_util::task::TaskTracker;
+use wazuh_proxy_core::proxy::ListenerHandle;
 
 /// Per listener, the names that did not resolve at the last lookup: `(name, error)`.
 type Table = HashMap<String, Vec<(String, String)>>;
@@ -68,10 +69,14 @@ impl Watchers {
     }
 }
 
-/// Starts one task per listener with `resolve_interval`.
-pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
+/// Starts one task per listener with `resolve_interval`, on `tracker`; `running` pairs each
+/// running listener with its configuration.
+pub(crate) fn start(
+    config: &Config,
+    running: &[(Listener, ListenerHandle)],
+    tracker: &TaskTracker,
+) -> Watchers {
     let stop = CancellationToken::new();
-    let running = proxy.listeners();
     unresolved_table()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -95,7 +100,7 @@ pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
             })
             .collect();
         set_unresolved(&l.name, missing);
-        proxy.tracker().spawn(watch(
+        tracker.spawn(watch(
             l.clone(),
             resolve.clone(),
             relay.clone(),
@@ -105,7 +110,12 @@ pub(crate) fn start(config: &Config, proxy: &Proxy) -> Watchers {
     Watchers { stop }
 }
 
-async fn watch(listener: Listener, resolve: Resolve, relay: Running, stop: CancellationToken) {
+async fn watch(
+    listener: Listener,
+    resolve: Resolve,
+    relay: ListenerHandle,
+    stop: CancellationToken,
+) {
     let dns = resolve
         .named
         .iter()
@@ -172,13 +182,8 @@ fn sorted(mut v: Vec<BackendConfig>) -> Vec<BackendConfig> {
 
 /// Replaces the running backend set with `found` when it differs, and moves the agents whose
 /// manager's address is gone.
-fn apply(listener: &Listener, relay: &Running, found: Vec<BackendConfig>) {
-    let balancer = match relay {
-        Running::Agent(r) => r.balancer(),
-        Running::Tcp(r) => r.balancer(),
-        Running::Udp(r) => r.balancer(),
-        Running::Enroll(f) => f.balancer(),
-    };
+fn apply(listener: &Listener, relay: &ListenerHandle, found: Vec<BackendConfig>) {
+    let balancer = relay.balancer();
     let current: Vec<BackendConfig> = balancer
         .backends()
         .iter()
@@ -209,14 +214,9 @@ fn apply(listener: &Listener, relay: &Running, found: Vec<BackendConfig>) {
         .filter(|c| !found.iter().any(|b| b.addr == c.addr))
         .map(|c| c.addr)
         .collect();
-    match relay {
-        Running::Agent(r) => r.set_balancer(next),
-        Running::Tcp(r) => r.set_balancer(next),
-        Running::Udp(r) => r.set_balancer(next),
-        Running::Enroll(f) => f.set_balancer(next),
-    }
+    relay.set_balancer(next);
     let mut moved = 0;
-    if let Running::Agent(r) = relay {
+    if let Some(r) = relay.as_agent() {
         for s in r.sessions().sessions() {
             if s.backend().is_some_and(|b| gone.contains(&b)) {
                 s.request_move();

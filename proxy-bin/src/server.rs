@@ -10,7 +10,7 @@ use wazuh_proxy_core::proxy::{Applies, InheritedListener, ProxyError};
 use crate::config::{Config, Listener};
 
 /// A running listener, as the binary's tasks (re-resolution, admin API) hold it.
-pub(crate) use wazuh_proxy_core::proxy::ListenerHandle as Running;
+use wazuh_proxy_core::proxy::ListenerHandle;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ impl Proxy {
     }
 
     /// The bound listeners, in configuration order, with their configuration.
-    pub(crate) fn listeners(&self) -> Vec<(Listener, Running)> {
+    pub(crate) fn listeners(&self) -> Vec<(Listener, ListenerHandle)> {
         self.core
             .listeners()
             .filter_map(|(c, handle)| {
@@ -272,7 +272,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
         drop_privileges(user)?;
     }
     warn_if_not_transparent_capable(&proxy.core.config());
-    let mut watchers = crate::resolve::start(&config, &proxy);
+    let mut watchers = crate::resolve::start(&config, &proxy.listeners(), proxy.tracker());
     let mut hup = signal(SignalKind::hangup()).map_err(StartError::Signal)?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(StartError::Signal)?;
     loop {
@@ -293,7 +293,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
                                 admin.refresh(&proxy.core.view());
                             }
                             watchers.stop();
-                            watchers = crate::resolve::start(&new, &proxy);
+                            watchers =
+                                crate::resolve::start(&new, &proxy.listeners(), proxy.tracker());
                             warn_if_not_transparent_capable(&proxy.core.config());
                             tracing::info!("reload applied");
                         }

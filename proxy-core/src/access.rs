@@ -25,7 +25,6 @@
 
 use std::net::SocketAddr;
 
-use crate::relay::End;
 use crate::session::SessionInfo;
 
 /// The tracing target of every access-log line.
@@ -53,30 +52,6 @@ pub const END_REASONS: [&str; 18] = [
     "kept_away",
 ];
 
-/// The stable code of a session's end (the `reason` field).
-pub fn end_reason(end: &End) -> &'static str {
-    match end {
-        End::AgentClosed => "agent_closed",
-        End::ManagerClosed => "manager_closed",
-        End::AgentIo(_) => "agent_io",
-        End::ManagerIo(_) => "manager_io",
-        End::AgentFrame(_) => "agent_frame",
-        End::AgentEnvelope(_) => "agent_envelope",
-        End::AgentIdChanged => "agent_id_changed",
-        End::ManagerProtocol(_) => "manager_protocol",
-        End::Closed => "closed",
-        End::Idle => "idle",
-        End::ManagerTimeout => "manager_timeout",
-        End::Moved => "moved",
-        End::NoManager => "no_manager",
-        End::HandedOver => "handed_over",
-        End::Unverified => "unverified",
-        End::Refused(crate::relay::GiveUp::RefusedEverywhere) => "refused_everywhere",
-        End::Refused(crate::relay::GiveUp::RepeatedFaults) => "repeated_manager_faults",
-        End::KeptAway(_) => "kept_away",
-    }
-}
-
 fn manager(backend: Option<SocketAddr>) -> String {
     backend.map_or_else(|| "-".to_owned(), |b| b.to_string())
 }
@@ -88,10 +63,18 @@ pub fn session_start(listener: &str, s: &SessionInfo, how: &'static str) {
         "agent connected");
 }
 
-/// Logs a session's end. `stop` is `clean`, `lost` or `unknown`; `fault` logs at WARN.
-pub fn session_end(listener: &str, s: &SessionInfo, end: &End, stop: &'static str, fault: bool) {
+/// Logs a session's end: `reason` is one of [`END_REASONS`], `detail` says more in words;
+/// `stop` is `clean`, `lost` or `unknown`; `fault` logs at WARN.
+pub fn session_end(
+    listener: &str,
+    s: &SessionInfo,
+    reason: &'static str,
+    detail: &dyn std::fmt::Display,
+    stop: &'static str,
+    fault: bool,
+) {
     let duration_ms = u64::try_from(s.age.as_millis()).unwrap_or(u64::MAX);
-    let (reason, detail) = (end_reason(end), end.to_string());
+    let detail = detail.to_string();
     if fault {
         tracing::warn!(target: TARGET, event = "session_end", listener, session = s.id,
             agent = %s.key, client = %s.client, manager = manager(s.backend), duration_ms,
@@ -110,6 +93,7 @@ pub fn session_end(listener: &str, s: &SessionInfo, end: &End, stop: &'static st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::End;
 
     #[test]
     fn every_end_has_a_listed_reason() {
@@ -129,7 +113,7 @@ mod tests {
             End::HandedOver,
         ];
         for e in &ends {
-            assert!(END_REASONS.contains(&end_reason(e)), "{e:?}");
+            assert!(END_REASONS.contains(&e.reason_code()), "{e:?}");
         }
     }
 }

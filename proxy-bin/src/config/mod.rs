@@ -335,6 +335,24 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// The largest configuration file read (16 MiB; real ones are a few KiB).
 pub const MAX_CONFIG_SIZE: u64 = 16 * 1024 * 1024;
 
+/// The `log_format` of a TOML configuration file, read before the file is loaded (so that the
+/// loading itself logs in that format); `None` when absent or unreadable (the load reports it).
+pub fn log_format_in_file(path: &std::path::Path) -> Option<crate::logging::LogFormat> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_CONFIG_SIZE)
+        .read_to_string(&mut text)
+        .ok()?;
+    let value: toml::Table = text.parse().ok()?;
+    match value.get("log_format")?.as_str()? {
+        "text" => Some(crate::logging::LogFormat::Text),
+        "json" => Some(crate::logging::LogFormat::Json),
+        _ => None,
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     ///

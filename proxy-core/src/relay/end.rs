@@ -103,3 +103,30 @@ impl fmt::Display for End {
         }
     }
 }
+
+impl End {
+    /// The stable code of this end: the `reason` field of the access log's `session_end`
+    /// line (one of [`crate::access::END_REASONS`]).
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            End::AgentClosed => "agent_closed",
+            End::ManagerClosed => "manager_closed",
+            End::AgentIo(_) => "agent_io",
+            End::ManagerIo(_) => "manager_io",
+            End::AgentFrame(_) => "agent_frame",
+            End::AgentEnvelope(_) => "agent_envelope",
+            End::AgentIdChanged => "agent_id_changed",
+            End::ManagerProtocol(_) => "manager_protocol",
+            End::Closed => "closed",
+            End::Idle => "idle",
+            End::ManagerTimeout => "manager_timeout",
+            End::Moved => "moved",
+            End::NoManager => "no_manager",
+            End::HandedOver => "handed_over",
+            End::Unverified => "unverified",
+            End::Refused(super::GiveUp::RefusedEverywhere) => "refused_everywhere",
+            End::Refused(super::GiveUp::RepeatedFaults) => "repeated_manager_faults",
+            End::KeptAway(_) => "kept_away",
+        }
+    }
+}

@@ -499,7 +499,14 @@ impl AgentRelay {
             _ => 0,
         };
         let fault = end.rejection().is_some() || matches!(end, End::NoManager);
-        crate::access::session_end(&self.name, &session.snapshot(), &end, stop, fault);
+        crate::access::session_end(
+            &self.name,
+            &session.snapshot(),
+            end.reason_code(),
+            &end,
+            stop,
+            fault,
+        );
         // The manager connection is already closed (by `detach`), before the handle goes: a
         // replacing connection of the same agent must not reach a manager that still holds
         // this one. (Fields drop in order: the agent's socket, then the handle.)
