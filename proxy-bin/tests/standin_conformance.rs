@@ -134,11 +134,14 @@ fn keepalive() -> String {
 }
 
 /// Every scenario against one manager, the outcomes in order.
-fn scenarios(addr: SocketAddr, key: &Arc<AgentKey>) -> Vec<(&'static str, Outcome)> {
-    let wait = Duration::from_secs(3);
+fn scenarios(addr: SocketAddr, key: &Arc<AgentKey>, base: u32) -> Vec<(&'static str, Outcome)> {
+    // Generous: remoted hands messages to its worker threads, which lag on a loaded machine;
+    // a scenario that is answered or closed returns as soon as it is.
+    let wait = Duration::from_secs(10);
     let mut out = Vec::new();
 
     let mut a = Client::connect(addr, key, 1111);
+    a.counters.global += u64::from(base);
     a.send(&startup_text(Some("v4.14.7")));
     out.push(("startup", a.outcome(wait)));
     a.send("1:conformance:an event");
@@ -152,7 +155,7 @@ fn scenarios(addr: SocketAddr, key: &Arc<AgentKey>) -> Vec<(&'static str, Outcom
 
     // A second connection of the live agent (a is open and was heard from just now).
     let mut b = Client::connect(addr, key, 3333);
-    b.counters.global = 5;
+    b.counters.global = 5 + u64::from(base);
     b.send(&startup_text(Some("v4.14.7")));
     out.push(("second connection of a live agent", b.outcome(wait)));
 
@@ -160,19 +163,6 @@ fn scenarios(addr: SocketAddr, key: &Arc<AgentKey>) -> Vec<(&'static str, Outcom
     a.send(&keepalive());
     out.push(("keepalive on the live connection", a.outcome(wait)));
     drop(a);
-
-    let mut c = Client::connect(addr, key, 4444);
-    let mut bad = {
-        c.counters.global = 9;
-        c.counters.advance();
-        cipher::agent_payload(key, Cipher::Aes, &c.counters, b"1:x:tampered").unwrap()
-    };
-    let n = bad.len();
-    bad[n - 5] ^= 0x5a;
-    // Give remoted a moment to forget a's socket before c's frame arrives.
-    std::thread::sleep(Duration::from_millis(300));
-    c.send_raw(&bad);
-    out.push(("message that does not decrypt", c.outcome(wait)));
 
     let stranger = Arc::new(AgentKey::new(
         AgentId::parse(b"999").unwrap(),
@@ -183,6 +173,19 @@ fn scenarios(addr: SocketAddr, key: &Arc<AgentKey>) -> Vec<(&'static str, Outcom
     let mut s = Client::connect(addr, &stranger, 5555);
     s.send(&startup_text(Some("v4.14.7")));
     out.push(("unknown agent", s.outcome(wait)));
+    let mut c = Client::connect(addr, key, 4444);
+    let mut bad = {
+        c.counters.global = 9 + u64::from(base);
+        c.counters.advance();
+        cipher::agent_payload(key, Cipher::Aes, &c.counters, b"1:x:tampered").unwrap()
+    };
+    let n = bad.len();
+    bad[n - 5] ^= 0x5a;
+    // Give remoted a moment to forget a's socket before c's frame arrives.
+    std::thread::sleep(Duration::from_millis(300));
+    c.send_raw(&bad);
+    out.push(("message that does not decrypt", c.outcome(wait)));
+
     out
 }
 
@@ -206,8 +209,6 @@ fn the_stand_in_answers_every_scenario_as_the_real_remoted_does() {
     let mut real = RealManager::new(&lab, "real", std::slice::from_ref(&key));
     real.start();
     let real_addr: SocketAddr = real.remoted_addr().parse().unwrap();
-    let from_real = scenarios(real_addr, &agent_key);
-
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stand_in = rt.block_on(async {
         let mut o = ManagerOptions::new("stand-in", Reply::AckFirst);
@@ -217,22 +218,37 @@ fn the_stand_in_answers_every_scenario_as_the_real_remoted_does() {
             .await
             .unwrap()
     });
-    let from_stand_in = scenarios(stand_in.addr(), &agent_key);
+    let from_stand_in = scenarios(stand_in.addr(), &agent_key, 0);
 
-    for ((what, r), (_, s)) in from_real.iter().zip(&from_stand_in) {
-        println!("{what:<36} real: {r:?}   stand-in: {s:?}");
+    // remoted closes sockets from its worker threads, after the fact: on a loaded machine a
+    // close can race the next accept that reuses the descriptor, and a scenario that follows
+    // then sees nothing. Such a run says nothing about the stand-in, so the real daemon gets
+    // up to three runs (a fresh agent counter each), and one of them must match the stand-in
+    // exactly; a real difference shows in every run.
+    let mut runs = Vec::new();
+    for attempt in 0..3u32 {
+        let from_real = scenarios(real_addr, &agent_key, 10 * attempt);
+        // The real remoted is the reference; a stale expectation here would hide a change.
+        assert_eq!(
+            from_real[0].1,
+            Outcome::Answer("#!-agent ack ".into()),
+            "real remoted did not ACK the startup:\n{}",
+            real.remoted_log()
+        );
+        for ((what, r), (_, s)) in from_real.iter().zip(&from_stand_in) {
+            println!("run {attempt}: {what:<36} real: {r:?}   stand-in: {s:?}");
+        }
+        let same = from_real == from_stand_in;
+        runs.push(from_real);
+        if same {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(2));
     }
-    // The real remoted is the reference; a stale expectation here would hide a change in it.
-    assert_eq!(
-        from_real[0].1,
-        Outcome::Answer("#!-agent ack ".into()),
-        "real remoted did not ACK the startup:\n{}",
-        real.remoted_log()
-    );
-    assert_eq!(
-        from_real,
-        from_stand_in,
-        "the stand-in and the real remoted differ; remoted's log:\n{}",
+    assert!(
+        runs.last() == Some(&from_stand_in),
+        "the stand-in and the real remoted differ in every run: real {runs:?}, stand-in \
+         {from_stand_in:?}; remoted's log:\n{}",
         real.remoted_log()
     );
     rt.block_on(stand_in.stop());
