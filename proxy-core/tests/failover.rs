@@ -101,8 +101,10 @@ async fn killing_a_manager_keeps_all_200_agents_connected_and_loses_nothing_sent
 
     m1.stop().await;
     let stats = relay.relay.stats().clone();
+    // At least once each: an agent that reconnects to m1 while it is still closing (its
+    // listener can take one more connection) fails over a second time.
     wait_for("every agent of m1 moved", 20, || {
-        stats.failovers.load(Ordering::Relaxed) == on_m1.len() as u64
+        stats.failovers.load(Ordering::Relaxed) >= on_m1.len() as u64
     })
     .await;
     assert_eq!(relay.relay.sessions().len(), N, "a session ended");
@@ -121,7 +123,10 @@ async fn killing_a_manager_keeps_all_200_agents_connected_and_loses_nothing_sent
     }
     all_open(&mut agents).await;
     assert_eq!(m2.open_connections(), N);
-    assert!(stats.frames_at_risk.load(Ordering::Relaxed) <= (on_m1.len() * 21) as u64);
+    // At risk: what each moved agent wrote to m1 (counted once, not again at a second
+    // failover), plus the replayed startup of such a second attempt.
+    let extra = stats.failovers.load(Ordering::Relaxed) - on_m1.len() as u64;
+    assert!(stats.frames_at_risk.load(Ordering::Relaxed) <= (on_m1.len() * 21) as u64 + extra);
 }
 
 #[tokio::test]

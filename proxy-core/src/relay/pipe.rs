@@ -122,6 +122,14 @@ impl Pipe {
         u64::from(n)
     }
 
+    /// Forgets the frames written so far for [`recently_written`](Self::recently_written): they
+    /// were counted at risk with the manager that failed, and must not be counted again if
+    /// the next one fails right after.
+    pub(super) fn forget_written(&mut self) {
+        self.written_now = 0;
+        self.written_before = 0;
+    }
+
     /// Drops the unwritten rest of a partly written frame (its start went to a manager that
     /// failed; the rest must not reach another one). Returns whether a frame was cut.
     pub(super) fn drop_partial_head(&mut self) -> bool {

@@ -426,6 +426,7 @@ impl AgentRelay {
                         cut,
                         std::mem::take(&mut conn.unacked.unprotected),
                     );
+                    conn.up.forget_written();
                     self.stats
                         .frames_at_risk
                         .fetch_add(at_risk, Ordering::Relaxed);

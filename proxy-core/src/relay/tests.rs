@@ -206,3 +206,14 @@ mod size_classes {
         assert!(std::mem::size_of::<crate::session::Session>() + 16 <= 320);
     }
 }
+
+#[test]
+fn frames_counted_at_risk_are_not_counted_again_at_the_next_failover() {
+    let mut p = Pipe::default();
+    p.note_written(21);
+    assert_eq!(p.recently_written(), 21);
+    p.forget_written();
+    assert_eq!(p.recently_written(), 0);
+    p.note_written(1);
+    assert_eq!(p.recently_written(), 1);
+}
