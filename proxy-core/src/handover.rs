@@ -28,7 +28,7 @@ use crate::session::SessionKey;
 
 /// An agent connection in transit between two processes.
 #[derive(Debug)]
-pub struct Handed {
+pub struct AgentInTransit {
     /// The listener it was accepted on (by name).
     pub listener: String,
     /// The agent's address.
@@ -65,7 +65,7 @@ pub enum Message {
     /// The new process serves on the listeners (sent by the new process).
     Ready,
     /// An agent connection.
-    Agent(Handed),
+    Agent(AgentInTransit),
     /// A backend the operator drained on a listener (operator state outlives the process).
     Drained {
         /// The listener's name.
@@ -232,7 +232,7 @@ fn decode(body: &[u8], fd: Option<OwnedFd>) -> Result<Message, HandoverError> {
         },
         LISTENERS_DONE => Message::ListenersDone,
         READY => Message::Ready,
-        AGENT => Message::Agent(Handed {
+        AGENT => Message::Agent(AgentInTransit {
             listener: f.text()?.to_owned(),
             client: f.addr()?,
             key: parse_key(f.text()?)?,
@@ -421,7 +421,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let handed = Handed {
+        let handed = AgentInTransit {
             listener: "agents".into(),
             client: agent.local_addr().unwrap(),
             key: SessionKey::Agent(AgentId::parse(b"042").unwrap()),

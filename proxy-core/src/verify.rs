@@ -3,7 +3,7 @@
 //! [`verify_first`] checks the first message of a connection: the agent must be in
 //! client.keys, its source address must be allowed by the key's IP column (the check a manager
 //! behind a proxy can no longer make, since it sees the proxy's address), and the message must
-//! decrypt with that agent's key. [`Tracker`] then watches the agent's stream for keepalives
+//! decrypt with that agent's key. [`KeepaliveWatch`] then watches the agent's stream for keepalives
 //! (name, version, OS, last keepalive) and for the shutdown message that marks a clean stop,
 //! decrypting as few messages as it can: the relay stays a relay.
 
@@ -170,7 +170,7 @@ const KEEPALIVE_QUIET: Duration = Duration::from_secs(15);
 /// Cost: while a keepalive is due, up to 8 small messages per 100 ms are decrypted until one
 /// is found; then nothing for 15 s. The last message of each batch, if tiny, is kept
 /// (at most 256 bytes) so that the connection's final message can be checked for a shutdown.
-pub struct Tracker {
+pub struct KeepaliveWatch {
     key: Arc<AgentKey>,
     decoder: Decoder,
     next_scan: Instant,
@@ -179,19 +179,19 @@ pub struct Tracker {
     last_small: Option<(Cipher, Vec<u8>)>,
 }
 
-impl std::fmt::Debug for Tracker {
+impl std::fmt::Debug for KeepaliveWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tracker")
+        f.debug_struct("KeepaliveWatch")
             .field("agent", &self.key.id())
             .finish_non_exhaustive()
     }
 }
 
-impl Tracker {
+impl KeepaliveWatch {
     /// A tracker for the agent whose key verified the first message.
-    pub fn new(key: Arc<AgentKey>) -> Tracker {
+    pub fn new(key: Arc<AgentKey>) -> KeepaliveWatch {
         let now = Instant::now();
-        Tracker {
+        KeepaliveWatch {
             key,
             decoder: Decoder::new(),
             next_scan: now,

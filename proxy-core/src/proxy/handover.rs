@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 #[cfg(feature = "enroll")]
 use crate::enroll::EnrollFront;
-use crate::handover::{dup, recv, send, Handed, HandoverError, Message};
+use crate::handover::{dup, recv, send, AgentInTransit, HandoverError, Message};
 use crate::relay::AgentRelay;
 
 use super::Proxy;
@@ -205,7 +205,7 @@ pub async fn hand_over_all_or_keep(
 }
 
 /// Adopts `h` on the relay of its listener in this process.
-fn adopt_here(relays: &[Arc<AgentRelay>], tracker: &TaskTracker, h: Handed) {
+fn adopt_here(relays: &[Arc<AgentRelay>], tracker: &TaskTracker, h: AgentInTransit) {
     let relay = relays
         .iter()
         .find(|r| r.name() == h.listener)
@@ -219,8 +219,8 @@ fn adopt_here(relays: &[Arc<AgentRelay>], tracker: &TaskTracker, h: Handed) {
 fn take_back(
     relays: &[Arc<AgentRelay>],
     tracker: &TaskTracker,
-    unsent: Option<Handed>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Handed>,
+    unsent: Option<AgentInTransit>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<AgentInTransit>,
 ) {
     for r in relays {
         r.cancel_hand_over();

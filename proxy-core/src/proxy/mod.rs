@@ -93,7 +93,7 @@ pub enum ProxyError {
 }
 
 /// One bound listener.
-struct Live {
+struct BoundListener {
     config: ListenerConfig,
     /// The address bound (the configured one, with the port the system chose for port 0).
     bound: SocketAddr,
@@ -107,7 +107,7 @@ struct Live {
 
 /// Every listener of a configuration, bound and serving.
 pub struct Proxy {
-    live: Vec<Live>,
+    live: Vec<BoundListener>,
     stop_accepting: CancellationToken,
     tracker: TaskTracker,
     drain_timeout: Duration,
@@ -149,7 +149,7 @@ impl Proxy {
         crate::pace::set_window(config.batch_window);
         let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let mut live: Vec<Live> = Vec::new();
+        let mut live: Vec<BoundListener> = Vec::new();
         for l in config.listeners {
             let udp = l.kind().is_udp();
             let (socket, drained) = match inherited
@@ -532,7 +532,7 @@ fn start_listener(
     tracker: &TaskTracker,
     inherited: Option<OwnedFd>,
     drained: &[SocketAddr],
-) -> Result<Live, ProxyError> {
+) -> Result<BoundListener, ProxyError> {
     let balancer =
         Balancer::new(l.balance, l.backends.clone()).map_err(|source| ProxyError::Backends {
             name: l.name.clone(),
@@ -565,7 +565,7 @@ fn start_listener(
     }
     handle.spawn_serve(bound, stop.clone(), tracker);
     spawn_upkeep(&l, &handle, &stop, tracker);
-    Ok(Live {
+    Ok(BoundListener {
         config: l,
         bound: bound_addr,
         handle,

@@ -12,7 +12,7 @@
 use super::End;
 use crate::envelope::Envelope;
 use crate::session::{Session, SessionKey};
-use crate::verify::Tracker;
+use crate::verify::KeepaliveWatch;
 
 /// The check every agent frame passes: the envelope names the connection's agent and, with
 /// client.keys, decrypts; the latest keepalive becomes the frame a new manager sees first.
@@ -21,13 +21,13 @@ use crate::verify::Tracker;
 pub(super) fn agent_check<'a>(
     key: SessionKey,
     verifying: bool,
-    tracker: Option<&'a mut Tracker>,
+    keepalives: Option<&'a mut KeepaliveWatch>,
     replay: &'a mut Vec<u8>,
     session: &'a Session,
 ) -> impl FnMut(&[u8]) -> Result<(), End> + 'a {
-    let mut tracker = tracker;
+    let mut keepalives = keepalives;
     move |payload: &[u8]| {
-        if let Some(t) = tracker.as_deref_mut() {
+        if let Some(t) = keepalives.as_deref_mut() {
             let env = check_agent_frame(key, payload)?;
             if t.observe(&env, session) {
                 replay.clear();
@@ -40,7 +40,7 @@ pub(super) fn agent_check<'a>(
     }
 }
 
-/// An agent frame on a session without a key tracker: with keys (`verifying`), the session's
+/// An agent frame on a session without a key keepalives: with keys (`verifying`), the session's
 /// first frame was not a verified message, so it may carry only `#ping`; without keys, the
 /// frame must name the session's agent (or none, on a source-keyed session).
 #[inline]

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::check::{agent_check, check_manager_frame};
-use super::machine::{self, Attention};
+use super::machine::{self, Interrupts};
 use super::pipe::Pipe;
 use super::shell::Conn;
 use super::unacked::Unacked;
@@ -59,7 +59,7 @@ impl AgentRelay {
             conn,
             session,
         };
-        relaying.prime();
+        relaying.take_early_frames();
         relaying
     }
 }
@@ -89,14 +89,14 @@ const POLL_BUDGET: u32 = 32;
 
 impl Relaying<'_> {
     /// Takes the frames read before relaying started (the first frame, and what came with it).
-    fn prime(&mut self) {
+    fn take_early_frames(&mut self) {
         let (relay, session) = (self.relay, self.session);
         let max = relay.config.max_payload;
         let key = session.key();
         let Conn {
             up,
             down,
-            tracker,
+            keepalives,
             replay,
             ..
         } = &mut *self.conn;
@@ -104,7 +104,7 @@ impl Relaying<'_> {
             let check = agent_check(
                 key,
                 relay.keys.is_some(),
-                tracker.as_deref_mut(),
+                keepalives.as_deref_mut(),
                 replay,
                 session,
             );
@@ -117,9 +117,9 @@ impl Relaying<'_> {
 
     /// The operator's commands and the timers, as the state machine's event.
     #[inline]
-    fn attention(&self) -> Option<End> {
+    fn interrupt(&self) -> Option<End> {
         let s = self.session;
-        machine::attention(Attention {
+        machine::interrupt(Interrupts {
             closing: s.is_closing(),
             handover: self.relay.handover.load(Ordering::Relaxed),
             move_requested: self.relay.config.failover && s.is_move_requested(),
@@ -137,13 +137,13 @@ impl std::future::Future for Relaying<'_> {
     ) -> std::task::Poll<End> {
         use std::task::Poll;
         let this = self.get_mut();
-        if let Some(end) = this.attention() {
+        if let Some(end) = this.interrupt() {
             return Poll::Ready(end);
         }
-        this.session.register_attention(cx.waker());
+        this.session.register_relay_waker(cx.waker());
         // Checked again: a flag set between the first check and the registration would
         // otherwise wait for the next wake-up.
-        if let Some(end) = this.attention() {
+        if let Some(end) = this.interrupt() {
             return Poll::Ready(end);
         }
         let (relay, session) = (this.relay, this.session);
@@ -152,7 +152,7 @@ impl std::future::Future for Relaying<'_> {
             manager,
             up,
             down,
-            tracker,
+            keepalives,
             replay,
             unacked,
             ..
@@ -163,7 +163,7 @@ impl std::future::Future for Relaying<'_> {
         let mut up_check = agent_check(
             session.key(),
             relay.keys.is_some(),
-            tracker.as_deref_mut(),
+            keepalives.as_deref_mut(),
             replay,
             session,
         );

@@ -9,10 +9,10 @@ use tokio::net::TcpStream;
 use super::pipe::Pipe;
 use super::shell::Conn;
 use super::AgentRelay;
-use crate::handover::Handed;
+use crate::handover::AgentInTransit;
 use crate::net::tune;
 use crate::session::{Claim, SessionKey};
-use crate::verify::Tracker;
+use crate::verify::KeepaliveWatch;
 
 impl AgentRelay {
     pub(super) fn hand_over(&self, conn: Box<Conn>) {
@@ -33,7 +33,7 @@ impl AgentRelay {
         let socket = agent.into_std();
         match (sink, socket) {
             (Some(sink), Ok(socket)) => {
-                let handed = Handed {
+                let handed = AgentInTransit {
                     listener: self.name.clone(),
                     client: peer,
                     key,
@@ -60,7 +60,7 @@ impl AgentRelay {
     /// Takes over a session handed over by a previous process: reconnects the agent to a
     /// manager (the startup or keepalive frame first, then the bytes the previous process had
     /// not forwarded) and relays it as if it had connected here.
-    pub async fn adopt(self: Arc<Self>, handed: Handed) {
+    pub async fn adopt(self: Arc<Self>, handed: AgentInTransit) {
         if handed.listener != self.name {
             tracing::warn!(listener = %self.name, other = %handed.listener, "adopting a session of another listener");
         }
@@ -91,15 +91,24 @@ impl AgentRelay {
                 return;
             }
         };
-        let tracker = match (&self.keys, handed.key) {
-            (Some(keys), SessionKey::Agent(id)) => keys.get(&id).map(|k| Box::new(Tracker::new(k))),
+        let keepalives = match (&self.keys, handed.key) {
+            (Some(keys), SessionKey::Agent(id)) => {
+                keys.get(&id).map(|k| Box::new(KeepaliveWatch::new(k)))
+            }
             _ => None,
         };
         let mut up = Pipe::default();
         up.buf.extend_from_slice(&handed.pending);
         tune(&agent, self.config.tcp_keepalive);
-        let conn = Box::new(Conn::new(agent, handle, up, handed.replay, tracker, None));
-        self.carry(conn, true).await;
+        let conn = Box::new(Conn::new(
+            agent,
+            handle,
+            up,
+            handed.replay,
+            keepalives,
+            None,
+        ));
+        self.run_session(conn, true).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -13,7 +13,7 @@
 //! | --- | --- | --- |
 //! | first frame | [`first_frame`] | the session's key, or the end |
 //! | agent frame, manager frame | [`super::check`] (per frame, inlined in the pipes) | forward, or the end |
-//! | operator move, drain, hand-over, timer | [`attention`] | the end of the current stint |
+//! | operator move, drain, hand-over, timer | [`interrupt`] | the end of the current stint |
 //! | manager connected | [`Machine::on_connected`] | replay the control frame, arm the reply timer |
 //! | manager connect failed | [`Machine::on_connect_failed`], [`hold`] | hold with backoff, or close the agent |
 //! | manager closed / reset / silent / moved | [`cause`], [`Machine::on_stint_end`] | replay, close upstream, counts, reconnect or close |
@@ -41,7 +41,7 @@ use crate::stats::Rejection;
 pub(super) struct Machine {
     /// Managers that registered this agent (answered it) before it moved away: a return to
     /// one of them must not replay the control frame. Empty unless the agent has moved.
-    fed: Vec<SocketAddr>,
+    registered_with: Vec<SocketAddr>,
     /// When the current manager connection was made (in [`super::pipe::clock_secs`]: a
     /// second's precision is enough to tell a working session from one that keeps failing).
     stint_started: u32,
@@ -196,7 +196,7 @@ impl Machine {
     /// A new session's state, its first stint starting at `now_secs`.
     pub(super) fn new(now_secs: u32) -> Self {
         Machine {
-            fed: Vec::new(),
+            registered_with: Vec::new(),
             stint_started: now_secs,
             trouble: None,
         }
@@ -231,7 +231,7 @@ impl Machine {
         // connection).
         let replay_first = match previous {
             None => adopted,
-            Some(_) => !self.fed.contains(&addr),
+            Some(_) => !self.registered_with.contains(&addr),
         } && !replay_resent;
         self.stint_started = now_secs;
         Attached {
@@ -269,13 +269,13 @@ impl Machine {
         }
         if end.answered && verdict != Verdict::Ended {
             // It registered the agent: a later return to it must not replay the frame.
-            if !self.fed.contains(&end.manager) {
-                self.fed.push(end.manager);
+            if !self.registered_with.contains(&end.manager) {
+                self.registered_with.push(end.manager);
             }
         } else {
             // It did not register the agent, or dropped it (remoted forgets an agent's reply
             // socket with its connection): a later return to it needs the frame again.
-            self.fed.retain(|a| *a != end.manager);
+            self.registered_with.retain(|a| *a != end.manager);
         }
         match verdict {
             Verdict::Moved => out.push(Action::Count(Metric::Moves)),
@@ -348,7 +348,7 @@ pub(super) fn first_frame(
 
 /// What the session's flags ask of the stint in progress (checked on every wake-up).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(super) struct Attention {
+pub(super) struct Interrupts {
     /// The proxy closes the session (replaced, drain's end, shutdown).
     pub closing: bool,
     /// Sessions are being handed to the next process.
@@ -361,7 +361,7 @@ pub(super) struct Attention {
 
 /// Event: operator command or timer. The end of the stint it asks for, if any, by priority.
 #[inline]
-pub(super) fn attention(a: Attention) -> Option<End> {
+pub(super) fn interrupt(a: Interrupts) -> Option<End> {
     if a.closing {
         return Some(End::Closed);
     }

@@ -46,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::{BalanceKey, Balancer};
-use crate::handover::Handed;
+use crate::handover::AgentInTransit;
 use crate::keys::KeyStore;
 use crate::net::tune;
 use crate::session::{Session, SessionKey, SessionRegistry};
@@ -84,7 +84,7 @@ pub struct AgentRelay {
     admission: crate::limits::Admission,
     refusals_logged: std::sync::atomic::AtomicU64,
     started: Instant,
-    handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Handed>>>,
+    handover_to: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<AgentInTransit>>>,
     /// Agents every manager refused, kept away for a while (see [`RefusalBook`]).
     refused: std::sync::Mutex<RefusalBook>,
     /// Operator state, apart from the configuration: the backends drained by hand. Applied on
@@ -344,7 +344,7 @@ impl AgentRelay {
     /// the bytes read from it but not yet forwarded, is sent to `to` (see [`crate::handover`])
     /// after the frame being written is complete and the manager connection is closed. The
     /// agents never see their connection close. Stop accepting first.
-    pub fn hand_over_all(&self, to: tokio::sync::mpsc::UnboundedSender<Handed>) {
+    pub fn hand_over_all(&self, to: tokio::sync::mpsc::UnboundedSender<AgentInTransit>) {
         *self.handover_to.lock().unwrap_or_else(|p| p.into_inner()) = Some(to);
         self.handover.store(true, Ordering::Relaxed);
         self.sessions.wake_all();

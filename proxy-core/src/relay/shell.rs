@@ -22,7 +22,7 @@ use crate::balance::{BalanceKey, ConnectError, Connected};
 use crate::frame::HEADER_LEN;
 use crate::session::{Claim, Session, SessionHandle, SessionKey};
 use crate::stats::Rejection;
-use crate::verify::{verify_first, Tracker};
+use crate::verify::{verify_first, KeepaliveWatch};
 
 impl AgentRelay {
     /// [`AgentRelay::handle`] for a socket that already has the TCP settings (accepted from a
@@ -54,7 +54,7 @@ impl AgentRelay {
         async move {
             let Some(setup) = setup else { return };
             if let Some(conn) = setup.await {
-                self.carry(conn, false).await;
+                self.run_session(conn, false).await;
             }
             self.stats.active.fetch_sub(1, Ordering::Relaxed);
         }
@@ -91,14 +91,14 @@ impl AgentRelay {
         };
 
         // With client.keys: the agent must be who it claims to be.
-        let mut tracker = None;
+        let mut keepalives = None;
         let mut info = None;
         let mut claim = Claim::Unverified;
         if let Some(keys) = &self.keys {
             match verify_first(keys, &up.buf[HEADER_LEN..first_len], peer.ip()) {
                 Ok(Some(v)) => {
                     key = SessionKey::Agent(v.key.id());
-                    tracker = Some(Box::new(Tracker::new(v.key)));
+                    keepalives = Some(Box::new(KeepaliveWatch::new(v.key)));
                     info = Some(v.info);
                     claim = Claim::Verified {
                         startup: v.startup,
@@ -160,7 +160,7 @@ impl AgentRelay {
             handle,
             up,
             replay,
-            tracker,
+            keepalives,
             Some(admitted),
         )))
     }
@@ -175,29 +175,30 @@ impl AgentRelay {
     /// Everything that lasts the whole session lives in `conn` (one allocation), and the
     /// steps around relaying (finding a manager, handling its end) run boxed: while frames
     /// flow, this future holds a few words, so an idle agent's task is small.
-    pub(super) async fn carry(&self, mut conn: Box<Conn>, adopted: bool) {
+    pub(super) async fn run_session(&self, mut conn: Box<Conn>, adopted: bool) {
         let session = conn.handle.session().clone();
         // When the manager carrying the agent failed (for the failover-time histogram).
         let mut failed_at: Option<Instant> = None;
         let end = loop {
-            let awaiting_reply = match Box::pin(self.attach(&mut conn, &session, adopted)).await {
-                Attach::Relay { awaiting_reply } => {
-                    if let Some(t) = failed_at.take() {
-                        crate::timing::FAILOVER.record(t.elapsed());
+            let awaiting_reply =
+                match Box::pin(self.start_stint(&mut conn, &session, adopted)).await {
+                    StintStart::Relay { awaiting_reply } => {
+                        if let Some(t) = failed_at.take() {
+                            crate::timing::FAILOVER.record(t.elapsed());
+                        }
+                        awaiting_reply
                     }
-                    awaiting_reply
-                }
-                Attach::Retry => continue,
-                Attach::Stop(end) => break end,
-            };
+                    StintStart::Retry => continue,
+                    StintStart::Stop(end) => break end,
+                };
             let replies_before = session.stats().frames_down.load(Ordering::Relaxed);
             let end = self.relay(&mut conn, &session, awaiting_reply).await;
             let answered = session.stats().frames_down.load(Ordering::Relaxed) != replies_before;
             let failing = (!matches!(end, End::Moved)).then(Instant::now);
-            match Box::pin(self.detach(&mut conn, &session, end, answered)).await {
-                Detach::Next => failed_at = failed_at.or(failing),
-                Detach::Stop(end) => break end,
-                Detach::HandOver => return self.hand_over(conn),
+            match Box::pin(self.end_stint(&mut conn, &session, end, answered)).await {
+                AfterStint::Next => failed_at = failed_at.or(failing),
+                AfterStint::Stop(end) => break end,
+                AfterStint::HandOver => return self.hand_over(conn),
             }
         };
         self.finish(conn, &session, end);
@@ -206,19 +207,19 @@ impl AgentRelay {
     /// Finds the session a manager (after the pause its last stint's end asked for, and
     /// avoiding the managers that refused the agent), sends it the control frame when it needs
     /// one, and leaves the connection in `conn.manager`.
-    async fn attach(&self, conn: &mut Conn, session: &Session, adopted: bool) -> Attach {
+    async fn start_stint(&self, conn: &mut Conn, session: &Session, adopted: bool) -> StintStart {
         let cfg = &self.config;
         let key = session.key();
         let plan = conn.machine.next_connect();
         if !plan.hold.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(plan.hold) => {}
-                _ = session.closing() => return Attach::Stop(End::Closed),
+                _ = session.closing() => return StintStart::Stop(End::Closed),
             }
         }
         let connected = tokio::select! {
             r = self.connect_holding(session, &plan.avoid) => r,
-            _ = session.closing() => return Attach::Stop(End::Closed),
+            _ = session.closing() => return StintStart::Stop(End::Closed),
         };
         let connected = match connected {
             Ok(c) => c,
@@ -233,7 +234,7 @@ impl AgentRelay {
                         _ => {}
                     }
                 }
-                return Attach::Stop(end);
+                return StintStart::Stop(end);
             }
         };
         // TCP_NODELAY is set by the balancer's connect.
@@ -268,7 +269,7 @@ impl AgentRelay {
                 if moved_from.is_none() {
                     session.set_backend(None);
                 }
-                return Attach::Retry;
+                return StintStart::Retry;
             }
         }
         let client = session.client();
@@ -284,7 +285,7 @@ impl AgentRelay {
             }
         }
         conn.manager = Some(connected);
-        Attach::Relay {
+        StintStart::Relay {
             awaiting_reply: attached.awaiting_reply,
         }
     }
@@ -294,11 +295,17 @@ impl AgentRelay {
     /// hand-over to the next process, or the old manager closed at a frame boundary and the
     /// next one to be found. `answered`: the manager sent the agent something during this
     /// stint.
-    async fn detach(&self, conn: &mut Conn, session: &Session, end: End, answered: bool) -> Detach {
+    async fn end_stint(
+        &self,
+        conn: &mut Conn,
+        session: &Session,
+        end: End,
+        answered: bool,
+    ) -> AfterStint {
         let keep = self.config.resend_unacknowledged;
         let Some(manager) = conn.manager.take() else {
             // Not reached: the relay ran on this manager connection.
-            return Detach::Stop(end);
+            return AfterStint::Stop(end);
         };
         if matches!(end, End::HandedOver) {
             // A planned hand-over: complete the frame being written, deliver what the
@@ -318,13 +325,13 @@ impl AgentRelay {
                 tokio::time::timeout(Duration::from_secs(2), flush(&mut conn.down, &conn.agent))
                     .await;
             drop(manager);
-            return Detach::HandOver;
+            return AfterStint::HandOver;
         }
         let cause = match machine::cause(&end, || crate::net::unacked_bytes(&manager.stream)) {
             Some(cause) if self.config.failover => cause,
             _ => {
                 drop(manager);
-                return Detach::Stop(end);
+                return AfterStint::Stop(end);
             }
         };
         // A planned move waits for the frame being written to end, so none is cut, and is
@@ -368,7 +375,7 @@ impl AgentRelay {
         let (mut stream, mut guard) = (Some(stream), Some(guard));
         let (key, client) = (session.key(), session.client());
         let (mut resent, mut cut, mut at_risk) = (0, 0, 0);
-        let mut next = Detach::Next;
+        let mut next = AfterStint::Next;
         for action in actions {
             match action {
                 Action::Replay(what) => {
@@ -452,8 +459,8 @@ impl AgentRelay {
                     }
                     Note::Quiet => {}
                 },
-                Action::Connect => next = Detach::Next,
-                Action::CloseAgent(end) => next = Detach::Stop(end),
+                Action::Connect => next = AfterStint::Next,
+                Action::CloseAgent(end) => next = AfterStint::Stop(end),
             }
         }
         session.stats().moves.fetch_add(1, Ordering::Relaxed);
@@ -484,7 +491,7 @@ impl AgentRelay {
         } else if session.stats().frames_down.load(Ordering::Relaxed) > 0 {
             self.forget_refusal(key, ip);
         }
-        let clean = match (conn.tracker.as_deref_mut(), &end) {
+        let clean = match (conn.keepalives.as_deref_mut(), &end) {
             (Some(t), End::AgentClosed) => Some(t.ended_cleanly(session)),
             (Some(_), _) => Some(false),
             (None, _) => None,
@@ -508,7 +515,7 @@ impl AgentRelay {
             stop,
             fault,
         );
-        // The manager connection is already closed (by `detach`), before the handle goes: a
+        // The manager connection is already closed (by `end_stint`), before the handle goes: a
         // replacing connection of the same agent must not reach a manager that still holds
         // this one. (Fields drop in order: the agent's socket, then the handle.)
         drop(conn);
@@ -559,8 +566,8 @@ impl AgentRelay {
     }
 }
 
-/// What [`AgentRelay::attach`] found.
-enum Attach {
+/// What [`AgentRelay::start_stint`] found.
+enum StintStart {
     /// A manager is in `conn.manager`; relay (arming the reply timeout if asked).
     Relay { awaiting_reply: bool },
     /// That manager failed at once: find another.
@@ -569,8 +576,8 @@ enum Attach {
     Stop(End),
 }
 
-/// What [`AgentRelay::detach`] decided.
-enum Detach {
+/// What [`AgentRelay::end_stint`] decided.
+enum AfterStint {
     /// Find the next manager.
     Next,
     /// The session ends.
@@ -589,7 +596,7 @@ pub(super) struct Conn {
     pub(super) down: Pipe,
     /// The frame a new manager must see first (see [`AgentRelay::carry`]).
     pub(super) replay: Vec<u8>,
-    pub(super) tracker: Option<Box<Tracker>>,
+    pub(super) keepalives: Option<Box<KeepaliveWatch>>,
     /// The manager connection being relayed to, while there is one.
     pub(super) manager: Option<Connected>,
     /// The session state machine: what this connection remembers about its managers.
@@ -607,7 +614,7 @@ impl Conn {
         handle: SessionHandle,
         up: Pipe,
         replay: Vec<u8>,
-        tracker: Option<Box<Tracker>>,
+        keepalives: Option<Box<KeepaliveWatch>>,
         admitted: Option<crate::limits::Admitted>,
     ) -> Self {
         Conn {
@@ -616,7 +623,7 @@ impl Conn {
             up,
             down: Pipe::default(),
             replay,
-            tracker,
+            keepalives,
             manager: None,
             machine: Machine::new(pipe::clock_secs()),
             unacked: Unacked::default(),

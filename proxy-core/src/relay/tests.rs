@@ -134,7 +134,7 @@ fn a_move_never_splices_manager_frames_for_the_agent() {
             feed(&mut down, &a[..cut], &mut at, 1 + rng.below(120));
             drain(&mut down, &mut to_agent, None, rng.below(150));
         }
-        // The move: what detach does to the manager-to-agent pipe.
+        // The move: what end_stint does to the manager-to-agent pipe.
         down.drop_partial_tail();
         let mut at = 0;
         while at < b.len() || down.ready > 0 {

@@ -107,7 +107,7 @@ impl SessionRegistry {
             ended_flag: std::sync::atomic::AtomicBool::new(false),
             ended_notify: tokio::sync::Notify::new(),
             move_flag: std::sync::atomic::AtomicBool::new(false),
-            attention: futures_util::task::AtomicWaker::new(),
+            relay_waker: futures_util::task::AtomicWaker::new(),
             expired: std::sync::atomic::AtomicU8::new(0),
             last_up_cs: std::sync::atomic::AtomicU32::new(0),
             reply_deadline_ms: AtomicU64::new(0),

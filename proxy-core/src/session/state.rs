@@ -78,7 +78,7 @@ pub struct Session {
     pub(super) move_flag: std::sync::atomic::AtomicBool,
     /// Woken whenever something needs the relay's attention (close, move, hand-over, a
     /// timeout): one waker instead of a future per event keeps an idle session small.
-    pub(super) attention: futures_util::task::AtomicWaker,
+    pub(super) relay_waker: futures_util::task::AtomicWaker,
     /// Timeouts noticed by the relay's sweeper ([`Expiry`] bits).
     pub(super) expired: std::sync::atomic::AtomicU8,
     /// Hundredths of a second since the session started at which the agent last sent a frame
@@ -204,7 +204,7 @@ impl Session {
     pub fn request_close(&self) {
         self.close_flag.store(true, Ordering::Release);
         self.close_notify.notify_waiters();
-        self.attention.wake();
+        self.relay_waker.wake();
     }
     /// Resolves once someone asked this session to close.
     pub async fn closing(&self) {
@@ -227,24 +227,24 @@ impl Session {
     /// without disconnecting the agent (drain, rebalance).
     pub fn request_move(&self) {
         self.move_flag.store(true, Ordering::Release);
-        self.attention.wake();
+        self.relay_waker.wake();
     }
     /// Whether a move is pending.
     pub fn is_move_requested(&self) -> bool {
         self.move_flag.load(Ordering::Acquire)
     }
     /// Registers the task to wake when the session needs attention (see [`Session::wake`]).
-    pub fn register_attention(&self, waker: &std::task::Waker) {
-        self.attention.register(waker);
+    pub fn register_relay_waker(&self, waker: &std::task::Waker) {
+        self.relay_waker.register(waker);
     }
     /// Wakes the relay task of this session so it looks at its flags.
     pub fn wake(&self) {
-        self.attention.wake();
+        self.relay_waker.wake();
     }
     /// Records a timeout and wakes the relay.
     pub fn expire(&self, why: Expiry) {
         self.expired.fetch_or(why as u8, Ordering::AcqRel);
-        self.attention.wake();
+        self.relay_waker.wake();
     }
     /// Takes the timeout recorded, if any.
     pub fn take_expired(&self) -> Option<Expiry> {

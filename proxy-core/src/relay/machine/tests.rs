@@ -134,32 +134,32 @@ fn silent_manager_timers_become_stint_causes() {
     assert_eq!(liveness_timer(false, true, t), None);
     assert_eq!(liveness_timer(true, false, t), None);
     // Timer events, by priority behind operator commands.
-    let expired = Attention {
+    let expired = Interrupts {
         expired: Some(Expiry::Reply),
-        ..Attention::default()
+        ..Interrupts::default()
     };
-    assert!(matches!(attention(expired), Some(End::ManagerTimeout)));
-    let idle = Attention {
+    assert!(matches!(interrupt(expired), Some(End::ManagerTimeout)));
+    let idle = Interrupts {
         expired: Some(Expiry::Idle),
-        ..Attention::default()
+        ..Interrupts::default()
     };
-    assert!(matches!(attention(idle), Some(End::Idle)));
-    let moved = Attention {
+    assert!(matches!(interrupt(idle), Some(End::Idle)));
+    let moved = Interrupts {
         move_requested: true,
         ..expired
     };
-    assert!(matches!(attention(moved), Some(End::Moved)));
-    let handover = Attention {
+    assert!(matches!(interrupt(moved), Some(End::Moved)));
+    let handover = Interrupts {
         handover: true,
         ..moved
     };
-    assert!(matches!(attention(handover), Some(End::HandedOver)));
-    let drain = Attention {
+    assert!(matches!(interrupt(handover), Some(End::HandedOver)));
+    let drain = Interrupts {
         closing: true,
         ..handover
     };
-    assert!(matches!(attention(drain), Some(End::Closed)));
-    assert!(attention(Attention::default()).is_none());
+    assert!(matches!(interrupt(drain), Some(End::Closed)));
+    assert!(interrupt(Interrupts::default()).is_none());
 }
 
 #[test]
