@@ -48,9 +48,9 @@
 //! - [`balance`] (backend choice and passive health), [`health`] (active checks),
 //!   [`limits`] (per-source admission), [`proxy_protocol`] (the PROXY header of a load
 //!   balancer in front).
-//! - [`session`] (who is connected where), [`verify`] (agents checked against
-//!   `client.keys`), [`access`] (the access log), [`stats`] and [`timing`] (counters and
-//!   latency histograms the binary exports as metrics).
+//! - [`session`] (who is connected where), [`access`] (the access log), [`stats`] and
+//!   [`timing`] (counters and latency histograms the binary exports as metrics). Agents are
+//!   checked against `client.keys` inside the relay (a private module) when it has `keys`.
 //! - [`net`] (listening sockets tuned for fleets), [`pace`] (batching under load: a runtime
 //!   that hosts relays should call [`pace::before_park`] from `on_thread_park`).
 //! - [`handover`]: the wire format of the hand-over to a successor process.
@@ -122,5 +122,6 @@ pub mod tcp;
 pub mod timing;
 #[cfg(feature = "runtime")]
 pub mod udp;
+// Internal: the relay checks agents against `client.keys` with it.
 #[cfg(feature = "runtime")]
-pub mod verify;
+mod verify;

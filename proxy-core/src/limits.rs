@@ -65,7 +65,7 @@ pub struct Admission {
 
 /// Holds one admitted connection's place until dropped.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     ip: IpAddr,
     sources: Arc<DashMap<IpAddr, Entry>>,
 }
@@ -95,7 +95,7 @@ impl Admission {
     ///
     /// # Errors
     /// [`Refused`] when a limit is reached.
-    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<Admitted, Refused> {
+    pub(crate) fn admit(&self, ip: IpAddr, now: Instant) -> Result<Admitted, Refused> {
         let l = self.limits;
         let mut e = self.sources.entry(ip).or_insert_with(|| Entry {
             open: 0,
@@ -129,11 +129,11 @@ impl Admission {
 
 /// Least time between two log lines of one kind about refused or dropped traffic: a flood
 /// must not become a flood of logs. Suppressed lines are counted in the next one.
-pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Allows one log line per [`LOG_INTERVAL`] and counts the ones it holds back.
 #[derive(Debug)]
-pub struct LogLimit {
+pub(crate) struct LogLimit {
     next_ms: AtomicU64,
     held: AtomicU64,
 }
@@ -146,7 +146,7 @@ impl Default for LogLimit {
 
 impl LogLimit {
     /// A limit that lets the first line through.
-    pub const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         LogLimit {
             next_ms: AtomicU64::new(0),
             held: AtomicU64::new(0),
@@ -155,7 +155,7 @@ impl LogLimit {
 
     /// `Some(lines held back since the last one)` when a line may be written at `now_ms`
     /// (milliseconds on any clock that only goes forward).
-    pub fn allow(&self, now_ms: u64) -> Option<u64> {
+    pub(crate) fn allow(&self, now_ms: u64) -> Option<u64> {
         let next = self.next_ms.load(Ordering::Relaxed);
         let step = u64::try_from(LOG_INTERVAL.as_millis()).unwrap_or(u64::MAX);
         if now_ms >= next
@@ -177,7 +177,7 @@ impl LogLimit {
     }
 
     /// [`LogLimit::allow`] on the process's monotonic clock.
-    pub fn allow_now(&self) -> Option<u64> {
+    pub(crate) fn allow_now(&self) -> Option<u64> {
         static EPOCH: OnceLock<Instant> = OnceLock::new();
         let epoch = *EPOCH.get_or_init(Instant::now);
         self.allow(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX))

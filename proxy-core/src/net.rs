@@ -32,7 +32,7 @@ pub fn bind_tcp(addr: SocketAddr, backlog: i32) -> io::Result<tokio::net::TcpLis
 ///
 /// # Errors
 /// When the address cannot be bound.
-pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -80,7 +80,7 @@ pub async fn accept_loop(
 /// Sets TCP_NODELAY (data leaves in whole batches or as soon as it is read, so Nagle would only
 /// add latency) and, when `keepalive` is given, TCP keepalive with that idle time (then every
 /// 10 s, 3 probes), so that a dead peer is noticed.
-pub fn tune(stream: &tokio::net::TcpStream, keepalive: Option<std::time::Duration>) {
+pub(crate) fn tune(stream: &tokio::net::TcpStream, keepalive: Option<std::time::Duration>) {
     let _ = stream.set_nodelay(true);
     set_keepalive(socket2::SockRef::from(stream), keepalive);
 }
@@ -100,7 +100,7 @@ pub(crate) fn tune_listener(
 }
 
 /// TCP keepalive with `idle` time, then every 10 s, 3 probes (nothing when `None`).
-pub fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<std::time::Duration>) {
+pub(crate) fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<std::time::Duration>) {
     if let Some(idle) = idle {
         let ka = socket2::TcpKeepalive::new()
             .with_time(idle)
@@ -114,7 +114,7 @@ pub fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<std::time::Duratio
 
 /// Sets `TCP_USER_TIMEOUT`: data left unacknowledged this long fails the connection with
 /// `ETIMEDOUT` (also while keepalive probes go unanswered). `None` leaves the kernel's default.
-pub fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::Duration>) {
+pub(crate) fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::Duration>) {
     if let Some(t) = timeout {
         if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
             tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
@@ -131,7 +131,7 @@ pub fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::D
 /// When the socket cannot be queried (or, off Linux, always: `Unsupported`).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-pub fn unacked_bytes(stream: &tokio::net::TcpStream) -> io::Result<u32> {
+pub(crate) fn unacked_bytes(stream: &tokio::net::TcpStream) -> io::Result<u32> {
     use std::os::fd::AsRawFd;
     let mut queued: nix::libc::c_int = 0;
     // SAFETY: SIOCOUTQ (TIOCOUTQ on Linux) writes one int through the pointer, which points
@@ -154,7 +154,7 @@ pub fn unacked_bytes(stream: &tokio::net::TcpStream) -> io::Result<u32> {
 /// # Errors
 /// Always `Unsupported`.
 #[cfg(not(target_os = "linux"))]
-pub fn unacked_bytes(_stream: &tokio::net::TcpStream) -> io::Result<u32> {
+pub(crate) fn unacked_bytes(_stream: &tokio::net::TcpStream) -> io::Result<u32> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 

@@ -17,7 +17,7 @@
 //! only add its length to the round trip of every message that arrives meanwhile, and save
 //! little, since the next round is small anyway.
 //!
-//! The relay counts the bytes it reads with [`note`]; the runtime calls [`before_park`] each
+//! The relay counts the bytes it reads with `note`; the runtime calls [`before_park`] each
 //! time a worker is about to sleep (`tokio::runtime::Builder::on_thread_park`) and
 //! [`after_unpark`] each time it wakes (`on_thread_unpark`). Without [`after_unpark`] a worker
 //! never counts as saturated and never pauses.
@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bytes a worker must have read since it last slept for its round to count as busy.
-pub const BUSY_BYTES: u64 = 64 * 1024;
+pub(crate) const BUSY_BYTES: u64 = 64 * 1024;
 
 /// The longest pause accepted (a longer one would add latency without saving more work).
 pub const MAX_WINDOW: Duration = Duration::from_millis(5);
@@ -54,24 +54,24 @@ static PAUSES: AtomicU64 = AtomicU64::new(0);
 
 /// Share of its time a worker must spend working (not asleep in the kernel), averaged over its
 /// recent time, to count as saturated: [`LOAD_ONE`] is all of it.
-pub const SATURATED: u32 = LOAD_ONE * 3 / 4;
+pub(crate) const SATURATED: u32 = LOAD_ONE * 3 / 4;
 
 /// The fixed-point 1.0 of a worker's load.
-pub const LOAD_ONE: u32 = 1024;
+pub(crate) const LOAD_ONE: u32 = 1024;
 
 /// Bytes per second a worker must read, averaged over its recent time, to count as
 /// streaming ([`BUSY_BYTES`] every millisecond): a flood that the load side, not the worker's
 /// CPU, limits. Loads of many agents at moderate rates read far less (1,000 agents at
 /// 10 events/s: about 4 MB/s).
-pub const STREAMING: u64 = BUSY_BYTES * 1000;
+pub(crate) const STREAMING: u64 = BUSY_BYTES * 1000;
 
 /// The stretch of a worker's time (work and sleep) over which its load and rate are measured
 /// before they enter the averages.
-pub const SPAN: Duration = Duration::from_millis(1);
+pub(crate) const SPAN: Duration = Duration::from_millis(1);
 
 /// What a worker thread's recent rounds say about its load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Worker {
+pub(crate) struct Worker {
     /// The share of its time spent working ([`LOAD_ONE`]: all of it), averaged over the last
     /// few [`SPAN`]s.
     pub load: u32,
@@ -89,7 +89,7 @@ impl Worker {
     /// enters the averages with a weight of 1/4. One long round that catches up after a hiccup
     /// of a lightly loaded worker is one span: it neither makes the worker saturated nor (its
     /// bytes spread over the hiccup) streaming; several in a row do.
-    pub fn round(self, moved: u64, busy: Duration, idle: Duration) -> Worker {
+    pub(crate) fn round(self, moved: u64, busy: Duration, idle: Duration) -> Worker {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let mut w = self;
         w.busy_ns = w.busy_ns.saturating_add(ns(busy));
@@ -112,7 +112,7 @@ impl Worker {
     }
 
     /// Saturated: busy most of the time, or streaming.
-    pub fn saturated(self) -> bool {
+    pub(crate) fn saturated(self) -> bool {
         self.load >= SATURATED || self.rate >= STREAMING
     }
 }
@@ -151,13 +151,13 @@ pub fn pauses() -> u64 {
 
 /// Counts bytes read by a relay on the current thread.
 #[inline]
-pub fn note(bytes: usize) {
+pub(crate) fn note(bytes: usize) {
     MOVED.with(|m| m.set(m.get().saturating_add(bytes as u64)));
 }
 
 /// Whether a worker pauses before sleeping: batching is on, its last round read at least
 /// [`BUSY_BYTES`], and it is saturated ([`Worker::saturated`]).
-pub fn should_pause(window_ns: u64, moved: u64, worker: Worker) -> bool {
+pub(crate) fn should_pause(window_ns: u64, moved: u64, worker: Worker) -> bool {
     window_ns > 0 && moved >= BUSY_BYTES && worker.saturated()
 }
 
@@ -171,7 +171,7 @@ pub fn after_unpark() {
 }
 
 /// To be called by the runtime just before a worker thread sleeps: pauses for the window
-/// when this thread's last round read at least [`BUSY_BYTES`] and the thread is saturated
+/// when this thread's last round read at least `BUSY_BYTES` and the thread is saturated
 /// (see the module documentation). The pause counts as work: while batching keeps the worker
 /// busy, batching stays on.
 pub fn before_park() {

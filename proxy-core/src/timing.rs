@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the buckets, in seconds (the last, implicit one is +Inf).
-pub const BUCKETS: [f64; 14] = [
+pub(crate) const BUCKETS: [f64; 14] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
@@ -80,15 +80,15 @@ pub static UPSTREAM_CONNECT: Histogram = Histogram::new();
 pub static FAILOVER: Histogram = Histogram::new();
 
 /// Agents held now: connected, waiting for a manager to become reachable (`hold_timeout`).
-pub static HELD: AtomicI64 = AtomicI64::new(0);
+pub(crate) static HELD: AtomicI64 = AtomicI64::new(0);
 
 /// Counts an agent as held while it lives.
 #[derive(Debug)]
-pub struct Held(());
+pub(crate) struct Held(());
 
 impl Held {
     /// Starts holding.
-    pub fn start() -> Held {
+    pub(crate) fn start() -> Held {
         HELD.fetch_add(1, Ordering::Relaxed);
         Held(())
     }

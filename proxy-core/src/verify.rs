@@ -21,7 +21,7 @@ use crate::stats::Rejection;
 /// Why a first message was refused.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The agent ID is not in client.keys (removed, or never enrolled here).
     #[error("agent {0} is not in client.keys")]
     UnknownId(AgentId),
@@ -50,7 +50,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The metric label.
-    pub fn rejection(&self) -> Rejection {
+    pub(crate) fn rejection(&self) -> Rejection {
         match self {
             Refusal::UnknownId(_) | Refusal::UnknownSource(_) => Rejection::UnknownAgent,
             Refusal::SourceNotAllowed { .. } => Rejection::SourceNotAllowed,
@@ -61,7 +61,7 @@ impl Refusal {
 
 /// A verified first message.
 #[derive(Debug)]
-pub struct Verified {
+pub(crate) struct Verified {
     /// The agent's key.
     pub key: Arc<AgentKey>,
     /// What the message told about the agent.
@@ -77,7 +77,7 @@ pub struct Verified {
 ///
 /// # Errors
 /// [`Refusal`] says which check failed.
-pub fn verify_first(
+pub(crate) fn verify_first(
     keys: &KeyStore,
     payload: &[u8],
     source: IpAddr,
@@ -170,7 +170,7 @@ const KEEPALIVE_QUIET: Duration = Duration::from_secs(15);
 /// Cost: while a keepalive is due, up to 8 small messages per 100 ms are decrypted until one
 /// is found; then nothing for 15 s. The last message of each batch, if tiny, is kept
 /// (at most 256 bytes) so that the connection's final message can be checked for a shutdown.
-pub struct KeepaliveWatch {
+pub(crate) struct KeepaliveWatch {
     key: Arc<AgentKey>,
     decoder: Decoder,
     next_scan: Instant,
@@ -189,7 +189,7 @@ impl std::fmt::Debug for KeepaliveWatch {
 
 impl KeepaliveWatch {
     /// A tracker for the agent whose key verified the first message.
-    pub fn new(key: Arc<AgentKey>) -> KeepaliveWatch {
+    pub(crate) fn new(key: Arc<AgentKey>) -> KeepaliveWatch {
         let now = Instant::now();
         KeepaliveWatch {
             key,
@@ -202,7 +202,7 @@ impl KeepaliveWatch {
     }
 
     /// Looks at one agent -> manager message; returns whether it is a keepalive.
-    pub fn observe(&mut self, env: &Envelope<'_>, session: &Session) -> bool {
+    pub(crate) fn observe(&mut self, env: &Envelope<'_>, session: &Session) -> bool {
         let (Some(cipher), ct) = (env.cipher(), env.ciphertext()) else {
             return false;
         };
@@ -247,7 +247,7 @@ impl KeepaliveWatch {
     }
 
     /// Called when the agent closed its connection: whether its last message was its shutdown.
-    pub fn ended_cleanly(&mut self, session: &Session) -> bool {
+    pub(crate) fn ended_cleanly(&mut self, session: &Session) -> bool {
         if let Some((cipher, ct)) = self.last_small.take() {
             if let Ok(opened) = self.decoder.open(&self.key, cipher, &ct) {
                 session.update_agent_info(|info| {

@@ -14,7 +14,7 @@
 //!
 //! [`EnrollFront`] terminates the agents' TLS, so it sees each request and reply. A reply is
 //! *delivered* when the agent's TCP acknowledged every byte of it
-//! ([`crate::net::unacked_bytes`]), whatever the agent does next (close_notify, FIN, reset).
+//! (`crate::net::unacked_bytes`), whatever the agent does next (close_notify, FIN, reset).
 //! A key reply that was not acknowledged is kept for a short time, and given **once** to a
 //! connection that is indistinguishable from that agent's retry: same source address,
 //! byte-identical request (password included), arriving after the first connection ended.

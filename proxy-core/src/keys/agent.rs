@@ -67,7 +67,7 @@ impl KeyIp {
 
     /// The address the manager matches ID-less messages against: the IP column with any CIDR
     /// suffix dropped (`None` for `any`).
-    pub fn lookup_addr(&self) -> Option<IpAddr> {
+    pub(crate) fn lookup_addr(&self) -> Option<IpAddr> {
         match *self {
             KeyIp::Any => None,
             KeyIp::Host(a) | KeyIp::Network { addr: a, .. } => Some(a),
@@ -121,13 +121,12 @@ fn mask_to_prefix(mask: Ipv4Addr) -> Option<u8> {
 
 /// One agent's identity and key material.
 ///
-/// The raw key and the derived keys are zeroized on drop; `Debug` shows only the ID, name and
-/// IP column.
+/// Only the derived keys are kept (the KEY column itself is not needed once they are derived),
+/// and they are zeroized on drop; `Debug` shows only the ID, name and IP column.
 pub struct AgentKey {
     id: AgentId,
     name: Box<str>,
     ip: KeyIp,
-    raw: Zeroizing<Box<[u8]>>,
     derived: Zeroizing<[u8; DERIVED_KEY_LEN]>,
     // Blowfish's key schedule costs about 500 block encryptions, so it is built once, on
     // first use: agents that only speak AES never pay its 4 KiB.
@@ -142,7 +141,6 @@ impl AgentKey {
             id,
             name: name.into(),
             ip,
-            raw: Zeroizing::new(key.into()),
             derived: derive(id.as_bytes(), name.as_bytes(), key),
             blowfish: OnceLock::new(),
         }
@@ -166,11 +164,6 @@ impl AgentKey {
     /// Whether this agent prefixes its messages with `!ID!` (see [`KeyIp::sends_id_prefix`]).
     pub fn sends_id_prefix(&self) -> bool {
         self.ip.sends_id_prefix()
-    }
-
-    /// The KEY column exactly as written (secret).
-    pub fn raw_key(&self) -> &[u8] {
-        &self.raw
     }
 
     /// The AES-256 key: the 32 ASCII bytes of `md5hex(KEY)` (secret).

@@ -75,8 +75,12 @@ fn every_line_form() {
         ]
     );
     assert_eq!(set.len(), 5);
-    assert_eq!(set.get(&id("001")).unwrap().raw_key(), b"k1");
-    assert_eq!(set.get(&id("007")).unwrap().raw_key(), b"key with spaces ");
+    // The KEY column as read (spaces included) is what the cipher keys are derived from.
+    for (agent, key) in [("001", &b"k1"[..]), ("007", &b"key with spaces "[..])] {
+        let got = set.get(&id(agent)).unwrap();
+        let want = AgentKey::new(id(agent), got.name(), got.ip(), key);
+        assert_eq!(got.aes_key(), want.aes_key(), "agent {agent}");
+    }
     assert!(!set.get(&id("007")).unwrap().sends_id_prefix());
     assert!(set.get(&id("008")).unwrap().sends_id_prefix());
     assert!(set.get(&id("009")).unwrap().sends_id_prefix());

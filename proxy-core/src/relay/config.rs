@@ -45,7 +45,7 @@ pub struct AgentRelayConfig {
     /// A manager that sends an agent nothing for this long while the agent keeps sending is
     /// taken for hung, and the agent continues elsewhere (default 45 s: remoted answers every
     /// keepalive, which agents send every 10 s, and agents themselves reconnect after 60 s
-    /// without an answer). Judged by [`super::decide::judge`]: if the manager's TCP left data
+    /// without an answer). Judged by `super::decide::judge`: if the manager's TCP left data
     /// unacknowledged it is marked failed, otherwise only this agent moves. `None` disables it.
     pub liveness_timeout: Option<Duration>,
     /// `TCP_USER_TIMEOUT` on manager connections: a manager whose TCP leaves sent data
@@ -57,7 +57,7 @@ pub struct AgentRelayConfig {
     /// A second connection claiming an agent that has a live session is refused while that
     /// session has heard from its agent within this time (default 60 s, remoted's
     /// `connection_overtake_time`), unless it proves with the agent's key that it is the agent
-    /// reconnecting (see [`crate::session::overtake`]).
+    /// reconnecting (see `crate::session::overtake`).
     pub overtake_time: Duration,
     /// How long an agent that every manager refused is first kept away (default 2 s, doubling
     /// per refusal in a row up to [`AgentRelayConfig::refused_backoff_max`]).

@@ -18,7 +18,7 @@ use crate::session::SessionKey;
 
 /// How a connection to a manager (one "stint" of a session) ended, as the relay saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StintCause {
+pub(crate) enum StintCause {
     /// The manager closed the connection (FIN) or reset it.
     Closed,
     /// The manager's TCP stopped acknowledging what was sent (`TCP_USER_TIMEOUT`, keepalive
@@ -38,7 +38,7 @@ pub enum StintCause {
 
 /// Whose fault the end of a stint is, and so what it may affect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The manager is unreachable: mark it failed (passive health, as nginx does for a refused
     /// connect) and continue the agent elsewhere.
     ManagerFailed,
@@ -57,7 +57,7 @@ pub enum Verdict {
 
 /// Judges the end of a stint. `answered`: the manager sent the agent at least one frame
 /// during it.
-pub fn judge(cause: StintCause, answered: bool) -> Verdict {
+pub(crate) fn judge(cause: StintCause, answered: bool) -> Verdict {
     match cause {
         StintCause::Moved => Verdict::Moved,
         StintCause::Unreachable => Verdict::ManagerFailed,
@@ -74,7 +74,7 @@ pub fn judge(cause: StintCause, answered: bool) -> Verdict {
 
 /// What an agent's connection does after a stint ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Connect again after `pause`, avoiding the managers in `avoid` while others remain.
     Reconnect {
         /// Time to wait first.
@@ -88,7 +88,7 @@ pub enum Next {
 
 /// Why an agent's connection was given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GiveUp {
+pub(crate) enum GiveUp {
     /// Every available manager refused the agent.
     RefusedEverywhere,
     /// Managers kept breaking the protocol on this session.
@@ -97,7 +97,7 @@ pub enum GiveUp {
 
 /// Refusals by one manager tolerated on one agent connection (with a pause between them:
 /// remoted refuses an agent whose previous connection it still holds for a while).
-pub const REFUSALS_PER_MANAGER: u32 = 3;
+pub(super) const REFUSALS_PER_MANAGER: u32 = 3;
 /// The first pause once every manager has refused the agent; doubles per round.
 const REFUSAL_PAUSE: Duration = Duration::from_millis(500);
 /// Session faults tolerated on one agent connection before it is closed.
@@ -110,18 +110,13 @@ const HEALTHY_STINT: Duration = Duration::from_secs(30);
 /// The trouble one agent connection has had with managers: which refused it and how often,
 /// how many times they broke the protocol or dropped it. Bounded: at most one entry per manager.
 #[derive(Debug, Default, Clone)]
-pub struct Attempts {
+pub(crate) struct Attempts {
     refused_by: Vec<(SocketAddr, u32)>,
     faults: u32,
     redials: u32,
 }
 
 impl Attempts {
-    /// Managers that refused the agent on this connection, and how many times.
-    pub fn refused_by(&self) -> &[(SocketAddr, u32)] {
-        &self.refused_by
-    }
-
     /// Managers not to try next: those that refused while some have not; else those that
     /// refused more often than the others, or as often as tolerated (so the tries alternate).
     fn avoid(&self, managers: usize) -> Vec<SocketAddr> {
@@ -136,7 +131,7 @@ impl Attempts {
 
     /// Decides what follows a stint on `manager` that lasted `lasted` and ended with `verdict`.
     /// `managers` is the number of managers the agent could be sent to now (not `down`).
-    pub fn after(
+    pub(crate) fn after(
         &mut self,
         verdict: Verdict,
         manager: SocketAddr,
@@ -209,7 +204,7 @@ impl Attempts {
 /// expired entries are dropped, and if none are, a new agent is not remembered (the proxy then
 /// behaves like a plain TCP proxy for it).
 #[derive(Debug)]
-pub struct RefusalBook {
+pub(crate) struct RefusalBook {
     entries: HashMap<(SessionKey, IpAddr), Backoff>,
     capacity: usize,
     base: Duration,
@@ -226,7 +221,7 @@ struct Backoff {
 impl RefusalBook {
     /// A book of at most `capacity` agents, keeping each away `base`, doubling per refusal in
     /// a row up to `max`.
-    pub fn new(capacity: usize, base: Duration, max: Duration) -> Self {
+    pub(crate) fn new(capacity: usize, base: Duration, max: Duration) -> Self {
         RefusalBook {
             entries: HashMap::new(),
             capacity,
@@ -236,28 +231,29 @@ impl RefusalBook {
     }
 
     /// Agents remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Whether no agent is remembered.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Agents that must still stay away at `now`.
-    pub fn waiting(&self, now: Instant) -> usize {
+    pub(crate) fn waiting(&self, now: Instant) -> usize {
         self.entries.values().filter(|b| b.until > now).count()
     }
 
     /// How long the agent must still stay away, if it must.
-    pub fn wait(&self, key: SessionKey, ip: IpAddr, now: Instant) -> Option<Duration> {
+    pub(crate) fn wait(&self, key: SessionKey, ip: IpAddr, now: Instant) -> Option<Duration> {
         let b = self.entries.get(&(key, ip))?;
         (b.until > now).then(|| b.until - now)
     }
 
     /// Records that every manager refused the agent; returns how long it is kept away.
-    pub fn refused(&mut self, key: SessionKey, ip: IpAddr, now: Instant) -> Duration {
+    pub(crate) fn refused(&mut self, key: SessionKey, ip: IpAddr, now: Instant) -> Duration {
         if self.entries.len() >= self.capacity && !self.entries.contains_key(&(key, ip)) {
             self.entries.retain(|_, b| b.until > now);
             if self.entries.len() >= self.capacity {
@@ -282,7 +278,7 @@ impl RefusalBook {
     }
 
     /// Forgets the agent (a manager served it).
-    pub fn served(&mut self, key: SessionKey, ip: IpAddr) {
+    pub(crate) fn served(&mut self, key: SessionKey, ip: IpAddr) {
         self.entries.remove(&(key, ip));
     }
 }

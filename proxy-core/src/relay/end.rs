@@ -12,7 +12,7 @@ use crate::stats::Rejection;
 /// Why a session ended.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum End {
+pub(crate) enum End {
     /// The agent closed its connection.
     AgentClosed,
     /// The manager closed its connection.
@@ -52,7 +52,7 @@ pub enum End {
 
 impl End {
     /// The metric label of a protocol failure, if this end is one.
-    pub fn rejection(&self) -> Option<Rejection> {
+    pub(crate) fn rejection(&self) -> Option<Rejection> {
         match self {
             End::AgentFrame(e) => Some((*e).into()),
             End::AgentEnvelope(_) => Some(Rejection::BadEnvelope),
@@ -107,7 +107,7 @@ impl fmt::Display for End {
 impl End {
     /// The stable code of this end: the `reason` field of the access log's `session_end`
     /// line (one of [`crate::access::END_REASONS`]).
-    pub fn reason_code(&self) -> &'static str {
+    pub(crate) fn reason_code(&self) -> &'static str {
         match self {
             End::AgentClosed => "agent_closed",
             End::ManagerClosed => "manager_closed",

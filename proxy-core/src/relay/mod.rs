@@ -54,7 +54,7 @@ use crate::stats::RelayStats;
 
 mod check;
 mod config;
-pub mod decide;
+mod decide;
 mod drive;
 mod end;
 mod handed;
@@ -66,8 +66,8 @@ mod shell;
 mod unacked;
 
 pub use config::{AgentRelayConfig, ConfigError, MIN_MAX_PAYLOAD};
-pub use decide::{judge, Attempts, GiveUp, Next, RefusalBook, StintCause, Verdict};
-pub use end::End;
+pub(crate) use decide::{GiveUp, RefusalBook};
+pub(crate) use end::End;
 use machine::Metric;
 
 /// Relays agent connections on one listener.
@@ -134,7 +134,7 @@ impl AgentRelay {
         }
     }
 
-    /// Verifies agents with `keys` (see [`crate::verify`]): the first message of each
+    /// Verifies agents with `keys` (see `crate::verify`): the first message of each
     /// connection must decrypt with the key of the agent it claims, ID-less agents are
     /// identified by their source address, and sessions learn the agent's name, version, OS,
     /// last keepalive and whether it stopped cleanly.
@@ -207,7 +207,7 @@ impl AgentRelay {
         }
     }
 
-    /// Agents every manager refused that are kept away now (see [`RefusalBook`]).
+    /// Agents every manager refused that are kept away now (see `RefusalBook`).
     pub fn kept_away(&self) -> usize {
         self.refused
             .lock()

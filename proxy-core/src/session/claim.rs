@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// remoted's default `connection_overtake_time`.
-pub const DEFAULT_OVERTAKE: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_OVERTAKE: Duration = Duration::from_secs(60);
 
 /// What a new connection proved about the agent it claims to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum Claim {
 
 /// What is known of the live session of the agent a newcomer claims to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Incumbent {
+pub(crate) struct Incumbent {
     /// Time since the agent last sent a frame on it (since it started if none).
     pub heard_ago: Duration,
     /// The newest counter decrypted on it, if any (see [`pack_counter`]).
@@ -32,7 +32,7 @@ pub struct Incumbent {
 
 /// The outcome of a second connection for an agent that has a live session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overtake {
+pub(crate) enum Overtake {
     /// Keep the live session; refuse the newcomer.
     Refuse,
     /// Close the live session and let the newcomer take its place.
@@ -46,7 +46,7 @@ pub enum Overtake {
 /// keys the newcomer can prove more: its startup message, decrypted with the agent's key, with a
 /// counter newer than anything seen on the incumbent, is the agent reconnecting (a captured
 /// frame replayed carries an old counter and proves nothing).
-pub fn overtake(incumbent: Incumbent, claim: Claim, overtake: Duration) -> Overtake {
+pub(crate) fn overtake(incumbent: Incumbent, claim: Claim, overtake: Duration) -> Overtake {
     if incumbent.heard_ago >= overtake {
         return Overtake::Replace;
     }
@@ -62,7 +62,7 @@ pub fn overtake(incumbent: Incumbent, claim: Claim, overtake: Duration) -> Overt
 
 /// Orders a message's counters: the global counter, then the local one (`global:local` in the
 /// message header; the global counter is persisted by the agent across restarts).
-pub fn pack_counter(global: u64, local: u32) -> u64 {
+pub(crate) fn pack_counter(global: u64, local: u32) -> u64 {
     global
         .saturating_mul(10_000)
         .saturating_add(u64::from(local % 10_000))

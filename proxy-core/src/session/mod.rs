@@ -47,8 +47,8 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use claim::{overtake, pack_counter, Claim, Incumbent, Overtake, DEFAULT_OVERTAKE};
-pub use registry::{SessionHandle, SessionRegistry};
+pub(crate) use claim::{overtake, pack_counter, Claim, Incumbent, Overtake};
+pub(crate) use registry::{SessionHandle, SessionRegistry};
 pub use state::{AgentInfo, Expiry, Session, SessionInfo, SessionStats};
 
 /// Who a session belongs to.
@@ -124,7 +124,7 @@ pub enum SessionError {
         existing: SocketAddr,
     },
     /// The policy is [`DuplicatePolicy::Replace`], but the live connection was heard from
-    /// within the overtake time and the newcomer proved nothing (see [`overtake`]).
+    /// within the overtake time and the newcomer proved nothing (see `overtake`).
     #[error("agent {key} is live on another connection from {existing}, heard from {heard_ago:?} ago; refusing the newcomer")]
     Live {
         /// The agent.

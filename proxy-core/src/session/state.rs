@@ -52,7 +52,7 @@ pub struct AgentInfo {
     pub last_keepalive: Option<SystemTime>,
     /// Whether the agent announced its shutdown (a clean stop rather than a lost connection).
     pub shutdown: bool,
-    /// The newest message counter decrypted (see [`pack_counter`](super::pack_counter)): what
+    /// The newest message counter decrypted (see `pack_counter`): what
     /// a reconnection must beat to replace this session.
     pub counter: Option<u64>,
 }
@@ -119,7 +119,7 @@ impl Session {
         *self.backend.lock().unwrap_or_else(|p| p.into_inner())
     }
     /// Records the manager that carries the session.
-    pub fn set_backend(&self, addr: Option<SocketAddr>) {
+    pub(crate) fn set_backend(&self, addr: Option<SocketAddr>) {
         *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = addr;
     }
     /// Wall-clock start time (derived from the monotonic start: one clock kept per session).
@@ -142,7 +142,7 @@ impl Session {
             .unwrap_or_default()
     }
     /// Updates what is known about the agent.
-    pub fn update_agent_info(&self, f: impl FnOnce(&mut AgentInfo)) {
+    pub(crate) fn update_agent_info(&self, f: impl FnOnce(&mut AgentInfo)) {
         f(self
             .info
             .lock()
@@ -171,13 +171,13 @@ impl Session {
         }
     }
     /// Time since the agent last sent a frame on this session (since it started if none).
-    pub fn heard_ago(&self) -> Duration {
+    pub(crate) fn heard_ago(&self) -> Duration {
         let last = Duration::from_millis(u64::from(self.last_up_cs.load(Ordering::Relaxed)) * 10);
         self.started_at.elapsed().saturating_sub(last)
     }
     /// Notes a message counter decrypted on this session (the newest is kept; with keys only,
     /// so it lives with what the keys taught, not in every session).
-    pub fn note_counter(&self, counter: u64) {
+    pub(crate) fn note_counter(&self, counter: u64) {
         self.update_agent_info(|i| i.counter = i.counter.max(Some(counter)));
     }
     /// The newest message counter decrypted on this session, if any.
@@ -201,7 +201,7 @@ impl Session {
     /// Asks the connection that owns this session to close (the relay watches [`closing`]).
     ///
     /// [`closing`]: Session::closing
-    pub fn request_close(&self) {
+    pub(crate) fn request_close(&self) {
         self.close_flag.store(true, Ordering::Release);
         self.close_notify.notify_waiters();
         self.relay_waker.wake();
@@ -220,7 +220,7 @@ impl Session {
         }
     }
     /// Whether a close was requested.
-    pub fn is_closing(&self) -> bool {
+    pub(crate) fn is_closing(&self) -> bool {
         self.close_flag.load(Ordering::Acquire) || self.root.is_cancelled()
     }
     /// Asks the relay to move this session to another manager at the next frame boundary,
@@ -230,24 +230,24 @@ impl Session {
         self.relay_waker.wake();
     }
     /// Whether a move is pending.
-    pub fn is_move_requested(&self) -> bool {
+    pub(crate) fn is_move_requested(&self) -> bool {
         self.move_flag.load(Ordering::Acquire)
     }
     /// Registers the task to wake when the session needs attention (see [`Session::wake`]).
-    pub fn register_relay_waker(&self, waker: &std::task::Waker) {
+    pub(crate) fn register_relay_waker(&self, waker: &std::task::Waker) {
         self.relay_waker.register(waker);
     }
     /// Wakes the relay task of this session so it looks at its flags.
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.relay_waker.wake();
     }
     /// Records a timeout and wakes the relay.
-    pub fn expire(&self, why: Expiry) {
+    pub(crate) fn expire(&self, why: Expiry) {
         self.expired.fetch_or(why as u8, Ordering::AcqRel);
         self.relay_waker.wake();
     }
     /// Takes the timeout recorded, if any.
-    pub fn take_expired(&self) -> Option<Expiry> {
+    pub(crate) fn take_expired(&self) -> Option<Expiry> {
         let bits = self.expired.swap(0, Ordering::AcqRel);
         if bits & Expiry::Idle as u8 != 0 {
             Some(Expiry::Idle)
@@ -259,7 +259,7 @@ impl Session {
     }
     /// Arms the handshake deadline: a manager that sends nothing back within `timeout` is
     /// expired with [`Expiry::Reply`] by the relay's sweeper.
-    pub fn arm_reply(&self, timeout: Duration) {
+    pub(crate) fn arm_reply(&self, timeout: Duration) {
         let at = (self.started_at.elapsed() + timeout).as_millis().max(1) as u64;
         // The low 32 bits are enough to tell whether a frame came since (and keep the
         // session within its allocation size class).
@@ -271,17 +271,17 @@ impl Session {
     }
     /// Arms the answer deadline unless one is armed already (a manager that must answer
     /// something within `timeout` of the agent's frames; keepalives are answered).
-    pub fn arm_reply_if_idle(&self, timeout: Duration) {
+    pub(crate) fn arm_reply_if_idle(&self, timeout: Duration) {
         if self.reply_deadline_ms.load(Ordering::Relaxed) == 0 {
             self.arm_reply(timeout);
         }
     }
     /// Disarms the handshake deadline.
-    pub fn disarm_reply(&self) {
+    pub(crate) fn disarm_reply(&self) {
         self.reply_deadline_ms.store(0, Ordering::Release);
     }
     /// Checks the timeouts at `idle_limit` and the handshake deadline; called by the sweeper.
-    pub fn check_timeouts(&self, idle_limit: Option<Duration>) {
+    pub(crate) fn check_timeouts(&self, idle_limit: Option<Duration>) {
         if idle_limit.is_some_and(|d| self.idle() >= d) {
             self.expire(Expiry::Idle);
         }
@@ -298,10 +298,10 @@ impl Session {
         }
     }
     /// Marks a pending move as done.
-    pub fn clear_move_request(&self) {
+    pub(crate) fn clear_move_request(&self) {
         self.move_flag.store(false, Ordering::Release);
     }
-    /// Resolves once the session's [`SessionHandle`](super::SessionHandle) was dropped.
+    /// Resolves once the session's `SessionHandle` was dropped.
     pub async fn ended(&self) {
         loop {
             let notified = self.ended_notify.notified();
