@@ -1,74 +1,20 @@
 //! The admin HTTP API and the `health`, `sessions`, `backends` commands, against the real
 //! binary with stand-in managers on loopback.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::Value;
-use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
-
-/// An agent that sent its first frame and got the manager's ACK.
-async fn agent(addr: SocketAddr, id: &str) -> Framed<TcpStream, FrameCodec> {
-    let mut a = Framed::new(
-        TcpStream::connect(addr).await.unwrap(),
-        FrameCodec::default(),
-    );
-    a.send(Bytes::from(agent_payload(
-        AgentId::parse(id.as_bytes()),
-        0,
-        64,
-    )))
-    .await
-    .unwrap();
-    let ack = tokio::time::timeout(Duration::from_secs(5), a.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(ack.starts_with(b"#AES:ack from "), "{ack:?}");
-    a
-}
-
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-async fn get(admin: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    let mut s = TcpStream::connect(admin).await.unwrap();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(raw).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, body.to_owned())
-}
-
-async fn get_json(admin: SocketAddr, path: &str) -> (u16, Value) {
-    let (status, body) = get(admin, path, None).await;
-    (status, serde_json::from_str(&body).unwrap())
-}
-
-/// Runs a CLI command; returns (exit code, stdout).
-fn cli(args: &[&str]) -> (i32, String) {
-    let out = bin().args(args).output().unwrap();
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    (out.status.code().unwrap_or(-1), stdout)
-}
+use wazuh_proxy_test_support::*;
 
 async fn wait_health(admin: SocketAddr, want: u16) -> Value {
     let mut last = (0, Value::Null);
@@ -81,12 +27,6 @@ async fn wait_health(admin: SocketAddr, want: u16) -> Value {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("/health never answered {want}; last: {last:?}");
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wazuh-proxy-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 fn write_config(
@@ -195,7 +135,7 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
     assert_eq!(h["status"], "ok", "{h}");
     assert_eq!(h["listeners"][0]["name"], "agents");
     assert_eq!(h["listeners"][0]["backends_available"], 2);
-    let (code, out) = cli(&["health", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["health", "--admin", &admin_s]);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("healthy: agents (agent) 2/2"), "{out}");
 
@@ -241,14 +181,14 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
         .any(|s| s["agent"] == "731"));
     let (status, _) = get_json(admin, "/sessions?agnet=731").await;
     assert_eq!(status, 400);
-    let (code, out) = cli(&["sessions", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["sessions", "--admin", &admin_s]);
     assert_eq!(code, 0);
     assert!(out.starts_with("LISTENER"), "{out}");
     assert!(
         out.contains("731") && out.contains("842") && out.contains(&b731),
         "{out}"
     );
-    let (code, out) = cli(&["sessions", "--admin", &admin_s, "--agent", "842", "--json"]);
+    let (code, out, _) = cli(&["sessions", "--admin", &admin_s, "--agent", "842", "--json"]);
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1);
@@ -265,13 +205,13 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
         .all(|b| b["state"] == "available" && b["available"] == true));
     let active: u64 = list.iter().map(|b| b["active"].as_u64().unwrap()).sum();
     assert_eq!(active, 2);
-    let (code, out) = cli(&["backends", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["backends", "--admin", &admin_s]);
     assert_eq!(code, 0);
     assert!(
         out.contains(&m1_addr.to_string()) && out.contains("available"),
         "{out}"
     );
-    let (code, out) = cli(&["backends", "--admin", &admin_s, "--json"]);
+    let (code, out, _) = cli(&["backends", "--admin", &admin_s, "--json"]);
     assert_eq!(code, 0);
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), backends);
 
@@ -378,7 +318,7 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
         "{reason}"
     );
     assert!(reason.contains(&m1_addr.to_string()), "{reason}");
-    let (code, out) = cli(&["health", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["health", "--admin", &admin_s]);
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("unhealthy: listener \"agents\""), "{out}");
     assert_eq!(out.trim_end().lines().count(), 1, "{out}");
@@ -393,7 +333,7 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
         ("state", "failed"),
     ];
     assert_eq!(value(&scrape, "wazuh_proxy_backend_state", &st), 1.0);
-    let (code, out) = cli(&["backends", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["backends", "--admin", &admin_s]);
     assert_eq!(code, 0);
     assert!(out.contains("failed"), "{out}");
 
@@ -406,7 +346,7 @@ async fn health_metrics_sessions_and_backends_follow_the_managers() {
         .unwrap();
     let h = wait_health(admin, 200).await;
     assert_eq!(h["status"], "ok");
-    let (code, out) = cli(&["health", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["health", "--admin", &admin_s]);
     assert_eq!(code, 0, "{out}");
     let _a3 = agent(listen, "953").await;
     // (Sessions the proxy was still holding when the managers died may arrive there too.)
@@ -451,13 +391,13 @@ async fn the_token_is_enforced_and_a_draining_node_is_unhealthy() {
     assert_eq!(get(admin, "/metrics", Some("s3cret-token")).await.0, 200);
     assert_eq!(get(admin, "/nowhere", Some("s3cret-token")).await.0, 404);
 
-    let (code, out) = cli(&["health", "--admin", &admin_s]);
+    let (code, out, _) = cli(&["health", "--admin", &admin_s]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.starts_with("unhealthy: ") && out.contains("token"),
         "{out}"
     );
-    let (code, out) = cli(&[
+    let (code, out, _) = cli(&[
         "health",
         "--admin",
         &admin_s,
@@ -465,9 +405,9 @@ async fn the_token_is_enforced_and_a_draining_node_is_unhealthy() {
         token_path,
     ]);
     assert_eq!(code, 0, "{out}");
-    let (code, _) = cli(&["sessions", "--admin", &admin_s]);
+    let (code, _, _) = cli(&["sessions", "--admin", &admin_s]);
     assert_eq!(code, 1);
-    let (code, out) = cli(&[
+    let (code, out, _) = cli(&[
         "sessions",
         "--admin",
         &admin_s,
@@ -478,7 +418,7 @@ async fn the_token_is_enforced_and_a_draining_node_is_unhealthy() {
 
     // Nothing listening: unhealthy, exit 1, within the timeout.
     let nowhere = free_addr().to_string();
-    let (code, out) = cli(&["health", "--admin", &nowhere, "--timeout", "1s"]);
+    let (code, out, _) = cli(&["health", "--admin", &nowhere, "--timeout", "1s"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("unhealthy: cannot connect"), "{out}");
 

@@ -1,39 +1,14 @@
 //! The command line as scripts and packagers use it: exit statuses, `--pid-file`, `reload`
 //! without `kill`, shell completions, the manual page, and `check-config --nginx` notices.
 
-mod support;
+use std::path::Path;
+use std::time::Duration;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use support::{bin, free_addr, ProxyProcess};
-
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wazuh-proxy-cli-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn status_of(args: &[&str]) -> (i32, String, String) {
-    let out = bin().args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use wazuh_proxy_test_support::{bin, cli, free_addr, temp_dir, wait_until, ProxyProcess};
 
 #[test]
 fn exit_statuses_say_what_failed() {
-    let dir = scratch("exit");
+    let dir = temp_dir("exit");
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
@@ -49,25 +24,25 @@ fn exit_statuses_say_what_failed() {
     let good_s = good.to_str().unwrap();
     let bad_s = bad.to_str().unwrap();
 
-    assert_eq!(status_of(&["check-config", good_s]).0, 0);
-    let (code, _, err) = status_of(&["check-config", bad_s]);
+    assert_eq!(cli(&["check-config", good_s]).0, 0);
+    let (code, _, err) = cli(&["check-config", bad_s]);
     assert_eq!(code, 3, "invalid configuration: {err}");
     assert!(err.contains("bad.toml:3"), "{err}");
-    let (code, _, err) = status_of(&["run", "--admin", "none", "--config", bad_s]);
+    let (code, _, err) = cli(&["run", "--admin", "none", "--config", bad_s]);
     assert_eq!(code, 3, "run with an invalid configuration: {err}");
     // A file that cannot be read is a runtime failure, not an invalid configuration.
     let missing = dir.join("missing.toml");
-    assert_eq!(status_of(&["check-config", missing.to_str().unwrap()]).0, 1);
+    assert_eq!(cli(&["check-config", missing.to_str().unwrap()]).0, 1);
     // Usage errors.
-    assert_eq!(status_of(&["check-config"]).0, 2);
-    assert_eq!(status_of(&["run", "--no-such-flag"]).0, 2);
-    assert_eq!(status_of(&["reload"]).0, 2, "reload needs a target");
-    assert_eq!(status_of(&["reload", "--pid", "1", "--admin", "x:1"]).0, 2);
-    assert_eq!(status_of(&["completions", "tcsh"]).0, 2);
+    assert_eq!(cli(&["check-config"]).0, 2);
+    assert_eq!(cli(&["run", "--no-such-flag"]).0, 2);
+    assert_eq!(cli(&["reload"]).0, 2, "reload needs a target");
+    assert_eq!(cli(&["reload", "--pid", "1", "--admin", "x:1"]).0, 2);
+    assert_eq!(cli(&["completions", "tcsh"]).0, 2);
     // Runtime: the listener's address is taken.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let (code, _, err) = status_of(&[
+    let (code, _, err) = cli(&[
         "run",
         "--admin",
         "none",
@@ -78,17 +53,17 @@ fn exit_statuses_say_what_failed() {
     ]);
     assert_eq!(code, 1, "{err}");
     // Runtime: no such process, or a PID file that is not there.
-    let (code, _, err) = status_of(&["reload", "--pid-file", missing.to_str().unwrap()]);
+    let (code, _, err) = cli(&["reload", "--pid-file", missing.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     // The statuses are in --help.
-    let (_, out, _) = status_of(&["--help"]);
+    let (_, out, _) = cli(&["--help"]);
     assert!(out.contains("3 invalid configuration"), "{out}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn pid_file_reload_by_pid_file_and_by_admin_api() {
-    let dir = scratch("pid");
+    let dir = temp_dir("pid");
     let pid_file = dir.join("proxy.pid");
     let config = dir.join("proxy.toml");
     let listen = free_addr();
@@ -112,7 +87,10 @@ fn pid_file_reload_by_pid_file_and_by_admin_api() {
         ],
         listen,
     );
-    wait_until("the pid file", || pid_file.exists());
+    assert!(
+        wait_until(Duration::from_secs(10), || pid_file.exists()),
+        "the pid file"
+    );
     let written: u32 = std::fs::read_to_string(&pid_file)
         .unwrap()
         .trim()
@@ -120,17 +98,23 @@ fn pid_file_reload_by_pid_file_and_by_admin_api() {
         .unwrap();
     assert_eq!(written, proxy.child.id());
 
-    let (code, _, err) = status_of(&["reload", "--pid-file", pid_file.to_str().unwrap()]);
+    let (code, _, err) = cli(&["reload", "--pid-file", pid_file.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    wait_until("the first reload", || {
-        proxy.logs().matches("reload applied").count() == 1
-    });
-    let (code, out, err) = status_of(&["reload", "--admin", &admin.to_string()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            proxy.logs().matches("reload applied").count() == 1
+        }),
+        "the first reload"
+    );
+    let (code, out, err) = cli(&["reload", "--admin", &admin.to_string()]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"requested\": \"reload\""), "{out}");
-    wait_until("the second reload", || {
-        proxy.logs().matches("reload applied").count() == 2
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            proxy.logs().matches("reload applied").count() == 2
+        }),
+        "the second reload"
+    );
 
     proxy.signal("TERM");
     let status = proxy.wait_exit(40).expect("exits after SIGTERM");
@@ -146,14 +130,14 @@ fn completions_and_the_manual_page_come_from_the_command_definition() {
         ("zsh", "#compdef wazuh-proxy"),
         ("fish", "complete -c wazuh-proxy"),
     ] {
-        let (code, out, err) = status_of(&["completions", shell]);
+        let (code, out, err) = cli(&["completions", shell]);
         assert_eq!(code, 0, "{shell}: {err}");
         assert!(out.contains(marker), "{shell}: no {marker:?}");
         for sub in ["check-config", "upgrade", "completions", "--pid-file"] {
             assert!(out.contains(sub), "{shell} completion lacks {sub}");
         }
     }
-    let (code, man, err) = status_of(&["man"]);
+    let (code, man, err) = cli(&["man"]);
     assert_eq!(code, 0, "{err}");
     assert!(man.contains(".TH wazuh-proxy 1"), "{man}");
     // roff escapes hyphens.
@@ -162,8 +146,8 @@ fn completions_and_the_manual_page_come_from_the_command_definition() {
         assert!(plain.contains(want), "man page lacks {want}");
     }
     // One page per subcommand, as the main page's SUBCOMMANDS section names them.
-    let dir = scratch("man");
-    let (code, _, err) = status_of(&["man", "--out-dir", dir.to_str().unwrap()]);
+    let dir = temp_dir("man");
+    let (code, _, err) = cli(&["man", "--out-dir", dir.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     for page in ["wazuh-proxy.1", "wazuh-proxy-run.1", "wazuh-proxy-reload.1"] {
         let text = std::fs::read_to_string(dir.join(page)).unwrap();
@@ -188,7 +172,7 @@ fn check_config_nginx_prints_every_importer_notice() {
         .replace("wazuh.master", "127.0.0.2")
         .replace("wazuh.worker", "127.0.0.3")
         .replace("listen 1514;", "listen 1514 proxy_protocol;");
-    let dir = scratch("nginx");
+    let dir = temp_dir("nginx");
     let conf = dir.join("nginx.conf");
     std::fs::write(&conf, text).unwrap();
     let out = bin()

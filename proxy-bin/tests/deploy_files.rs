@@ -2,12 +2,10 @@
 //! ConfigMap's proxy.toml load, and the command lines of the compose file, the systemd unit
 //! and keepalived's check use flags that exist.
 
-mod support;
-
 use std::path::PathBuf;
 
-use support::bin;
 use wazuh_proxy::config::Config;
+use wazuh_proxy_test_support::bin;
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,14 +1,12 @@
 //! Oversized and malformed configuration files: each is refused with a clear error, without
 //! being read whole and without a panic, by the library readers and by `check-config`.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::bin;
 use wazuh_proxy::config::{Config, MAX_CONFIG_SIZE};
 use wazuh_proxy::nginx;
+use wazuh_proxy_test_support::bin;
 
 /// A scratch directory, removed on drop.
 struct Scratch(PathBuf);

@@ -4,14 +4,12 @@
 //! `deploy/image/build.sh` builds the static binary and the image (with podman) and lays out
 //! its root file system; `WAZUH_PROXY_ROOTFS` names it. Needs root (chroot).
 
-mod support;
-
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{free_addr, http, skip_or_fail_in_ci, ProxyProcess};
+use wazuh_proxy_test_support::{free_addr, http, skip_or_fail_in_ci, ProxyProcess};
 
 fn rootfs() -> Option<(PathBuf, String)> {
     let Some(root) = std::env::var_os("WAZUH_PROXY_ROOTFS").map(PathBuf::from) else {

@@ -1,28 +1,9 @@
 //! `wazuh-proxy inspect` on third-party vectors: every line decodes to its plaintext.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use serde_json::Value;
-
-fn vectors_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "!!!!! SKIPPED: test vectors not found at {} !!!!!",
-            dir.display()
-        );
-        None
-    }
-}
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wazuh-proxy-inspect-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use wazuh_proxy_test_support::{bin, temp_dir, vectors_dir};
 
 /// Runs `inspect` on the first `n` rows of a vector file, in both framings (TCP rows carry
 /// their length, UDP rows are bare payloads), and checks every output line.
@@ -34,7 +15,7 @@ fn check(file: &str, direction: &str, n: usize) {
         .take(n)
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let tmp = temp_dir();
+    let tmp = temp_dir("inspect");
     let keys = tmp.join(format!("{direction}-client.keys"));
     let input = tmp.join(format!("{direction}-input.b64"));
     let mut key_lines: Vec<&str> = rows
@@ -50,7 +31,7 @@ fn check(file: &str, direction: &str, n: usize) {
         .collect();
     std::fs::write(&input, wires.join("\n") + "\n").unwrap();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_wazuh-proxy"))
+    let out = bin()
         .args(["inspect", "--keys"])
         .arg(&keys)
         .args(["--direction", direction])
@@ -129,7 +110,7 @@ fn capture_fixture(tag: &str, n: usize) -> (PathBuf, PathBuf, Vec<u8>) {
     use wazuh_proxy_core::cipher::{agent_payload, Counters};
     use wazuh_proxy_core::envelope::Cipher;
     use wazuh_proxy_core::keys::KeySet;
-    let dir = temp_dir().join(tag);
+    let dir = temp_dir("inspect").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
     let keys_text = "001 web-01 any 61f01f71\n";
     let keys = dir.join("client.keys");
@@ -153,7 +134,7 @@ fn capture_fixture(tag: &str, n: usize) -> (PathBuf, PathBuf, Vec<u8>) {
 fn inspect_stdin(keys: &std::path::Path, bytes: Vec<u8>) -> std::process::Output {
     use std::io::Write;
     use std::process::Stdio;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wazuh-proxy"))
+    let mut child = bin()
         .args(["inspect", "--keys"])
         .arg(keys)
         .arg("-")
@@ -178,7 +159,7 @@ fn inspect_stdin(keys: &std::path::Path, bytes: Vec<u8>) -> std::process::Output
 }
 
 fn inspect_file(keys: &std::path::Path, file: &std::path::Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_wazuh-proxy"))
+    bin()
         .args(["inspect", "--keys"])
         .arg(keys)
         .arg(file)

@@ -1,33 +1,14 @@
 //! Reload (SIGHUP) and binary upgrade (SIGUSR2) under streaming agents: nothing dropped.
 
-mod support;
-
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use support::*;
-use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
-use wazuh_proxy_core::envelope::AgentId;
-use wazuh_proxy_core::frame::FrameCodec;
+use futures_util::SinkExt;
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
-
-type Agent = Framed<TcpStream, FrameCodec>;
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
-
-fn temp_dir(what: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("wazuh-proxy-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use wazuh_proxy_test_support::*;
 
 fn config(listen: SocketAddr, admin: &str, managers: &[SocketAddr]) -> String {
     let backends: Vec<String> = managers
@@ -38,33 +19,6 @@ fn config(listen: SocketAddr, admin: &str, managers: &[SocketAddr]) -> String {
         "drain_timeout = \"5s\"\nadmin = \"{admin}\"\n[[listener]]\nname = \"agents\"\nlisten = \"{listen}\"\nbackends = [{}]\n",
         backends.join(", ")
     )
-}
-
-async fn agent(addr: SocketAddr, n: usize) -> Agent {
-    let mut a = Framed::new(
-        TcpStream::connect(addr).await.unwrap(),
-        FrameCodec::default(),
-    );
-    a.send(Bytes::from(agent_payload(Some(id(n)), 0, 64)))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), a.next())
-        .await
-        .expect("ACK in time")
-        .unwrap()
-        .unwrap();
-    a
-}
-
-async fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Sequence numbers received per agent across managers, without the startup frame (and its
@@ -81,7 +35,7 @@ fn received(managers: &[&Manager], n: usize) -> Vec<u64> {
 }
 
 /// Streams `frames` numbered frames from each agent, pausing between rounds.
-async fn stream(agents: &mut [Agent], first: usize, frames: u64) {
+async fn stream(agents: &mut [AgentConn], first: usize, frames: u64) {
     for seq in 1..=frames {
         for (i, a) in agents.iter_mut().enumerate() {
             a.send(Bytes::from(agent_payload(Some(id(first + i)), seq, 100)))
@@ -89,18 +43,6 @@ async fn stream(agents: &mut [Agent], first: usize, frames: u64) {
                 .unwrap();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn still_open(agents: &mut [Agent]) {
-    for (i, a) in agents.iter_mut().enumerate() {
-        loop {
-            match tokio::time::timeout(Duration::from_millis(5), a.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(_))) => continue,
-                Ok(other) => panic!("agent {} lost its connection: {other:?}", i + 1),
-            }
-        }
     }
 }
 
@@ -119,7 +61,7 @@ async fn sighup_changes_the_backend_set_under_200_streaming_agents_without_a_dis
     let mut proxy = ProxyProcess::start(&["run", "--config", file.to_str().unwrap()], listen);
     let mut agents = Vec::new();
     for n in 1..=200 {
-        agents.push(agent(listen, n).await);
+        agents.push(agent(listen, id(n).as_str()).await);
     }
     let streaming = {
         let mut agents = std::mem::take(&mut agents);
@@ -139,7 +81,7 @@ async fn sighup_changes_the_backend_set_under_200_streaming_agents_without_a_dis
     // New agents use the new set.
     let mut newcomers = Vec::new();
     for n in 201..=260 {
-        newcomers.push(agent(listen, n).await);
+        newcomers.push(agent(listen, id(n).as_str()).await);
     }
     assert!(
         (201..=260).any(|n| !m2.frames_from(&id(n).to_string()).is_empty()),
@@ -152,7 +94,7 @@ async fn sighup_changes_the_backend_set_under_200_streaming_agents_without_a_dis
         proxy.logs().contains("reload refused")
     })
     .await;
-    agent(listen, 300).await;
+    agent(listen, id(300).as_str()).await;
     // Every frame of the first 200 agents arrived once, in order, and none disconnected.
     wait_for("all frames", 20, || {
         (1..=200).all(|n| received(&[&m1, &m2], n).len() == 50)
@@ -201,7 +143,7 @@ async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent
     const N: usize = 200;
     let mut agents = Vec::new();
     for n in 1..=N {
-        agents.push(agent(listen, n).await);
+        agents.push(agent(listen, id(n).as_str()).await);
     }
     // Probe: a new connection every few ms during the whole upgrade, each must be served.
     let stop = Arc::new(AtomicBool::new(false));
@@ -211,7 +153,7 @@ async fn sigusr2_upgrades_under_load_refusing_no_connection_and_closing_no_agent
         tokio::spawn(async move {
             let mut n = 1000;
             while !stop.load(Ordering::Relaxed) {
-                drop(agent(listen, n).await);
+                drop(agent(listen, id(n).as_str()).await);
                 probes.fetch_add(1, Ordering::Relaxed);
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -300,7 +242,7 @@ async fn a_successor_that_dies_after_ready_leaves_the_old_process_serving() {
     const FRAMES: u64 = 60;
     let mut agents = Vec::new();
     for n in 1..=N {
-        agents.push(agent(listen, n).await);
+        agents.push(agent(listen, id(n).as_str()).await);
     }
     let streaming = tokio::spawn(async move {
         stream(&mut agents, 1, FRAMES).await;
@@ -326,7 +268,7 @@ async fn a_successor_that_dies_after_ready_leaves_the_old_process_serving() {
     // Still running, and serving new agents.
     assert!(old.child.try_wait().unwrap().is_none(), "{logs}");
     for n in 1000..1010 {
-        drop(agent(listen, n).await);
+        drop(agent(listen, id(n).as_str()).await);
     }
     // The agents it held kept their connections and every frame arrived once.
     let mut agents = streaming.await.unwrap();

@@ -1,19 +1,17 @@
 //! `--log-format json`: every line on standard error is one JSON object, and each agent session
 //! gives one `session_start` and one `session_end` line with the documented fields.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use support::*;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 const START_FIELDS: [&str; 7] = [
     "event", "listener", "session", "agent", "client", "manager", "how",
@@ -138,4 +136,38 @@ async fn json_logs_parse_line_by_line_with_one_start_and_end_per_session() {
             );
         }
     }
+}
+
+/// Every `reason` the proxy can log is documented for operators, and nothing else is.
+#[test]
+fn every_end_reason_is_documented() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| `reason` |"))
+        .expect("the reason row of the access log table");
+    let documented: Vec<&str> = row.split('`').skip(1).step_by(2).skip(1).collect();
+    let mut missing: Vec<&str> = wazuh_proxy_core::access::END_REASONS
+        .iter()
+        .copied()
+        .filter(|r| !documented.contains(r))
+        .collect();
+    missing.sort_unstable();
+    assert!(
+        missing.is_empty(),
+        "reasons not in docs/operations.md: {missing:?}"
+    );
+    let unknown: Vec<&&str> = documented
+        .iter()
+        .filter(|d| d.chars().all(|c| c.is_ascii_lowercase() || c == '_') && **d != "keys")
+        .filter(|d| !wazuh_proxy_core::access::END_REASONS.contains(d))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "documented reasons the proxy never logs: {unknown:?}"
+    );
 }

@@ -2,12 +2,10 @@
 //! with the documented type, every exported metric is listed, and the dashboard and alert rules
 //! under deploy/ use only listed metrics.
 
-mod support;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use support::{free_addr, http, ProxyProcess};
+use wazuh_proxy_test_support::{free_addr, http, ProxyProcess};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

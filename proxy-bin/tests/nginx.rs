@@ -1,11 +1,9 @@
 //! `wazuh-proxy` reading an nginx configuration: `check-config --nginx FILE` prints the
 //! effective configuration (or the error with its file:line), `run --nginx-config FILE` runs it.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::{bin, free_addr, ProxyProcess};
+use wazuh_proxy_test_support::{bin, free_addr, ProxyProcess};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nginx");
 

@@ -1,49 +1,17 @@
 //! Day-to-day operations through the CLI: active health on an idle standby node, and draining
 //! a manager for maintenance without disconnecting agents.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
-
-fn write_config(what: &str, body: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("wazuh-proxy-ops-{what}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("proxy.toml");
-    std::fs::write(&file, body).unwrap();
-    file
-}
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = bin().args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use wazuh_proxy_test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_standby_whose_managers_are_dead_reports_unhealthy_and_recovers() {
@@ -61,11 +29,17 @@ async fn an_idle_standby_whose_managers_are_dead_reports_unhealthy_and_recovers(
         listen,
     );
     // No agent ever connects: only the active checks can tell.
-    until("unhealthy", || !cli(&["health", "--admin", &admin]).0).await;
-    let (_, why) = cli(&["health", "--admin", &admin]);
+    wait_for("unhealthy", 10, || {
+        !cli_ok(&["health", "--admin", &admin]).0
+    })
+    .await;
+    let (_, why) = cli_ok(&["health", "--admin", &admin]);
     assert!(why.contains(&dead.to_string()), "{why}");
     let _manager = Manager::start(dead, "back", Reply::AckFirst).await.unwrap();
-    until("healthy again", || cli(&["health", "--admin", &admin]).0).await;
+    wait_for("healthy again", 10, || {
+        cli_ok(&["health", "--admin", &admin]).0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,21 +81,21 @@ async fn drain_and_rebalance_from_the_cli_disconnect_no_agent() {
             .unwrap();
         agents.push(a);
     }
-    until("sessions on both managers", || {
+    wait_for("sessions on both managers", 10, || {
         m1.open_connections() > 0 && m2.open_connections() > 0
     })
     .await;
     let on_m1 = m1.open_connections();
-    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--admin", &admin]);
+    let (ok, out) = cli_ok(&["drain", &m1.addr().to_string(), "--admin", &admin]);
     assert!(ok, "{out}");
-    until("m1 emptied", || m1.open_connections() == 0).await;
+    wait_for("m1 emptied", 10, || m1.open_connections() == 0).await;
     // A moved agent's old manager connection closes before its new one opens.
-    until("m2 carries all 40", || m2.open_connections() == 40).await;
-    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
+    wait_for("m2 carries all 40", 10, || m2.open_connections() == 40).await;
+    let (ok, out) = cli_ok(&["drain", &m1.addr().to_string(), "--undo", "--admin", &admin]);
     assert!(ok, "{out}");
-    let (ok, out) = cli(&["rebalance", "--admin", &admin]);
+    let (ok, out) = cli_ok(&["rebalance", "--admin", &admin]);
     assert!(ok, "{out}");
-    until("agents back on m1", || m1.open_connections() == on_m1).await;
+    wait_for("agents back on m1", 10, || m1.open_connections() == on_m1).await;
     // No agent lost its connection: each can still talk and gets its frame through.
     for (i, a) in agents.iter_mut().enumerate() {
         let id = AgentId::parse(format!("{:03}", i + 1).as_bytes()).unwrap();
@@ -132,7 +106,7 @@ async fn drain_and_rebalance_from_the_cli_disconnect_no_agent() {
             assert!(other.is_ok(), "agent {id} lost its connection");
         }
     }
-    until("last frames", || {
+    wait_for("last frames", 10, || {
         (1..=40).all(|n| {
             let key = format!("{n:03}");
             m1.frames_from(&key)
@@ -254,15 +228,18 @@ async fn a_drained_manager_stays_drained_across_reload_and_upgrade() {
         out
     }
     let _first = agents(listen, 1..=20).await;
-    until("agents on m1", || m1.open_connections() > 0).await;
-    let (ok, out) = cli(&["drain", &m1.addr().to_string(), "--admin", &admin]);
+    wait_for("agents on m1", 10, || m1.open_connections() > 0).await;
+    let (ok, out) = cli_ok(&["drain", &m1.addr().to_string(), "--admin", &admin]);
     assert!(ok, "{out}");
-    until("m1 emptied", || m1.open_connections() == 0).await;
+    wait_for("m1 emptied", 10, || m1.open_connections() == 0).await;
     let at_m1 = m1.accepted();
 
     // A reload of the same file: the drain is operator state, not configuration.
     old.signal("HUP");
-    until("reload applied", || old.logs().contains("reload applied")).await;
+    wait_for("reload applied", 10, || {
+        old.logs().contains("reload applied")
+    })
+    .await;
     let _second = agents(listen, 21..=60).await;
     assert_eq!(
         m1.accepted(),
@@ -284,7 +261,7 @@ async fn a_drained_manager_stays_drained_across_reload_and_upgrade() {
     );
     // Undrained (once the new process's admin API is up), it is back in rotation.
     let undo = ["drain", &m1.addr().to_string(), "--undo", "--admin", &admin];
-    until("undrained through the new process", || cli(&undo).0).await;
+    wait_for("undrained through the new process", 10, || cli_ok(&undo).0).await;
     let _fourth = agents(listen, 101..=140).await;
     assert!(m1.accepted() > at_m1, "the undrained manager got no agent");
 }

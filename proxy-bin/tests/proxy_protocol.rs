@@ -5,15 +5,12 @@
 //! Balancing by source is checked on a `tcp` listener: on `agent` listeners the relay routes by
 //! the agent's ID whatever the policy (agents without an ID go by their address).
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::Framed;
@@ -21,6 +18,7 @@ use wazuh_proxy_core::balance::{BackendConfig, BalanceKey, Balancer, Policy};
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 /// A PROXY v2 header (PROXY command, TCP over IPv4) for `source` -> `dest`.
 fn v2(source: SocketAddr, dest: SocketAddr) -> Vec<u8> {

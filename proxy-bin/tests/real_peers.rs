@@ -1,21 +1,20 @@
 //! The real `wazuh-proxy` between real Wazuh 4.14.7 agents and managers on loopback
-//! (`../shared/peers`, built by `build-wazuh.sh`; see `support::wazuh`): events, a removed
+//! (`../shared/peers`, built by `build-wazuh.sh`; see `wazuh_proxy_test_support::wazuh`): events, a removed
 //! agent, a manager killed or blackholed, an upgrade, and enrollment in both modes.
 //!
 //! Every test lays out its own daemons with their own ports, so they run in parallel. Without
 //! the built daemons each test says SKIPPED loudly and returns, except under `CI=true`.
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::wazuh::{
-    event_numbers, free_loopback, wait_until, Agent, Blackhole, Build, Delivery, Key, Lab, Manager,
+use wazuh_proxy_test_support::wait_until;
+use wazuh_proxy_test_support::wazuh::{
+    event_numbers, free_loopback, Agent, Blackhole, Build, Delivery, Key, Lab, Manager,
 };
-use support::*;
+use wazuh_proxy_test_support::*;
 
 const SEC: Duration = Duration::from_secs(1);
 
@@ -488,7 +487,7 @@ fn a_real_manager_blackholed_under_real_agents_they_resume_on_the_other() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("{what}: {why}; CI=true installs iptables, so this is a failure");
         }
-        support::wazuh::skipped(&format!("{what}: {why}"));
+        wazuh_proxy_test_support::skipped(&format!("{what}: {why}"));
         return;
     }
     if let Some(r) = manager_fault(

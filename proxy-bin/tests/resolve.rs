@@ -6,8 +6,6 @@
 //! alone (`unshare -m`; needs root), so the test changes what the proxy resolves without
 //! touching the machine's resolver. Managers listen on 127.0.0.1 and 127.0.0.3.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,31 +13,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use support::*;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
-
-async fn get(admin: SocketAddr, path: &'static str) -> (u16, Value) {
-    let (status, body) = tokio::task::spawn_blocking(move || http("GET", admin, path))
-        .await
-        .unwrap();
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-async fn until<F, Fut>(what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use wazuh_proxy_test_support::*;
 
 fn backend_addrs(backends: &Value) -> Vec<String> {
     let mut v: Vec<String> = backends
@@ -110,7 +89,7 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
     let mut proxy = ProxyProcess::start_command(cmd, listen);
 
     // 1. Started with mgr-b unresolvable: healthy on mgr-a, and /health names mgr-b.
-    let (status, health) = get(admin, "/health").await;
+    let (status, health) = get_json(admin, "/health").await;
     assert_eq!(status, 200, "{health}");
     let unresolved = &health["listeners"][0]["unresolved"];
     assert_eq!(
@@ -120,7 +99,7 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
     );
     let why = unresolved[0]["error"].as_str().unwrap_or_default();
     assert!(why.contains("cannot resolve"), "/health says why: {health}");
-    let (_, backends) = get(admin, "/backends").await;
+    let (_, backends) = get_json(admin, "/backends").await;
     assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
 
     let mut agent = Framed::new(
@@ -141,12 +120,12 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
         "127.0.0.1 localhost\n127.0.0.1 mgr-a.test\n127.0.0.1 mgr-b.test\n",
     )
     .unwrap();
-    until("mgr-b to be added", || async {
-        let (_, b) = get(admin, "/backends").await;
+    wait_for_async("mgr-b to be added", 15, || async {
+        let (_, b) = get_json(admin, "/backends").await;
         backend_addrs(&b).len() == 2
     })
     .await;
-    let (status, health) = get(admin, "/health").await;
+    let (status, health) = get_json(admin, "/health").await;
     assert_eq!(status, 200);
     assert!(health["listeners"][0]["unresolved"].is_null(), "{health}");
 
@@ -156,8 +135,8 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
         "127.0.0.1 localhost\n127.0.0.3 mgr-a.test\n127.0.0.1 mgr-b.test\n",
     )
     .unwrap();
-    until("mgr-a's new address", || async {
-        let (_, b) = get(admin, "/backends").await;
+    wait_for_async("mgr-a's new address", 15, || async {
+        let (_, b) = get_json(admin, "/backends").await;
         backend_addrs(&b).contains(&m3_addr.to_string())
             && !backend_addrs(&b).contains(&m1.addr().to_string())
     })
@@ -165,7 +144,7 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
     let old = m1.addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(15);
     let now_on = loop {
-        let (_, s) = get(admin, "/sessions").await;
+        let (_, s) = get_json(admin, "/sessions").await;
         let b = s[0]["backend"].as_str().unwrap_or_default().to_owned();
         if !b.is_empty() && b != old {
             break b;
@@ -173,7 +152,7 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
         assert!(Instant::now() < deadline, "the agent stayed on {old}: {s}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (_, s) = get(admin, "/sessions").await;
+    let (_, s) = get_json(admin, "/sessions").await;
     assert_eq!(
         s.as_array().unwrap().len(),
         1,
@@ -190,7 +169,7 @@ backends = [{{ address = "mgr-a.test:{p1}" }}, {{ address = "mgr-b.test:{p2}" }}
     } else {
         &m2
     };
-    until("the next frame at the new manager", || async {
+    wait_for_async("the next frame at the new manager", 15, || async {
         new_manager
             .frames_from("001")
             .iter()
@@ -422,7 +401,7 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
     }
     // 1. Started with b.test's record missing: serving through a.test's target, /health
     //    names the missing record.
-    let (status, health) = get(admin, "/health").await;
+    let (status, health) = get_json(admin, "/health").await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(
         health["listeners"][0]["unresolved"][0]["backend"], "_wazuh._tcp.b.test",
@@ -432,7 +411,7 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
         .as_str()
         .unwrap_or_default();
     assert!(why.contains("no record"), "/health says why: {health}");
-    let (_, backends) = get(admin, "/backends").await;
+    let (_, backends) = get_json(admin, "/backends").await;
     assert_eq!(backend_addrs(&backends), vec![m1.addr().to_string()]);
     let mut agent = Framed::new(
         TcpStream::connect(listen).await.unwrap(),
@@ -455,14 +434,14 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
             (20, m3.addr().port(), "m1.test."),
         ],
     );
-    until("b.test's targets to be added", || async {
-        let (_, b) = get(admin, "/backends").await;
+    wait_for_async("b.test's targets to be added", 15, || async {
+        let (_, b) = get_json(admin, "/backends").await;
         backend_addrs(&b).len() == 3
     })
     .await;
-    let (_, health) = get(admin, "/health").await;
+    let (_, health) = get_json(admin, "/health").await;
     assert!(health["listeners"][0]["unresolved"].is_null(), "{health}");
-    let (_, backends) = get(admin, "/backends").await;
+    let (_, backends) = get_json(admin, "/backends").await;
     let backup_of = |addr: String| {
         backends[0]["backends"]
             .as_array()
@@ -485,15 +464,15 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
     // 3. a.test's record moves to another port: the agent on the old address moves without a
     //    disconnect, on the same connection.
     zone.srv("_wazuh._tcp.a.test", &[(10, m2.addr().port(), "m1.test.")]);
-    until("a.test's old target to go", || async {
-        let (_, b) = get(admin, "/backends").await;
+    wait_for_async("a.test's old target to go", 15, || async {
+        let (_, b) = get_json(admin, "/backends").await;
         !backend_addrs(&b).contains(&m1.addr().to_string())
     })
     .await;
     let old = m1.addr().to_string();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let (_, s) = get(admin, "/sessions").await;
+        let (_, s) = get_json(admin, "/sessions").await;
         let b = s[0]["backend"].as_str().unwrap_or_default().to_owned();
         if !b.is_empty() && b != old {
             assert_eq!(b, m2.addr().to_string(), "{s}");
@@ -502,7 +481,7 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
         assert!(Instant::now() < deadline, "the agent stayed on {old}: {s}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, s) = get(admin, "/sessions").await;
+    let (_, s) = get_json(admin, "/sessions").await;
     assert_eq!(
         s.as_array().unwrap().len(),
         1,
@@ -512,7 +491,7 @@ backends = [{{ srv = "_wazuh._tcp.a.test" }}, {{ srv = "_wazuh._tcp.b.test" }}]
         .send(Bytes::from(agent_payload(AgentId::parse(b"001"), 1, 64)))
         .await
         .unwrap();
-    until("the next frame at the new manager", || async {
+    wait_for_async("the next frame at the new manager", 15, || async {
         m2.frames_from("001")
             .iter()
             .any(|f| f.windows(6).any(|w| w == b"seq=1;"))

@@ -1,48 +1,13 @@
 //! `wazuh-proxy run`, `check-config` and `demo` as an administrator uses them.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::net::TcpStream;
-use tokio_util::codec::Framed;
 use wazuh_proxy_core::envelope::AgentId;
-use wazuh_proxy_core::frame::FrameCodec;
-use wazuh_proxy_core::sim::{ack_payload, agent_payload, Manager, Reply};
-
-async fn agent(addr: std::net::SocketAddr, id: &str) -> Framed<TcpStream, FrameCodec> {
-    let mut a = Framed::new(
-        TcpStream::connect(addr).await.unwrap(),
-        FrameCodec::default(),
-    );
-    a.send(Bytes::from(agent_payload(
-        AgentId::parse(id.as_bytes()),
-        0,
-        64,
-    )))
-    .await
-    .unwrap();
-    let ack = tokio::time::timeout(Duration::from_secs(5), a.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(ack, ack_payload("m"));
-    a
-}
-
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
+use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 #[tokio::test]
 async fn sigterm_stops_accepting_and_lets_sessions_finish() {
@@ -61,7 +26,7 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
         listen,
     );
     let mut a = agent(listen, "001").await;
-    wait_for("the agent's first frame", || {
+    wait_for("the agent's first frame", 5, || {
         m.frames_from("001").len() == 1
     })
     .await;
@@ -80,7 +45,7 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
     a.send(Bytes::from(agent_payload(AgentId::parse(b"001"), 1, 64)))
         .await
         .unwrap();
-    wait_for("the frame sent during the drain", || {
+    wait_for("the frame sent during the drain", 5, || {
         m.frames_from("001").len() == 2
     })
     .await;

@@ -11,19 +11,17 @@
 //! Needs the real daemons (`bash ../shared/peers/build-wazuh.sh`); without them the test says
 //! SKIPPED loudly, and fails under `CI=true`.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::wazuh::{Build, Key, Lab, Manager as RealManager};
 use wazuh_proxy_core::cipher::{self, Counters};
 use wazuh_proxy_core::control::{keepalive_text, startup_text, KeepaliveSpec};
 use wazuh_proxy_core::envelope::{AgentId, Cipher, Envelope};
 use wazuh_proxy_core::keys::{AgentKey, KeyIp, KeySet};
 use wazuh_proxy_core::sim::{Manager as StandIn, ManagerOptions, Reply};
+use wazuh_proxy_test_support::wazuh::{Build, Key, Lab, Manager as RealManager};
 
 /// What a client saw after sending.
 #[derive(Debug, Clone, PartialEq, Eq)]

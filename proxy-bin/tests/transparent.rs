@@ -266,9 +266,9 @@ fn missing_prerequisite() -> Option<String> {
 }
 
 fn skip(why: &str) {
-    eprintln!(
-        "!!!! SKIPPED transparent source test: {why}; it needs network namespaces (root, iproute2, python3) !!!!"
-    );
+    wazuh_proxy_test_support::skipped(&format!(
+        "transparent source test: {why}; it needs network namespaces (root, iproute2, python3)"
+    ));
 }
 
 /// Runs an agent to completion (at most 20 s) and returns its output.

@@ -2,22 +2,15 @@
 //! `pace::after_unpark` pauses when it is saturated, never when it is quiet, and loses, duplicates or reorders nothing either
 //! way. One test in this file: the pause counter and window are process-wide.
 
-mod support;
-
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use support::*;
 use wazuh_proxy_core::balance::Policy;
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::pace;
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 const AGENTS: usize = 20;
 

@@ -5,8 +5,6 @@
 //! Needs root and `iptables` (rules on loopback, for one port, removed on drop). Without them
 //! the test says so loudly and passes, except under CI (`CI=true`), where it fails.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::atomic::Ordering;
@@ -14,11 +12,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use support::*;
 use wazuh_proxy_core::balance::Policy;
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 /// Drops every packet to and from one loopback port while alive.
 struct Blackhole {
@@ -77,10 +74,6 @@ impl Drop for Blackhole {
             while Self::iptables("-D", &rule) {}
         }
     }
-}
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,31 +2,18 @@
 //! manager frame, one connection claiming someone else's ID never touch a manager's standing
 //! or another agent's session.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use wazuh_proxy_core::balance::Policy;
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::{encode_frame, MAX_PAYLOAD};
 use wazuh_proxy_core::relay::{AgentRelayConfig, MIN_MAX_PAYLOAD};
 use wazuh_proxy_core::sim::{ack_payload, agent_payload, payload_seq, Manager, Reply};
 use wazuh_proxy_core::stats::Rejection;
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
-
-async fn manager(name: &str) -> Manager {
-    Manager::start("127.0.0.1:0".parse().unwrap(), name, Reply::AckFirst)
-        .await
-        .unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 /// Connects agents `ids`, each acknowledged; returns their connections.
 async fn fleet(relay: SocketAddr, ids: impl Iterator<Item = usize>) -> Vec<(usize, AgentConn)> {

@@ -1,17 +1,15 @@
 //! `examples/embed.rs` as a user runs it: a child process in front of two stand-in managers,
 //! an agent relayed through it, then Ctrl-C (SIGINT) and a drain that ends with `drained`.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use support::*;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 /// The example's executable: `cargo test` builds examples beside the tests; when only this
 /// test was built, build the example now.

@@ -1,14 +1,12 @@
 //! The enrollment front over real TLS on loopback, against a stand-in authd that behaves like
 //! a 4.13+ manager: the first request for a name gets a key, later ones "Duplicate agent name".
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use wazuh_proxy_test_support::*;
 
 use base64::Engine;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -26,24 +24,6 @@ use wazuh_proxy_core::enroll::{
 };
 
 const PASSWORD: &str = "Str0ngPassw0rd";
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    wazuh_proxy_core::enroll::tls::provider()
-}
-
-/// A fresh directory for one test's files.
-fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "wazuh-proxy-enroll-{}-{}-{}",
-        std::process::id(),
-        tag,
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// How a stand-in authd behaves.
 #[derive(Clone, Default)]
@@ -228,7 +208,7 @@ fn authd_answer(
 }
 
 fn agent_connector() -> TlsConnector {
-    support::enroll_connector()
+    enroll_connector()
 }
 
 /// An agent-like client: connects from `local` (an IP), sends `line`, and reads the reply
@@ -338,7 +318,7 @@ async fn start_proxy_on(
     tag: &str,
     tweak: impl FnOnce(&mut EnrollConfig),
 ) -> Proxy {
-    support::capture_logs();
+    capture_logs();
     let dir = temp_dir(tag);
     let mut config = EnrollConfig::new(
         ServerCert::self_signed(dir.join("enroll.crt"), dir.join("enroll.key")),
@@ -405,7 +385,7 @@ async fn concurrent_identical_requests_each_get_the_managers_own_answer() {
     }
     let stats = proxy.front.stats().clone();
     // Outcomes are counted once each connection has ended.
-    support::wait_for("20 outcomes", 10, || {
+    wait_for("20 outcomes", 10, || {
         stats.count(Outcome::Key) + stats.count(Outcome::Error) == 20
     })
     .await;
@@ -414,7 +394,7 @@ async fn concurrent_identical_requests_each_get_the_managers_own_answer() {
     // Delivered and acknowledged: nothing kept.
     assert_eq!(proxy.front.kept_replies(), 0, "errors are never kept");
 
-    let logs = support::logs();
+    let logs = logs();
     let key = keys[0].rsplit(' ').next().unwrap().trim_end_matches('\'');
     assert!(!logs.contains(key), "the key must never be logged");
 }
@@ -469,7 +449,7 @@ async fn a_key_read_then_reset_counts_as_delivered() {
         let line = format!("OSSEC A:'{name}' V:'v4.14.7'\n");
         let reply = enroll_then_reset(proxy.addr, &line).await;
         assert_is_key(&reply, &name);
-        support::wait_for("the key outcome", 10, || stats.count(Outcome::Key) == i + 1).await;
+        wait_for("the key outcome", 10, || stats.count(Outcome::Key) == i + 1).await;
         assert_eq!(
             proxy.front.kept_replies(),
             0,
@@ -494,7 +474,7 @@ async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
 
     // The agent sends its request and goes away before the reply comes.
     enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
-    support::wait_for("the key kept for a retry", 10, || {
+    wait_for("the key kept for a retry", 10, || {
         proxy.front.kept_replies() == 1
     })
     .await;
@@ -526,7 +506,7 @@ async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
     assert_eq!(retry, issued);
     assert_eq!(standin.requests(), 4);
     let stats = proxy.front.stats().clone();
-    support::wait_for("the replayed outcome", 10, || {
+    wait_for("the replayed outcome", 10, || {
         stats.count(Outcome::Replayed) == 1
     })
     .await;
@@ -543,9 +523,9 @@ async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
     // vanishes too before the replay, and the next retry is the manager's.
     let line = format!("OSSEC PASS: {PASSWORD} OSSEC A:'db-03' V:'v4.14.7'\n");
     enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
-    support::wait_for("db-03 kept", 10, || proxy.front.kept_replies() == 1).await;
+    wait_for("db-03 kept", 10, || proxy.front.kept_replies() == 1).await;
     enroll_from(proxy.addr, "127.0.0.1", &line, false).await;
-    support::wait_for("the second replay", 10, || {
+    wait_for("the second replay", 10, || {
         stats.count(Outcome::Replayed) == 2
     })
     .await;
@@ -555,7 +535,7 @@ async fn lost_reply_is_replayed_to_the_same_address_and_request_only() {
         "ERROR: Duplicate agent name: db-03. Unable to add agent"
     );
 
-    let logs = support::logs();
+    let logs = logs();
     assert!(
         !logs.contains(PASSWORD),
         "the password must never be logged"
@@ -586,7 +566,7 @@ async fn malformed_requests_get_the_manager_error_and_are_not_forwarded() {
         "nothing malformed reaches the manager"
     );
     let stats = proxy.front.stats().clone();
-    support::wait_for("7 malformed", 10, || stats.count(Outcome::Malformed) == 7).await;
+    wait_for("7 malformed", 10, || stats.count(Outcome::Malformed) == 7).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,7 +580,7 @@ async fn unreachable_backend_closes_without_a_reply() {
     let proxy = start_proxy(closed, BackendTls::NoVerify, "unreachable").await;
     assert_eq!(enroll(proxy.addr, "OSSEC A:'web-01'\n").await, "");
     let stats = proxy.front.stats().clone();
-    support::wait_for("unreachable", 10, || {
+    wait_for("unreachable", 10, || {
         stats.count(Outcome::BackendUnreachable) == 1
     })
     .await;
@@ -640,7 +620,7 @@ async fn self_signed_certificate_is_generated_once_and_kept() {
 
 #[test]
 fn every_vector_request_and_reply_parses() {
-    let Some(dir) = support::vectors_dir() else {
+    let Some(dir) = vectors_dir() else {
         return;
     };
     let text = std::fs::read_to_string(dir.join("enrollment.jsonl")).unwrap();
@@ -755,7 +735,7 @@ async fn a_manager_that_keeps_the_connection_open_enrolls_50_agents() {
     }
     println!("50 enrollments through a manager that keeps connections open: {elapsed:?}");
     let stats = proxy.front.stats().clone();
-    support::wait_for("50 key outcomes", 10, || stats.count(Outcome::Key) == 50).await;
+    wait_for("50 key outcomes", 10, || stats.count(Outcome::Key) == 50).await;
     assert_eq!(stats.count(Outcome::BackendUnreachable), 0);
     assert_eq!(proxy.front.kept_replies(), 0, "every key was delivered");
 
@@ -870,17 +850,17 @@ async fn per_source_limits_and_the_request_deadline_apply() {
             .map(Result::unwrap)
             .collect();
     let stats = proxy.front.stats().clone();
-    support::wait_for("two accepted", 10, || {
+    wait_for("two accepted", 10, || {
         stats.accepted.load(Ordering::Relaxed) == 2
     })
     .await;
     // Further ones from that address are closed at once, many times over.
     for _ in 0..50 {
         let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-        assert!(support::closed_within(&mut tcp, 5).await, "refused");
+        assert!(closed_within(&mut tcp, 5).await, "refused");
     }
     assert_eq!(stats.refused_source.load(Ordering::Relaxed), 50);
-    let lines = support::log_lines_with("enrollment: refusing connection");
+    let lines = log_lines_with("enrollment: refusing connection");
     assert!(
         (1..=3).contains(&lines),
         "refusals are logged, at most once a second: {lines} lines"
@@ -892,12 +872,9 @@ async fn per_source_limits_and_the_request_deadline_apply() {
     );
     // The idle ones are closed at the request deadline, which frees the address.
     for mut tcp in idle {
-        assert!(
-            support::closed_within(&mut tcp, 5).await,
-            "closed at the deadline"
-        );
+        assert!(closed_within(&mut tcp, 5).await, "closed at the deadline");
     }
-    support::wait_for("two incomplete", 10, || {
+    wait_for("two incomplete", 10, || {
         stats.count(Outcome::Incomplete) == 2
     })
     .await;
@@ -1083,7 +1060,7 @@ async fn an_agent_that_vanishes_silently_gets_its_key_on_retry_once() {
     // The reply comes 500 ms later, to a host that is gone.
     ns.set_silent(true);
     let stats = proxy.front.stats().clone();
-    support::wait_for("the key kept", 15, || proxy.front.kept_replies() == 1).await;
+    wait_for("the key kept", 15, || proxy.front.kept_replies() == 1).await;
     assert_eq!(stats.count(Outcome::Key), 1);
     let _ = first.kill();
     let _ = first.wait();
@@ -1176,7 +1153,7 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
         "web-01",
     );
     assert!(
-        support::logs().contains("client=192.0.2.10:40000"),
+        logs().contains("client=192.0.2.10:40000"),
         "the carried address is the client in the log"
     );
 
@@ -1186,7 +1163,7 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
     idle.write_all(&proxy_v2("192.0.2.20:1", proxy.addr))
         .await
         .unwrap();
-    support::wait_for("the idle one admitted", 10, || {
+    wait_for("the idle one admitted", 10, || {
         stats.accepted.load(Ordering::Relaxed) == 2
     })
     .await;
@@ -1197,7 +1174,7 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
         .write_all(&proxy_v2("192.0.2.20:2", proxy.addr))
         .await
         .unwrap();
-    assert!(support::closed_within(&mut second, 5).await, "refused");
+    assert!(closed_within(&mut second, 5).await, "refused");
     assert_eq!(stats.refused_source.load(Ordering::Relaxed), 1);
     let other = format!("OSSEC PASS: {PASSWORD} OSSEC A:'web-02' V:'v4.14.7'\n");
     assert_is_key(
@@ -1211,7 +1188,7 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
     // answered with the kept key.
     let lost = format!("OSSEC PASS: {PASSWORD} OSSEC A:'web-03' V:'v4.14.7'\n");
     enroll_via(proxy.addr, "127.0.0.1", "192.0.2.30:1", &lost, false).await;
-    support::wait_for("the key kept for a retry", 10, || {
+    wait_for("the key kept for a retry", 10, || {
         proxy.front.kept_replies() == 1
     })
     .await;
@@ -1237,7 +1214,7 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
     let _ = untrusted
         .write_all(&proxy_v2("192.0.2.40:1", proxy.addr))
         .await;
-    assert!(support::closed_within(&mut untrusted, 5).await, "refused");
+    assert!(closed_within(&mut untrusted, 5).await, "refused");
     let bare = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     assert!(
         agent_connector()
@@ -1246,13 +1223,13 @@ async fn the_proxy_protocol_address_is_the_enrolling_client() {
             .is_err(),
         "no TLS without a header"
     );
-    support::wait_for("both refusals counted", 10, || {
+    wait_for("both refusals counted", 10, || {
         stats.refused_proxy_protocol.load(Ordering::Relaxed) == refused + 2
     })
     .await;
     // (The refusal's log line shares the front's one-a-second budget with the one above.)
     assert!(
-        !support::logs().contains("client=192.0.2.40"),
+        !logs().contains("client=192.0.2.40"),
         "an untrusted header is never believed"
     );
 }

@@ -1,7 +1,5 @@
 //! Agents stay connected when a manager dies, refuses them, or is drained.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,18 +7,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 use wazuh_proxy_core::balance::Policy;
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::FrameCodec;
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{ack_payload, agent_payload, payload_seq, Manager, Reply};
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 fn seqs(m: &Manager, agent: usize) -> Vec<u64> {
     m.frames_from(&id(agent).to_string())

@@ -2,27 +2,20 @@
 //! process) over a Unix socket; no connection is refused, no agent disconnects, no frame is
 //! lost or duplicated.
 
-mod support;
-
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use support::*;
 use tokio::net::{TcpListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::proxy;
 use wazuh_proxy_core::relay::{AgentRelay, AgentRelayConfig};
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 fn relay(managers: &[&Manager]) -> Arc<AgentRelay> {
     let backends = managers

@@ -2,14 +2,11 @@
 //! line about it, bumps a metric, keeps memory bounded, and leaves 100 other agents streaming
 //! untouched (every one of their frames arrives, in order).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::RwLock;
@@ -20,6 +17,7 @@ use wazuh_proxy_core::limits::SourceLimits;
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{agent_payload, Manager, Misbehave, Reply};
 use wazuh_proxy_core::stats::{Rejection, RelayStats};
+use wazuh_proxy_test_support::*;
 
 /// The memory test needs the process to itself; every other test shares it.
 static SERIAL: RwLock<()> = RwLock::const_new(());
@@ -28,10 +26,6 @@ const BYSTANDERS: usize = 100;
 /// Bystanders use IDs 100..=199; attackers use lower ones.
 const FIRST_BYSTANDER: usize = 100;
 const EVERY: Duration = Duration::from_millis(50);
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
 
 /// Short deadlines so that the timeouts can be watched in a test.
 fn config() -> AgentRelayConfig {

@@ -1,24 +1,16 @@
 //! The core's `Proxy` on loopback: start, reload all or nothing with every change classified,
 //! the operator's view, and the drain.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
 use wazuh_proxy_core::balance::BackendConfig;
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::proxy::{
     Applies, ListenerConfig, ListenerSettings, OperatorError, Proxy, ProxyConfig, ProxyError,
 };
-use wazuh_proxy_core::sim::{agent_payload, Manager, Reply};
+use wazuh_proxy_core::sim::agent_payload;
 use wazuh_proxy_core::udp::UdpRelayConfig;
-
-async fn manager(name: &str) -> Manager {
-    Manager::start("127.0.0.1:0".parse().unwrap(), name, Reply::AckFirst)
-        .await
-        .unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 /// Sends one frame as agent `id` and returns the name of the manager that answered.
 async fn through(proxy: &Proxy, id: &[u8]) -> String {

@@ -1,24 +1,17 @@
 //! The agent relay over real loopback sockets.
 
-mod support;
-
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use wazuh_proxy_core::balance::Policy;
-use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::frame::{encode_frame, FrameCodec, MAX_PAYLOAD};
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::session::SessionKey;
 use wazuh_proxy_core::sim::{ack_payload, agent_payload, payload_seq, Manager, Reply};
 use wazuh_proxy_core::stats::Rejection;
-
-fn id(n: usize) -> AgentId {
-    AgentId::parse(format!("{n:03}").as_bytes()).unwrap()
-}
+use wazuh_proxy_test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_of_200_concurrent_agents_arrive_intact_and_in_order() {

@@ -5,8 +5,6 @@
 //! the tests that need it are skipped with a message. The network-namespace test of the binary
 //! (`proxy-bin/tests/transparent.rs`) covers the routed case.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -17,7 +15,7 @@ use wazuh_proxy_core::balance::{
 };
 use wazuh_proxy_core::relay::AgentRelayConfig;
 
-use support::TestRelay;
+use wazuh_proxy_test_support::TestRelay;
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
@@ -35,7 +33,9 @@ fn lacks_privilege(e: &ConnectError) -> bool {
 }
 
 fn skip(why: &str) {
-    eprintln!("!!!! SKIPPED: {why} (IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW) !!!!");
+    wazuh_proxy_test_support::skipped(&format!(
+        "{why} (IP_TRANSPARENT needs CAP_NET_ADMIN or CAP_NET_RAW)"
+    ));
 }
 
 #[tokio::test]

@@ -4,18 +4,16 @@
 //! counters dropped, and a hang that keeps connections open. Checked on its own socket, without
 //! the relay, so the relay's tests can rely on it.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use support::*;
 use wazuh_proxy_core::cipher::{agent_payload, Counters, Decoder};
 use wazuh_proxy_core::control::{self, keepalive_text, startup_text, Control, KeepaliveSpec};
 use wazuh_proxy_core::envelope::{AgentId, Cipher, Envelope};
 use wazuh_proxy_core::keys::{AgentKey, KeyIp, KeySet};
 use wazuh_proxy_core::sim::{Manager, ManagerOptions, Reply};
+use wazuh_proxy_test_support::*;
 
 const SECRET: &str = "61f01f714746b01b977d7c65a724409f33ad89c391ad93f918eb27202dca8223";
 

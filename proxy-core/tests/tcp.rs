@@ -1,13 +1,10 @@
 //! The plain TCP relay over real loopback sockets.
 
-mod support;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -15,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use wazuh_proxy_core::balance::{BackendConfig, BalanceKey, Balancer, Policy};
 use wazuh_proxy_core::stats::Rejection;
 use wazuh_proxy_core::tcp::{TcpRelay, TcpRelayConfig};
+use wazuh_proxy_test_support::*;
 
 /// A TCP relay listening on loopback.
 struct Relay {

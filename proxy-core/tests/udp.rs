@@ -1,14 +1,11 @@
 //! The UDP agent relay over real loopback sockets.
 
-mod support;
-
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::*;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -16,6 +13,7 @@ use wazuh_proxy_core::balance::{BackendConfig, BalanceKey, Balancer, Policy};
 use wazuh_proxy_core::envelope::AgentId;
 use wazuh_proxy_core::stats::Rejection;
 use wazuh_proxy_core::udp::{UdpRelay, UdpRelayConfig};
+use wazuh_proxy_test_support::*;
 
 /// A datagram and its source address.
 type Datagram = (SocketAddr, Vec<u8>);

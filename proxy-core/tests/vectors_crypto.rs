@@ -1,8 +1,6 @@
 //! Every third-party vector of `shared/vectors` decrypts to its plaintext, re-encodes, and
 //! classifies as its `kind` says.
 
-use std::path::PathBuf;
-
 use base64::Engine;
 use serde_json::Value;
 use wazuh_proxy_core::cipher::{self, Counters, Decoder};
@@ -10,19 +8,7 @@ use wazuh_proxy_core::control::{self, Control, Message};
 use wazuh_proxy_core::envelope::{AgentId, Cipher, Envelope};
 use wazuh_proxy_core::frame::{self, MAX_PAYLOAD};
 use wazuh_proxy_core::keys::{KeySet, KeyStore};
-
-fn vectors_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors"));
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "!!!!! SKIPPED: test vectors not found at {} !!!!!",
-            dir.display()
-        );
-        None
-    }
-}
+use wazuh_proxy_test_support::vectors_dir;
 
 fn rows(file: &str) -> Option<Vec<Value>> {
     let text = std::fs::read_to_string(vectors_dir()?.join(file)).unwrap();

@@ -1,13 +1,10 @@
 //! Framing and envelope parsing against the third-party vectors in `../shared/vectors`.
 
-mod support;
-
 use std::collections::HashMap;
 
 use base64::Engine;
 use bytes::BytesMut;
 use serde_json::Value;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::Decoder;
 use wazuh_proxy_core::balance::Policy;
@@ -15,6 +12,7 @@ use wazuh_proxy_core::envelope::Envelope;
 use wazuh_proxy_core::frame::{self, FrameCodec, HEADER_LEN, MAX_PAYLOAD};
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{Manager, Reply};
+use wazuh_proxy_test_support::*;
 
 fn rows(dir: &std::path::Path, file: &str) -> Vec<Value> {
     std::fs::read_to_string(dir.join(file))

@@ -1,10 +1,7 @@
 //! Agent verification and session enrichment with client.keys, through the relay.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
-use support::*;
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 use wazuh_proxy_core::cipher::{agent_payload, Counters};
 use wazuh_proxy_core::control::{keepalive_text, shutdown_text, startup_text, KeepaliveSpec};
@@ -14,6 +11,7 @@ use wazuh_proxy_core::relay::{AgentRelay, AgentRelayConfig};
 use wazuh_proxy_core::session::SessionKey;
 use wazuh_proxy_core::sim::{Manager, Reply};
 use wazuh_proxy_core::stats::Rejection;
+use wazuh_proxy_test_support::*;
 
 fn key(id: &str, name: &str, ip: &str, secret: &str) -> AgentKey {
     AgentKey::new(

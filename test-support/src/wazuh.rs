@@ -17,6 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::skip::skipped;
+use crate::wait::wait_until;
+
 /// Where the built daemons are.
 #[derive(Debug, Clone)]
 pub struct Build {
@@ -65,13 +68,6 @@ impl Build {
     fn helper(&self, name: &str) -> PathBuf {
         self.root.join("bin").join(name)
     }
-}
-
-/// Says loudly that a test skipped, on the real standard error: the test harness captures
-/// `eprintln!`, and shows it only for failing tests.
-pub fn skipped(what: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "\n!!!!! SKIPPED {what} !!!!!\n");
 }
 
 static LABS: AtomicUsize = AtomicUsize::new(0);
@@ -272,20 +268,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Waits up to `timeout` for `cond`; false if it never held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Whether some socket listens on TCP `port` (any address), read from /proc so that checking
 /// opens no connection to the daemon.
 pub fn tcp_listening(port: u16) -> bool {
@@ -331,7 +313,7 @@ pub fn free_port() -> u16 {
             }
         }
     }
-    super::free_addr().port()
+    crate::process::free_addr().port()
 }
 
 /// A loopback address with a port from [`free_port`].
