@@ -66,6 +66,11 @@ IDLE_LATE=30
 CHURN_AGENTS=2000
 CHURN_WORKERS=32
 # KINDS (environment) limits the peers, e.g. KINDS="wazuh nginx" while iterating on one;
+# RT_PRIO=N runs the proxy, the managers and the agents of the round-trip shapes (latency,
+# echo) under SCHED_FIFO priority N, so that other work on the machine (a build) cannot
+# preempt them: tails become comparable on a shared machine. Flat-out shapes never run so.
+RT_PRIO=${RT_PRIO:-}
+RT=()
 # WAZUH_ARGS adds arguments to `wazuh-proxy run`, e.g. WAZUH_ARGS="--batch-window 0s";
 # the kind "wazuh-alt" runs another build, WAZUH_ALT_BIN, the same way (A/B of two builds).
 KINDS=${KINDS:-"wazuh nginx haproxy direct"}
@@ -226,14 +231,14 @@ start_proxy() {
             local bin=$PROXY_BIN
             [ "$kind" = wazuh-alt ] && bin=${WAZUH_ALT_BIN:?WAZUH_ALT_BIN names the other build}
             # No admin API: a benchmark does not need it, and its port may be taken on a shared machine.
-            RUST_LOG=warn taskset -c 0 "$bin" run --listen 127.0.0.1:$LISTEN_PORT \
+            RUST_LOG=warn "${RT[@]}" taskset -c 0 "$bin" run --listen 127.0.0.1:$LISTEN_PORT \
                 --backend $M1 --backend $M2 --balance agent-id --admin none ${WAZUH_ARGS:-} 2>>"$WORK/wazuh-proxy.log" &
             PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
         nginx)
-            taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
+            "${RT[@]}" taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" 2>>"$WORK/nginx.log" &
             PROXY_MAIN=$! ;;
         haproxy)
-            taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db 2>>"$WORK/haproxy.log" &
+            "${RT[@]}" taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db 2>>"$WORK/haproxy.log" &
             PROXY_MAIN=$!; PROXY_PID=$PROXY_MAIN ;;
         direct)
             TARGET=$M1; return 0 ;;
@@ -265,7 +270,7 @@ start_managers() {
     MANAGER_PIDS=()
     for addr in $M1 $M2; do
         i=$((i + 1))
-        taskset -c 1 "$FLEET_BIN" manager --listen "$addr" --keys "$KEYS" --name "m$i" "$@" \
+        "${RT[@]}" taskset -c 1 "$FLEET_BIN" manager --listen "$addr" --keys "$KEYS" --name "m$i" "$@" \
             > "$WORK/manager-$i.out" 2>>"$WORK/manager-$i.err" &
         MANAGER_PIDS+=($!)
         PIDS+=($!)
@@ -302,13 +307,19 @@ proc_cpu() { # utime + stime of a process in clock ticks (0 without a process)
 busy_note() {
     local n
     n=$(pgrep -c -x 'rustc|cargo|cc1|ld' 2>/dev/null || true)
-    [ "${n:-0}" -gt 0 ] && echo "busy($n)" || echo quiet
+    local rt=""
+    [ ${#RT[@]} -gt 0 ] && rt=",fifo"
+    [ "${n:-0}" -gt 0 ] && echo "busy($n)$rt" || echo "quiet$rt"
 }
 
 # run_case WORKLOAD KIND ROUND -- manager args -- fleet args
 run_case() {
     local workload=$1 kind=$2 round=$3; shift 3
     local margs=() fargs=()
+    RT=()
+    case "$workload" in
+        latency_*|echo_*) [ -n "$RT_PRIO" ] && RT=(chrt -f "$RT_PRIO") ;;
+    esac
     shift # --
     while [ $# -gt 0 ] && [ "$1" != -- ]; do margs+=("$1"); shift; done
     shift # --
@@ -327,7 +338,7 @@ run_case() {
     for a in "${fargs[@]}"; do f+=("${a//@PID@/${PROXY_PID:-0}}"); done
     local cpu0 cpu1
     cpu0=$(proc_cpu "${PROXY_PID:-}")
-    out=$(taskset -c 1 nice -n "${FLEET_NICE:-0}" "$FLEET_BIN" "${f[0]}" --target "$TARGET" --keys "$KEYS" "${f[@]:1}" 2>>"$WORK/fleet.err") || rc=$?
+    out=$("${RT[@]}" taskset -c 1 nice -n "${FLEET_NICE:-0}" "$FLEET_BIN" "${f[0]}" --target "$TARGET" --keys "$KEYS" "${f[@]:1}" 2>>"$WORK/fleet.err") || rc=$?
     cpu1=$(proc_cpu "${PROXY_PID:-}")
     # CPU seconds the proxy used during the run (user + system).
     LAST_CPU=$(awk -v a="$cpu0" -v b="$cpu1" -v t="$CLK_TCK" 'BEGIN { printf "%.3f", (b - a) / t }')
@@ -538,9 +549,11 @@ def fmt(v):
         m += f" ({num(min(v))}–{num(max(v))})"
     return m
 def marker(w):
-    b = [x for x in busy.get(w, []) if x != "quiet"]
     if not busy.get(w): return "?"
-    return max(b, key=lambda x: int(x[5:-1])) if b else "quiet"
+    rt = ",fifo" if any(x.endswith(",fifo") for x in busy[w]) else ""
+    b = [x.removesuffix(",fifo") for x in busy[w]]
+    b = [x for x in b if x != "quiet"]
+    return (max(b, key=lambda x: int(x[5:-1])) if b else "quiet") + rt
 for w in workloads:
     for metric, label, _ in shown:
         vals = {k: rows.get((w, metric, k)) for k in kinds}
@@ -553,10 +566,13 @@ for w in workloads:
                      + f" | {ratio(med['wazuh'], med['nginx'])} | {ratio(med['wazuh'], med['haproxy'])} | {marker(w)} |"
                      + (f" {fmt(rows.get((w, metric, 'wazuh-alt')))} | "
                         f"{ratio(statistics.median(rows[(w, metric, 'wazuh-alt')]) if rows.get((w, metric, 'wazuh-alt')) else None, med['nginx'])} |" if alt else ""))
-noisy = sorted(w for w, v in busy.items() if any(x != "quiet" for x in v))
+noisy = sorted(w for w, v in busy.items() if any(x.removesuffix(",fifo") != "quiet" for x in v))
+fifo = sorted(w for w, v in busy.items() if any(x.endswith(",fifo") for x in v))
 text = "\n".join(lines)
 text += (f"\n\nMedians over {rounds} round(s) (min–max in brackets; {'quick' if quick == '1' else 'full'} mode), "
          f"{secs} s of workloads; load average during runs {min(loads):.2f}..{max(loads):.2f}.\n")
+if fifo:
+    text += "Run under SCHED_FIFO (RT_PRIO): " + ", ".join(fifo) + ".\n"
 if noisy:
     text += "Compilers were running during some runs of: " + ", ".join(noisy) + " (busy machine: indicative only).\n"
 open(out, "w").write(text)
