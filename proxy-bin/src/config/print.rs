@@ -34,10 +34,9 @@ struct FileOut<'a> {
     log_format: &'static str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     resolvers: Vec<String>,
-    listener: Vec<ListenerOut<'a>>,
 }
 
-/// One `[[listener]]`: the keys every kind has around its kind's own.
+/// One `[[listener]]` but its `backends`: the keys every kind has around its kind's own.
 #[derive(Serialize)]
 struct ListenerOut<'a> {
     name: &'a str,
@@ -54,7 +53,6 @@ struct ListenerOut<'a> {
     health: HealthKeys,
     #[serde(skip_serializing_if = "Option::is_none")]
     resolve_interval: Option<String>,
-    backends: Vec<BackendOut>,
 }
 
 /// One entry of `backends`.
@@ -125,28 +123,6 @@ impl Serialize for HealthKeys {
 
 impl<'a> ListenerOut<'a> {
     fn new(l: &'a Listener) -> ListenerOut<'a> {
-        // With re-resolution the names stay names (and the output loads again).
-        let (resolve_interval, backends) = match &l.resolve {
-            Some(r) => (
-                Some(super::spec::duration_text(r.interval)),
-                r.literal
-                    .iter()
-                    .map(|b| BackendOut::new(false, b.addr.to_string(), b))
-                    .chain(
-                        r.named
-                            .iter()
-                            .map(|n| BackendOut::new(n.srv, n.name.clone(), &n.template)),
-                    )
-                    .collect(),
-            ),
-            None => (
-                None,
-                l.backends
-                    .iter()
-                    .map(|b| BackendOut::new(false, b.addr.to_string(), b))
-                    .collect(),
-            ),
-        };
         ListenerOut {
             name: &l.name,
             listen: l.listen,
@@ -156,16 +132,48 @@ impl<'a> ListenerOut<'a> {
             connection_rate_per_source: l.source_limits.rate,
             connection_burst_per_source: l.source_limits.burst,
             health: HealthKeys(l.health),
-            resolve_interval,
-            backends,
+            resolve_interval: l
+                .resolve
+                .as_ref()
+                .map(|r| super::spec::duration_text(r.interval)),
         }
+    }
+}
+
+/// The `backends` of `l`. With re-resolution the names stay names (and the output loads
+/// again).
+fn backends_of(l: &Listener) -> Vec<BackendOut> {
+    match &l.resolve {
+        Some(r) => r
+            .literal
+            .iter()
+            .map(|b| BackendOut::new(false, b.addr.to_string(), b))
+            .chain(
+                r.named
+                    .iter()
+                    .map(|n| BackendOut::new(n.srv, n.name.clone(), &n.template)),
+            )
+            .collect(),
+        None => l
+            .backends
+            .iter()
+            .map(|b| BackendOut::new(false, b.addr.to_string(), b))
+            .collect(),
     }
 }
 
 impl Config {
     /// The effective configuration as TOML, every default written out.
     pub fn to_toml(&self) -> String {
-        let out = FileOut {
+        self.print()
+            .unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+    }
+
+    /// Every value serialized under its key; only the layout is written here: each
+    /// `[[listener]]` header, and `backends` as one inline table per line, as the file is
+    /// usually written.
+    fn print(&self) -> Result<String, toml::ser::Error> {
+        let mut out = toml::to_string(&FileOut {
             drain_timeout: self.drain_timeout,
             batch_window: self.batch_window,
             admin: self
@@ -176,11 +184,20 @@ impl Config {
             user: self.user.as_deref(),
             log_format: self.log_format.name(),
             resolvers: self.resolvers.iter().map(ToString::to_string).collect(),
-            listener: self.listeners.iter().map(ListenerOut::new).collect(),
-        };
-        // Every value above serializes (strings, numbers, booleans, tables of them); paths
-        // read from the file are text.
-        toml::to_string(&out).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+        })?;
+        for l in &self.listeners {
+            out.push_str("\n[[listener]]\n");
+            out.push_str(&toml::to_string(&ListenerOut::new(l))?);
+            out.push_str("backends = [\n");
+            for b in backends_of(l) {
+                // Inline, in the order of the fields.
+                let mut line = String::new();
+                b.serialize(toml::ser::ValueSerializer::new(&mut line))?;
+                out.push_str(&format!("  {line},\n"));
+            }
+            out.push_str("]\n");
+        }
+        Ok(out)
     }
 }
 
