@@ -18,9 +18,6 @@ pub enum StartError {
     /// A listener could not start.
     #[error(transparent)]
     Proxy(#[from] ProxyError),
-    /// The configuration could not be turned into the proxy's (never, by construction).
-    #[error("{0}")]
-    Settings(String),
     /// Privileges could not be dropped to the configured user.
     #[error("cannot run as user {user:?}: {why}")]
     Privileges {
@@ -57,7 +54,7 @@ impl Proxy {
         config: &Config,
         inherited: Vec<InheritedListener>,
     ) -> Result<Proxy, StartError> {
-        let typed = crate::settings::proxy_config(config).map_err(StartError::Settings)?;
+        let typed = crate::settings::proxy_config(config);
         let core = wazuh_proxy_core::proxy::Proxy::start_with(typed, inherited).await?;
         Ok(Proxy {
             core,
@@ -84,7 +81,7 @@ impl Proxy {
     /// Applies `config` (see [`wazuh_proxy_core::proxy::Proxy::reload`]) and says which
     /// changed settings wait for an upgrade.
     async fn reload(&mut self, config: &Config) -> Result<(), StartError> {
-        let typed = crate::settings::proxy_config(config).map_err(StartError::Settings)?;
+        let typed = crate::settings::proxy_config(config);
         let plan = self.core.reload(typed).await?;
         let mut later: Vec<(&str, Vec<&str>)> = Vec::new();
         for c in plan

@@ -1,22 +1,13 @@
 //! What a validated listener runs with: the settings handed to proxy-core for its kind. The
 //! server builds its relays from here, so what is listed here is what takes effect.
 
-use wazuh_proxy_core::enroll::EnrollConfig;
-use wazuh_proxy_core::proxy::{
-    AgentSettings, KeysFile, ListenerConfig, ListenerSettings, ProxyConfig, Rebalance,
-};
-use wazuh_proxy_core::relay::AgentRelayConfig;
-use wazuh_proxy_core::tcp::TcpRelayConfig;
-use wazuh_proxy_core::udp::UdpRelayConfig;
+use wazuh_proxy_core::proxy::{ListenerConfig, ListenerSettings, ProxyConfig};
 
-use crate::config::{Config, Listener, ListenerKind};
+use crate::config::{Config, Listener, ListenerSpec};
 
 /// What the core's proxy runs for `config`. Every field of the binary's configuration is
 /// either converted or named here as the binary's own (a new field must be placed).
-///
-/// # Errors
-/// Only for an enroll listener without TLS settings, which the configuration never produces.
-pub(crate) fn proxy_config(config: &Config) -> Result<ProxyConfig, String> {
+pub(crate) fn proxy_config(config: &Config) -> ProxyConfig {
     let Config {
         drain_timeout,
         // The binary's own: the admin API, the user to run as and the log format are read
@@ -29,138 +20,55 @@ pub(crate) fn proxy_config(config: &Config) -> Result<ProxyConfig, String> {
         // The binary's own: the name servers the resolver tasks ask for SRV records.
         resolvers: _,
     } = config;
-    Ok(ProxyConfig {
-        listeners: listeners
-            .iter()
-            .map(listener_config)
-            .collect::<Result<_, _>>()?,
+    ProxyConfig {
+        listeners: listeners.iter().map(listener_config).collect(),
         drain_timeout: *drain_timeout,
         batch_window: *batch_window,
-    })
+    }
 }
 
 /// What the core's proxy runs for one listener.
-///
-/// # Errors
-/// As [`proxy_config`].
-pub(crate) fn listener_config(l: &Listener) -> Result<ListenerConfig, String> {
+pub(crate) fn listener_config(l: &Listener) -> ListenerConfig {
     let Listener {
         name,
         listen,
-        kind: _,
         balance,
         backends,
-        agent: _,
-        keys,
         health,
-        enroll: _,
-        rebalance,
         // The binary's own: the re-resolution tasks (`crate::resolve`), restarted by a reload.
         resolve: _,
-        first_byte_timeout: _,
+        // With `spec`: each kind's relay settings carry them.
+        source_limits,
+        spec,
     } = l;
-    // `kind`, `agent`, `enroll` and `first_byte_timeout` go through `relay_settings`.
-    let settings = match relay_settings(l)? {
-        RelaySettings::Agent(relay) => ListenerSettings::Agent(AgentSettings {
-            relay,
-            keys: keys.as_ref().map(|(path, every)| KeysFile {
-                path: path.clone(),
-                reload_every: *every,
-            }),
-            rebalance: rebalance.map(|(every, batch)| Rebalance { every, batch }),
-        }),
-        RelaySettings::Tcp(c) => ListenerSettings::Tcp(c),
-        RelaySettings::Udp(c) => ListenerSettings::Udp(c),
-        RelaySettings::Enroll(c) => ListenerSettings::Enroll(c),
+    let settings = match spec {
+        ListenerSpec::Agent(a) => ListenerSettings::Agent(a.settings(*source_limits)),
+        ListenerSpec::Tcp(t) => ListenerSettings::Tcp(t.relay(*source_limits)),
+        ListenerSpec::Udp(u) => ListenerSettings::Udp(u.relay(*source_limits)),
+        ListenerSpec::Enroll(e) => ListenerSettings::Enroll(e.config(*source_limits)),
     };
-    Ok(ListenerConfig {
+    ListenerConfig {
         name: name.clone(),
         listen: *listen,
         balance: *balance,
         backends: backends.clone(),
         health: *health,
         settings,
-    })
+    }
 }
 
-/// The relay settings of one listener, by kind.
-#[derive(Debug, Clone)]
-pub(crate) enum RelaySettings {
-    Agent(AgentRelayConfig),
-    Tcp(TcpRelayConfig),
-    Udp(UdpRelayConfig),
-    Enroll(EnrollConfig),
-}
-
-/// The settings `l`'s relay runs with. `Err` only for an enroll listener without TLS
-/// settings, which the configuration never produces.
-pub(crate) fn relay_settings(l: &Listener) -> Result<RelaySettings, String> {
-    Ok(match l.kind {
-        ListenerKind::Agent => RelaySettings::Agent(l.agent.clone()),
-        ListenerKind::Tcp => RelaySettings::Tcp(TcpRelayConfig {
-            connect_timeout: l.agent.connect_timeout,
-            idle_timeout: l.agent.idle_timeout,
-            tcp_keepalive: l.agent.tcp_keepalive,
-            proxy_protocol: l.agent.proxy_protocol.clone(),
-            source_limits: l.agent.source_limits,
-            first_byte_timeout: l.first_byte_timeout,
-            ..TcpRelayConfig::default()
-        }),
-        ListenerKind::Udp => {
-            let mut config = UdpRelayConfig {
-                max_datagram: l.agent.max_payload as usize,
-                source_limits: l.agent.source_limits,
-                ..UdpRelayConfig::default()
-            };
-            if let Some(idle) = l.agent.idle_timeout {
-                config.idle_timeout = idle;
-            }
-            RelaySettings::Udp(config)
-        }
-        ListenerKind::Enroll => {
-            let settings = l
-                .enroll
-                .clone()
-                .ok_or_else(|| "missing TLS settings".to_owned())?;
-            let mut config = EnrollConfig::new(settings.server_cert, settings.backend_tls);
-            config.connect_timeout = l.agent.connect_timeout;
-            config.replay_ttl = settings.replay_ttl;
-            config.backend_client_cert = settings.backend_client_cert;
-            config.source_limits = l.agent.source_limits;
-            // The deadline for the TLS handshake and the request line.
-            config.request_timeout = l.agent.first_frame_timeout;
-            config.proxy_protocol = l.agent.proxy_protocol.clone();
-            RelaySettings::Enroll(config)
-        }
-    })
-}
-
-/// Everything a listener runs with, as text: its relay settings and what the server starts
-/// beside the relay (backends, balancing, health checks, keys, rebalancing, re-resolution).
-/// Two listeners with the same text behave the same.
+/// Everything a listener runs with, as text: what the core runs (relay settings, backends,
+/// balancing, health checks, keys, rebalancing) and the re-resolution the binary runs beside
+/// it. Two listeners with the same text behave the same.
 #[cfg(test)]
 pub(crate) fn effective(l: &Listener) -> String {
-    let rebalance = (l.kind == ListenerKind::Agent).then_some(l.rebalance);
-    let keys = (l.kind == ListenerKind::Agent).then_some(&l.keys);
-    format!(
-        "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {:?} {:?}",
-        l.name,
-        l.listen,
-        l.kind,
-        l.balance,
-        l.backends,
-        l.health,
-        keys,
-        rebalance,
-        l.resolve,
-        relay_settings(l)
-    )
+    format!("{:?} {:?}", listener_config(l), l.resolve)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{kind_bit, Config, LISTENER_KEYS};
+    use crate::config::{kind_bit, Config, ListenerKind, LISTENER_KEYS};
 
     const KINDS: [(ListenerKind, &str); 4] = [
         (ListenerKind::Agent, "kind = \"agent\"\n"),

@@ -23,6 +23,8 @@
 mod addr;
 mod file;
 mod print;
+mod project;
+mod spec;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -35,10 +37,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use wazuh_proxy_core::balance::{BackendConfig, Policy};
-use wazuh_proxy_core::relay::AgentRelayConfig;
+use wazuh_proxy_core::limits::SourceLimits;
 
 use addr::{resolve_all, resolve_one};
 pub use file::{kind_bit, known_keys, LISTENER_KEYS};
+pub use spec::{
+    AgentSpec, BackendTlsSpec, ClientCertSpec, EnrollSpec, KeysSpec, ListenerSpec,
+    ProxyProtocolKeys, RebalanceKeys, ServerCertSpec, SourceAddress, TcpSpec, UdpSpec,
+};
 
 /// A configuration error, with the place it was found.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +171,17 @@ impl ListenerKind {
             })
     }
 
+    /// The settings only this kind has, where none of its keys is set; `None` for enroll
+    /// listeners, which must say how the managers' certificates are checked.
+    pub fn default_spec(self) -> Option<ListenerSpec> {
+        match self {
+            ListenerKind::Agent => Some(ListenerSpec::Agent(AgentSpec::default())),
+            ListenerKind::Udp => Some(ListenerSpec::Udp(UdpSpec::default())),
+            ListenerKind::Tcp => Some(ListenerSpec::Tcp(TcpSpec::default())),
+            ListenerKind::Enroll => None,
+        }
+    }
+
     /// Automatic rebalancing when the `rebalance_*` keys are not set: agent listeners only.
     pub fn default_rebalance(self) -> Option<(Duration, usize)> {
         match self {
@@ -174,36 +191,62 @@ impl ListenerKind {
     }
 }
 
-/// One validated listener.
-#[derive(Debug, Clone)]
+/// One validated listener: what every kind has, and its kind's own settings.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     /// Name used in logs, metrics and the admin API.
     pub name: String,
     /// Address to bind.
     pub listen: SocketAddr,
-    /// What it carries.
-    pub kind: ListenerKind,
     /// How backends are chosen.
     pub balance: Policy,
     /// The managers.
     pub backends: Vec<BackendConfig>,
-    /// Settings of the framed agent relay (kind `agent`); timeouts also used by the others.
-    pub agent: AgentRelayConfig,
-    /// client.keys to verify agents with (kind `agent`), and how often to check it for changes.
-    pub keys: Option<(PathBuf, Duration)>,
     /// Active health checks (`None`: passive checks only).
     pub health: Option<wazuh_proxy_core::health::HealthCheck>,
-    /// TLS settings of an `enroll` listener.
-    pub enroll: Option<EnrollSettings>,
-    /// Agents moved back to their preferred manager every interval, at most this many (kind
-    /// `agent`; `None`: only on request).
-    pub rebalance: Option<(Duration, usize)>,
     /// Backend names resolved again every interval (`resolve_interval`); `None`: resolved
     /// once, when the configuration is loaded.
     pub resolve: Option<Resolve>,
-    /// Kind `tcp`: time allowed for the client's first byte (`first_frame_timeout`; `None`
-    /// unless set).
-    pub first_byte_timeout: Option<Duration>,
+    /// Per-source limits: connections (agent, tcp, enroll) or flows (udp).
+    pub source_limits: SourceLimits,
+    /// What it carries, with the settings only that kind has.
+    pub spec: ListenerSpec,
+}
+
+impl Listener {
+    /// What it carries.
+    pub fn kind(&self) -> ListenerKind {
+        self.spec.kind()
+    }
+
+    /// A listener of `spec`'s kind with the settings every kind shares at their defaults for
+    /// that kind (health checks, per-source limits; resolved once).
+    pub fn new(
+        name: String,
+        listen: SocketAddr,
+        balance: Policy,
+        backends: Vec<BackendConfig>,
+        spec: ListenerSpec,
+    ) -> Listener {
+        Listener {
+            name,
+            listen,
+            balance,
+            backends,
+            health: spec.kind().default_health(),
+            resolve: None,
+            source_limits: SourceLimits::default(),
+            spec,
+        }
+    }
+
+    /// Checks the kind's settings against each other (see [`ListenerSpec::check`]).
+    ///
+    /// # Errors
+    /// The first setting (or pair) that cannot work.
+    pub fn check(&self) -> Result<(), String> {
+        self.spec.check(self.source_limits)
+    }
 }
 
 /// Periodic re-resolution of a listener's backend names.
@@ -266,21 +309,6 @@ pub fn parse_admin(text: &str) -> Result<Option<SocketAddr>, String> {
     resolve_one(text)
         .map(Some)
         .map_err(|e| format!("admin: {e} (or \"none\" to disable the admin API)"))
-}
-
-/// TLS settings of an enrollment listener in terminate mode.
-#[derive(Debug, Clone)]
-pub struct EnrollSettings {
-    /// The certificate agents see.
-    pub server_cert: wazuh_proxy_core::enroll::ServerCert,
-    /// How managers' certificates are checked.
-    pub backend_tls: wazuh_proxy_core::enroll::BackendTls,
-    /// The certificate presented to managers that require one (`<ssl_agent_ca>`).
-    pub backend_client_cert: Option<wazuh_proxy_core::enroll::ClientCert>,
-    /// How long an unacknowledged key reply is kept for a retry (0: no replay).
-    pub replay_ttl: Duration,
-    /// Where a self-signed certificate is kept.
-    pub tls_dir: PathBuf,
 }
 
 /// Where a self-signed enrollment certificate is kept by default.
@@ -413,20 +441,13 @@ impl Config {
             admin: AdminSettings::default(),
             user: None,
             log_format: crate::logging::LogFormat::default(),
-            listeners: vec![Listener {
-                name: "agents".into(),
+            listeners: vec![Listener::new(
+                "agents".into(),
                 listen,
-                kind: ListenerKind::Agent,
                 balance,
-                backends: list,
-                agent: AgentRelayConfig::default(),
-                keys: None,
-                health: ListenerKind::Agent.default_health(),
-                rebalance: ListenerKind::Agent.default_rebalance(),
-                enroll: None,
-                resolve: None,
-                first_byte_timeout: None,
-            }],
+                list,
+                ListenerSpec::Agent(AgentSpec::default()),
+            )],
             resolvers: Vec::new(),
         })
     }

@@ -28,13 +28,37 @@ fn a_good_file_and_its_defaults() {
     assert_eq!(c.batch_window, DEFAULT_BATCH_WINDOW);
     assert_eq!(c.listeners.len(), 2);
     let a = &c.listeners[0];
-    assert_eq!((a.kind, a.balance), (ListenerKind::Agent, Policy::AgentId));
+    assert_eq!(
+        (a.kind(), a.balance),
+        (ListenerKind::Agent, Policy::AgentId)
+    );
     assert_eq!(a.backends[1].weight, 3);
     assert!(a.backends[1].backup);
     assert_eq!(c.listeners[1].balance, Policy::Source);
     // The printed effective config parses back to the same thing.
     let again = Config::parse(&c.to_toml(), "effective").unwrap();
     assert_eq!(again.to_toml(), c.to_toml());
+}
+
+/// What the core runs an agent listener with.
+fn agent_settings(l: &Listener) -> wazuh_proxy_core::proxy::AgentSettings {
+    l.spec.agent().unwrap().settings(l.source_limits)
+}
+
+/// What the core runs an enroll listener with.
+fn enroll(l: &Listener) -> wazuh_proxy_core::enroll::EnrollConfig {
+    match &l.spec {
+        ListenerSpec::Enroll(e) => e.config(l.source_limits),
+        other => panic!("not an enroll listener: {other:?}"),
+    }
+}
+
+/// What the core runs a tcp listener with.
+fn tcp(l: &Listener) -> wazuh_proxy_core::tcp::TcpRelayConfig {
+    match &l.spec {
+        ListenerSpec::Tcp(t) => t.relay(l.source_limits),
+        other => panic!("not a tcp listener: {other:?}"),
+    }
 }
 
 fn err(text: &str) -> String {
@@ -60,10 +84,8 @@ fn printed_strings_are_toml_whatever_they_hold() {
     let again = Config::parse(&printed, "printed.toml").unwrap();
     assert_eq!(again.to_toml(), printed);
     assert_eq!(again.listeners[0].name, "a\u{7f}b\u{590}");
-    assert_eq!(
-        again.listeners[0].keys.as_ref().unwrap().0,
-        std::path::Path::new(odd)
-    );
+    let keys = agent_settings(&again.listeners[0]).keys.unwrap();
+    assert_eq!(keys.path, std::path::Path::new(odd));
 }
 
 #[test]
@@ -149,8 +171,11 @@ fn enroll_listeners_need_an_explicit_backend_tls_choice() {
     )
     .unwrap();
     let l = &c.listeners[0];
-    assert_eq!((l.kind, l.balance), (ListenerKind::Enroll, Policy::Source));
-    let e = l.enroll.as_ref().unwrap();
+    assert_eq!(
+        (l.kind(), l.balance),
+        (ListenerKind::Enroll, Policy::Source)
+    );
+    let e = &enroll(l);
     assert!(matches!(
         e.backend_tls,
         wazuh_proxy_core::enroll::BackendTls::NoVerify
@@ -181,7 +206,7 @@ fn backend_client_certificate_is_checked_with_its_line() {
         key.display().to_string()
     );
     let c = Config::parse(&good, "x.toml").unwrap();
-    let e = c.listeners[0].enroll.as_ref().unwrap();
+    let e = &enroll(&c.listeners[0]);
     assert_eq!(
         e.backend_client_cert,
         Some(wazuh_proxy_core::enroll::ClientCert {
@@ -217,19 +242,19 @@ fn backend_client_certificate_is_checked_with_its_line() {
 #[test]
 fn source_address_mode() {
     let c = Config::parse(GOOD, "good.toml").unwrap();
-    assert!(!c.listeners[0].agent.transparent);
+    assert!(!agent_settings(&c.listeners[0]).relay.transparent);
     assert!(c.to_toml().contains("source = \"proxy\""));
     let text = GOOD.replace(
         "name = \"agents\"",
         "name = \"agents\"\nsource = \"transparent\"",
     );
     let c = Config::parse(&text, "x.toml").unwrap();
-    assert!(c.listeners[0].agent.transparent);
+    assert!(agent_settings(&c.listeners[0]).relay.transparent);
     let shown = c.to_toml();
     assert!(shown.contains("source = \"transparent\""), "{shown}");
     assert!(
-        Config::parse(&shown, "e").unwrap().listeners[0]
-            .agent
+        agent_settings(&Config::parse(&shown, "e").unwrap().listeners[0])
+            .relay
             .transparent
     );
     let e = err(&GOOD.replace("name = \"agents\"", "name = \"agents\"\nsource = \"agent\""));
@@ -317,13 +342,13 @@ fn keys_of_other_kinds_are_refused_with_their_line_and_the_kind() {
         "kind = \"tcp\"\nmax_connections_per_source = 5\nfirst_frame_timeout = \"3s\"",
     );
     let c = Config::parse(&text, "x.toml").unwrap();
-    assert_eq!(c.listeners[1].agent.source_limits.max_open, 5);
+    assert_eq!(c.listeners[1].source_limits.max_open, 5);
     assert_eq!(
-        c.listeners[1].first_byte_timeout,
+        tcp(&c.listeners[1]).first_byte_timeout,
         Some(Duration::from_secs(3))
     );
     assert_eq!(
-        Config::parse(GOOD, "x").unwrap().listeners[1].first_byte_timeout,
+        tcp(&Config::parse(GOOD, "x").unwrap().listeners[1]).first_byte_timeout,
         None
     );
     let again = Config::parse(&c.to_toml(), "e").unwrap();
@@ -379,4 +404,153 @@ fn srv_backends_and_resolvers_are_checked_with_their_line() {
     );
     let again = Config::parse(&c.to_toml(), "e").unwrap();
     assert_eq!(again.resolvers, c.resolvers);
+}
+
+/// For every kind, the effective configuration printed and read again is the same
+/// configuration, and prints the same.
+#[test]
+fn printed_configuration_reads_back_the_same_for_every_kind() {
+    let text = r#"
+drain_timeout = "7s"
+admin = "none"
+user = "wazuh"
+resolvers = ["127.0.0.1"]
+
+[[listener]]
+name = "agents"
+listen = "127.0.0.1:1514"
+duplicate = "reject"
+idle_timeout = "0s"
+rebalance_interval = "0s"
+keys = "/etc/client.keys"
+proxy_protocol = true
+proxy_protocol_trusted = ["10.0.0.0/8", "127.0.0.1/32"]
+source = "transparent"
+resolve_interval = "30s"
+backends = [{ address = "127.0.0.1:11514", weight = 2 }, { address = "localhost:11515", backup = true }]
+
+[[listener]]
+name = "udp"
+listen = "127.0.0.1:1514"
+kind = "udp"
+idle_timeout = "0s"
+max_payload = 4096
+health_check = "agent"
+backends = [{ address = "127.0.0.1:11514" }]
+
+[[listener]]
+name = "api"
+listen = "127.0.0.1:55000"
+kind = "tcp"
+first_frame_timeout = "3s"
+tcp_keepalive = "0s"
+max_connections_per_source = 3
+connection_rate_per_source = 2.5
+backends = [{ address = "127.0.0.1:55001", max_fails = 0, fail_timeout = "1m 30s" }]
+
+[[listener]]
+name = "enroll"
+listen = "127.0.0.1:1515"
+kind = "enroll"
+tls_cert = "/c.pem"
+tls_key = "/k.pem"
+backend_ca = "/ca.pem"
+backend_server_name = "manager"
+replay_ttl = "0s"
+health_check = "none"
+backends = [{ address = "127.0.0.1:11515" }]
+
+[[listener]]
+name = "enroll-self-signed"
+listen = "127.0.0.1:1516"
+kind = "enroll"
+backend_verify = false
+tls_dir = "/tmp/x"
+backends = [{ address = "127.0.0.1:11515" }]
+"#;
+    let c = Config::parse(text, "x.toml").unwrap();
+    let kinds: Vec<ListenerKind> = c.listeners.iter().map(Listener::kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            ListenerKind::Agent,
+            ListenerKind::Udp,
+            ListenerKind::Tcp,
+            ListenerKind::Enroll,
+            ListenerKind::Enroll
+        ]
+    );
+    let printed = c.to_toml();
+    let again =
+        Config::parse(&printed, "printed.toml").unwrap_or_else(|e| panic!("{e}\n{printed}"));
+    assert_eq!(again.listeners, c.listeners, "{printed}");
+    assert_eq!(again.to_toml(), printed);
+    assert_eq!(
+        (
+            again.drain_timeout,
+            again.admin,
+            again.user,
+            again.resolvers
+        ),
+        (c.drain_timeout, c.admin, c.user, c.resolvers)
+    );
+    // Each kind's defaults, written out, read back the same too.
+    for kind in ["agent", "udp", "tcp"] {
+        let c = Config::parse(
+            &format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nkind = \"{kind}\"\nbackends = [{{ address = \"127.0.0.1:9\" }}]\n"),
+            "x.toml",
+        )
+        .unwrap();
+        let again = Config::parse(&c.to_toml(), "printed.toml").unwrap();
+        assert_eq!(again.listeners, c.listeners, "{kind}");
+        let defaults = kind.parse::<ListenerKind>().unwrap().default_spec();
+        assert_eq!(Some(again.listeners[0].spec.clone()), defaults, "{kind}");
+    }
+}
+
+/// A listener's settings are checked against the other settings of its own kind only: tcp,
+/// udp and enroll listeners have no agent reply or liveness timeout to bound their idle
+/// timeout, nor an idle timeout to bound their first-frame deadline.
+#[test]
+fn settings_are_checked_against_their_own_kind_only() {
+    let listener = |kind: &str, extra: &str| {
+        format!("[[listener]]\nlisten = \"127.0.0.1:1\"\nkind = \"{kind}\"\n{extra}\nbackends = [{{ address = \"127.0.0.1:9\" }}]\n")
+    };
+    for kind in ["tcp", "udp"] {
+        let c = Config::parse(&listener(kind, "idle_timeout = \"5s\""), "x.toml").unwrap();
+        assert_eq!(
+            c.listeners[0].spec.idle_timeout(),
+            Some(Duration::from_secs(5))
+        );
+    }
+    let e = err(&listener("agent", "idle_timeout = \"5s\""));
+    assert!(
+        e.starts_with("x.toml:1:") && e.contains("must be shorter than idle_timeout"),
+        "{e}"
+    );
+    let c = Config::parse(
+        &listener(
+            "enroll",
+            "backend_verify = false\nfirst_frame_timeout = \"20m\"",
+        ),
+        "x.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        enroll(&c.listeners[0]).request_timeout,
+        Duration::from_secs(1200)
+    );
+    // What a tcp listener has is still checked.
+    let e = err(&listener("tcp", "first_frame_timeout = \"0s\""));
+    assert!(e.contains("first_frame_timeout must be more than 0"), "{e}");
+    let e = err(&listener(
+        "tcp",
+        "first_frame_timeout = \"20s\"\nidle_timeout = \"10s\"",
+    ));
+    assert!(
+        e.contains("idle_timeout (10s) must be longer than first_frame_timeout (20s)"),
+        "{e}"
+    );
+    let e = err(&listener("tcp", "tcp_keepalive = \"99999s\""));
+    assert!(e.contains("tcp_keepalive must be 1s..=32767s"), "{e}");
 }

@@ -2,20 +2,16 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
-use std::time::Duration;
 
 use wazuh_proxy_core::balance::{BackendConfig, Policy};
-use wazuh_proxy_core::relay::AgentRelayConfig;
-use wazuh_proxy_core::session::DuplicatePolicy;
 
 use super::addr::{resolve_all, resolve_one};
 use super::file::{kind_bit, kinds_text, FileConfig, FileListener, LISTENER_KEYS};
 use super::print::serde_kind;
+use super::project::{source_limits_of, spec_of};
 use super::{
-    check_batch_window, parse_admin, AdminSettings, Config, ConfigError, Dur, EnrollSettings,
-    Listener, ListenerKind, NamedBackend, Resolve, Source, DEFAULT_BATCH_WINDOW, DEFAULT_DRAIN,
-    DEFAULT_TLS_DIR,
+    check_batch_window, parse_admin, AdminSettings, Config, ConfigError, Dur, Listener,
+    ListenerKind, NamedBackend, Resolve, Source, DEFAULT_BATCH_WINDOW, DEFAULT_DRAIN,
 };
 
 /// Where `key` is written inside the listener table that starts at `start`: the span of its
@@ -154,45 +150,6 @@ pub(super) fn health_of(
     }))
 }
 
-/// `proxy_protocol` and `proxy_protocol_trusted`: both or neither; agent, tcp and enroll kinds.
-pub(super) fn proxy_protocol_of(
-    l: &FileListener,
-    kind: ListenerKind,
-    src: &Source<'_>,
-) -> Result<Option<wazuh_proxy_core::proxy_protocol::ProxyProtocol>, ConfigError> {
-    let on = l.proxy_protocol.as_ref().map(|p| (*p.get_ref(), p.span()));
-    match (on, &l.proxy_protocol_trusted) {
-        (None | Some((false, _)), None) => Ok(None),
-        (None | Some((false, _)), Some(t)) => Err(src.error(
-            Some(t.span()),
-            "proxy_protocol_trusted is only used with proxy_protocol = true",
-        )),
-        (Some((true, span)), None) => Err(src.error(
-            Some(span),
-            "proxy_protocol = true needs proxy_protocol_trusted = [\"CIDR\", ...]: the load balancers allowed to send the header",
-        )),
-        (Some((true, span)), Some(t)) => {
-            if kind == ListenerKind::Udp {
-                // Load balancers in front of Wazuh (nginx stream, HAProxy, cloud NLBs) send
-                // PROXY headers on TCP only; over UDP nothing would send the per-datagram v2
-                // header this would have to expect.
-                return Err(src.error(
-                    Some(span),
-                    "proxy_protocol is not supported on kind = \"udp\" listeners: load balancers in front of Wazuh send the PROXY header on TCP only (PROXY v2 over UDP, one header per datagram, is not what nginx, HAProxy or cloud load balancers forward to 1514/udp); use it on agent, tcp and enroll listeners",
-                ));
-            }
-            if t.get_ref().is_empty() {
-                return Err(src.error(Some(t.span()), "proxy_protocol_trusted is empty"));
-            }
-            let mut trusted = Vec::new();
-            for c in t.get_ref() {
-                trusted.push(c.get_ref().parse().map_err(|e| src.error(Some(c.span()), e))?);
-            }
-            Ok(Some(wazuh_proxy_core::proxy_protocol::ProxyProtocol { trusted }))
-        }
-    }
-}
-
 impl Config {
     /// Parses and validates configuration text; `origin` names it in errors.
     ///
@@ -277,47 +234,6 @@ impl Config {
             {
                 let span = l.balance.as_ref().map(|b| b.span());
                 return Err(src.error(span, "balance = \"agent-id\" needs a listener that reads agent IDs (kind agent or udp)"));
-            }
-            let mut agent = AgentRelayConfig::default();
-            if let Some(d) = &l.duplicate {
-                agent.duplicate_policy = d
-                    .get_ref()
-                    .parse::<DuplicatePolicy>()
-                    .map_err(|e| src.error(Some(d.span()), e))?;
-            }
-            if let Some(Dur(d)) = l.first_frame_timeout {
-                agent.first_frame_timeout = d;
-            }
-            // On tcp listeners only when asked for: a relayed service may be one where the
-            // server speaks first.
-            let first_byte_timeout = match (kind, l.first_frame_timeout) {
-                (ListenerKind::Tcp, Some(Dur(d))) => Some(d),
-                _ => None,
-            };
-            if let Some(Dur(d)) = l.connect_timeout {
-                agent.connect_timeout = d;
-            }
-            match l.idle_timeout {
-                Some(Dur(d)) => agent.idle_timeout = (!d.is_zero()).then_some(d),
-                // A UDP flow holds a socket: expire it soon after the agent goes quiet.
-                None if kind == ListenerKind::Udp => {
-                    agent.idle_timeout = Some(Duration::from_secs(120))
-                }
-                None => {}
-            }
-            if let Some(Dur(d)) = l.tcp_keepalive {
-                agent.tcp_keepalive = (!d.is_zero()).then_some(d);
-            }
-            if let Some(m) = &l.max_payload {
-                let min = wazuh_proxy_core::relay::MIN_MAX_PAYLOAD;
-                let max = wazuh_proxy_core::frame::MAX_PAYLOAD;
-                if !(min..=max).contains(m.get_ref()) {
-                    return Err(src.error(
-                        Some(m.span()),
-                        format!("max_payload must be {min}..={max} (agents' startup and keepalive messages must fit)"),
-                    ));
-                }
-                agent.max_payload = *m.get_ref();
             }
             let mut backends = Vec::new();
             let resolve_every = l.resolve_interval.map(|d| d.0).filter(|d| !d.is_zero());
@@ -439,207 +355,40 @@ impl Config {
             if let Err(e) = wazuh_proxy_core::balance::Balancer::new(balance, backends.clone()) {
                 return Err(src.error(Some(l.backends.span()), e));
             }
-            let keys = match &l.keys {
-                Some(path) if kind != ListenerKind::Agent => {
-                    return Err(src.error(
-                        Some(path.span()),
-                        "keys is only used by kind = \"agent\" listeners",
-                    ));
-                }
-                Some(path) => Some((
-                    path.get_ref().clone(),
-                    l.keys_reload
-                        .map_or(wazuh_proxy_core::keys::DEFAULT_RELOAD_INTERVAL, |d| d.0),
-                )),
-                None => None,
-            };
-            if let Some(f) = l.failover {
-                agent.failover = f;
-            }
-            if let Some(r) = l.resend_unacknowledged {
-                agent.resend_unacknowledged = r;
-            }
-            if let Some(Dur(d)) = l.hold_timeout {
-                agent.hold_timeout = d;
-            }
-            if let Some(Dur(d)) = l.reply_timeout {
-                agent.reply_timeout = (!d.is_zero()).then_some(d);
-            }
-            if let Some(Dur(d)) = l.manager_user_timeout {
-                agent.manager_user_timeout = (!d.is_zero()).then_some(d);
-            }
-            if let Some(Dur(d)) = l.liveness_timeout {
-                agent.liveness_timeout = (!d.is_zero()).then_some(d);
-            }
-            if let Some(Dur(d)) = l.overtake_time {
-                agent.overtake_time = d;
-            }
-            if let Some(Dur(d)) = l.refused_backoff {
-                agent.refused_backoff = d;
-            }
-            if let Some(Dur(d)) = l.refused_backoff_max {
-                agent.refused_backoff_max = d;
-            }
-            if let Some(n) = l.max_connections_per_source {
-                agent.source_limits.max_open = n;
-            }
-            if let Some(r) = l.connection_rate_per_source {
-                agent.source_limits.rate = r.max(0.0);
-            }
-            if let Some(b) = l.connection_burst_per_source {
-                agent.source_limits.burst = b.max(1.0);
-            }
-            if let Some(s) = &l.source {
-                if kind != ListenerKind::Agent {
-                    return Err(src.error(
-                        Some(s.span()),
-                        "source is only used by kind = \"agent\" listeners",
-                    ));
-                }
-                agent.transparent = match s.get_ref().as_str() {
-                    "proxy" => false,
-                    "transparent" => true,
-                    other => {
-                        return Err(src.error(
-                            Some(s.span()),
-                            format!("unknown source {other:?} (expected proxy or transparent)"),
-                        ))
-                    }
-                };
-            }
-            // Every setting against its range and the ones it works with: what is accepted
-            // here must never fail at run time.
-            agent
-                .validate()
-                .map_err(|e| src.error(Some(span.clone()), format!("listener {}: {e}", i + 1)))?;
-            agent.proxy_protocol = proxy_protocol_of(&l, kind, &src)?;
-            let enroll = if kind == ListenerKind::Enroll {
-                use wazuh_proxy_core::enroll::{BackendTls, ServerCert};
-                let tls_dir = l
-                    .tls_dir
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_TLS_DIR));
-                let server_cert = match (&l.tls_cert, &l.tls_key) {
-                    (Some(c), Some(k)) => ServerCert::Files {
-                        cert: c.get_ref().clone(),
-                        key: k.get_ref().clone(),
-                    },
-                    (None, None) => ServerCert::self_signed(
-                        tls_dir.join("enroll-cert.pem"),
-                        tls_dir.join("enroll-key.pem"),
-                    ),
-                    (Some(s), None) | (None, Some(s)) => {
-                        return Err(src.error(Some(s.span()), "tls_cert and tls_key go together"));
-                    }
-                };
-                let verify = l.backend_verify.as_ref().map(|v| (*v.get_ref(), v.span()));
-                let backend_tls = match (&l.backend_ca, verify) {
-                    (Some(ca), None | Some((true, _))) => BackendTls::VerifyCa {
-                        ca_file: ca.get_ref().clone(),
-                        server_name: l.backend_server_name.clone(),
-                    },
-                    (None, Some((false, _))) => BackendTls::NoVerify,
-                    (Some(_), Some((false, span))) | (None, Some((true, span))) => {
-                        return Err(src.error(Some(span), "backend_verify = false cannot go with backend_ca; backend_verify = true needs backend_ca"));
-                    }
-                    (None, None) => {
-                        return Err(src.error(Some(span), "an enroll listener needs backend_ca (the managers' certificate or CA) or an explicit backend_verify = false"));
-                    }
-                };
-                let backend_client_cert = match (&l.backend_cert, &l.backend_key) {
-                    (Some(c), Some(k)) => {
-                        let cert = wazuh_proxy_core::enroll::ClientCert {
-                            cert: c.get_ref().clone(),
-                            key: k.get_ref().clone(),
-                        };
-                        // Checked here so that check-config points at the setting.
-                        if let Err(e) = cert.check() {
-                            let at = match &e {
-                                wazuh_proxy_core::enroll::TlsError::Io { path, .. }
-                                | wazuh_proxy_core::enroll::TlsError::Pem { path, .. }
-                                    if path == k.get_ref() && path != c.get_ref() =>
-                                {
-                                    k.span()
-                                }
-                                _ => c.span(),
-                            };
-                            return Err(
-                                src.error(Some(at), format!("backend_cert/backend_key: {e}"))
-                            );
-                        }
-                        Some(cert)
-                    }
-                    (None, None) => None,
-                    (Some(s), None) | (None, Some(s)) => {
-                        return Err(
-                            src.error(Some(s.span()), "backend_cert and backend_key go together")
-                        );
-                    }
-                };
-                Some(EnrollSettings {
-                    server_cert,
-                    backend_tls,
-                    backend_client_cert,
-                    replay_ttl: l.replay_ttl.map_or(Duration::from_secs(600), |d| d.0),
-                    tls_dir,
-                })
-            } else {
-                let stray = [
-                    (l.tls_cert.as_ref().map(|s| s.span()), "tls_cert"),
-                    (l.tls_key.as_ref().map(|s| s.span()), "tls_key"),
-                    (l.backend_ca.as_ref().map(|s| s.span()), "backend_ca"),
-                    (
-                        l.backend_verify.as_ref().map(|s| s.span()),
-                        "backend_verify",
-                    ),
-                    (l.backend_cert.as_ref().map(|s| s.span()), "backend_cert"),
-                    (l.backend_key.as_ref().map(|s| s.span()), "backend_key"),
-                ];
-                for (set, what) in stray {
-                    if let Some(span) = set {
-                        return Err(src.error(
-                            Some(span),
-                            format!("{what} is only used by kind = \"enroll\" listeners"),
-                        ));
-                    }
-                }
-                None
-            };
+            let source_limits = source_limits_of(&l);
+            let spec = spec_of(&l, kind, span.clone(), &src)?;
             let health = health_of(&l, kind, span.start, &src)?;
-            let rebalance = match (kind, l.rebalance_interval, l.rebalance_batch) {
-                (ListenerKind::Agent, Some(Dur(d)), _) if d.is_zero() => None,
-                (ListenerKind::Agent, _, Some(0)) => None,
-                (ListenerKind::Agent, every, batch) => kind
-                    .default_rebalance()
-                    .map(|(d, n)| (every.map_or(d, |e| e.0), batch.unwrap_or(n))),
-                _ => None,
-            };
             let name = l.name.unwrap_or_else(|| format!("listener{}", i + 1));
             if listeners.iter().any(|o: &Listener| o.name == name) {
-                return Err(src.error(Some(span), format!("listener name {name:?} is used twice")));
+                return Err(src.error(
+                    Some(span.clone()),
+                    format!("listener name {name:?} is used twice"),
+                ));
             }
             if listeners.iter().any(|o: &Listener| {
-                o.listen == listen && (o.kind == ListenerKind::Udp) == (kind == ListenerKind::Udp)
+                o.listen == listen && (o.kind() == ListenerKind::Udp) == (kind == ListenerKind::Udp)
             }) {
                 return Err(src.error(
                     Some(l.listen.span()),
                     format!("address {listen} is used by two listeners"),
                 ));
             }
-            listeners.push(Listener {
+            let listener = Listener {
                 name,
                 listen,
-                kind,
                 balance,
                 backends,
-                agent,
-                keys,
                 health,
-                rebalance,
-                enroll,
                 resolve,
-                first_byte_timeout,
-            });
+                source_limits,
+                spec,
+            };
+            // Every setting against its range and the ones it works with: what is accepted
+            // here must never fail at run time.
+            listener
+                .check()
+                .map_err(|e| src.error(Some(span), format!("listener {}: {e}", i + 1)))?;
+            listeners.push(listener);
         }
         if let Some(u) = &file.user {
             if u.get_ref().is_empty() || u.get_ref().contains(char::is_whitespace) {

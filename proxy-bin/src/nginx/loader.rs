@@ -178,17 +178,15 @@ impl Loader<'_> {
                 "no stream {} block: nothing to listen on",
             ));
         };
-        // Start from the quick form's configuration, every setting at its TOML default, and
-        // overwrite what nginx sets: settings nginx has no word for keep the TOML defaults.
+        // The quick form's proxy-wide settings, at their TOML defaults; each listener starts
+        // from the defaults of its kind (`map::spec_of`): settings nginx has no word for keep
+        // the TOML defaults.
         let mut config = Config::quick(
             "127.0.0.1:1514",
             &["127.0.0.1:1".to_owned()],
             Policy::RoundRobin,
         )?;
-        let Some(proto) = config.listeners.pop() else {
-            return Err(self.err(stream_pos, "no default listener settings"));
-        };
-        config.listeners = self.stream(&proto, stream_pos, stream)?;
+        config.listeners = self.stream(stream_pos, stream)?;
         config.drain_timeout = drain;
         Ok(config)
     }

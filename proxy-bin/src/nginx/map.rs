@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use wazuh_proxy_core::balance::{BackendConfig, Balancer, Policy};
 
-use crate::config::{ConfigError, Listener, ListenerKind};
+use crate::config::{ConfigError, Listener, ListenerKind, ListenerSpec, ProxyProtocolKeys};
 use wazuh_proxy_core::proxy_protocol::{Cidr, ProxyProtocol};
 
 use super::lexer::*;
@@ -15,7 +15,6 @@ use super::*;
 impl Loader<'_> {
     pub(super) fn stream(
         &mut self,
-        proto: &Listener,
         stream_pos: Pos,
         block: Vec<Directive>,
     ) -> Result<Vec<Listener>, ConfigError> {
@@ -81,13 +80,6 @@ impl Loader<'_> {
                 }
             };
             let proxy = s.proxy.or(&defaults);
-            let mut agent = proto.agent.clone();
-            if let Some(t) = proxy.idle {
-                agent.idle_timeout = (!t.is_zero()).then_some(t);
-            }
-            if let Some(t) = proxy.connect {
-                agent.connect_timeout = t;
-            }
             if proxy.next_upstream == Some(false) {
                 tracing::warn!("nginx: proxy_next_upstream off is not supported; a failed connect is retried on the next manager");
             }
@@ -114,7 +106,7 @@ impl Loader<'_> {
                     }
                     if listeners.iter().any(|o| {
                         o.listen == addr
-                            && (o.kind == ListenerKind::Udp) == (kind == ListenerKind::Udp)
+                            && (o.kind() == ListenerKind::Udp) == (kind == ListenerKind::Udp)
                     }) {
                         return Err(self.err(l.pos, format!("duplicate listen {addr}")));
                     }
@@ -123,25 +115,19 @@ impl Loader<'_> {
                             "nginx: {name} on {addr} carries Wazuh agents (frame-aware); balance stays {policy} as configured"
                         );
                     }
-                    let mut l = proto.clone();
-                    l.name = name;
-                    l.listen = addr;
-                    l.kind = kind;
-                    // The defaults of this kind, as the TOML reader gives them (the
-                    // prototype is an agent listener).
-                    l.health = kind.default_health();
-                    l.rebalance = kind.default_rebalance();
-                    l.balance = policy;
-                    l.backends = backends.clone();
-                    l.agent = agent.clone();
-                    if lst.proxy_protocol {
+                    let trusted = lst.proxy_protocol.then(|| {
                         let from = if s.real_ip_from.is_empty() {
                             &real_ip_from
                         } else {
                             &s.real_ip_from
                         };
-                        l.agent.proxy_protocol = Some(proxy_protocol_from(&l.name, addr, from));
-                    }
+                        proxy_protocol_from(&name, addr, from)
+                    });
+                    // The defaults of this kind, as the TOML reader gives them, with what
+                    // nginx sets.
+                    let spec = spec_of(kind, &proxy, trusted)
+                        .ok_or_else(|| self.err(l.pos, "no listener of this kind in nginx"))?;
+                    let l = Listener::new(name, addr, policy, backends.clone(), spec);
                     listeners.push(l);
                 }
             }
@@ -559,6 +545,33 @@ pub(super) struct Upstream {
     pub(super) pos: Pos,
     pub(super) policy: Policy,
     pub(super) backends: Vec<BackendConfig>,
+}
+
+/// The settings of a `kind` listener: its defaults, with nginx's `proxy_timeout` (the idle
+/// timeout; 0 turns it off), `proxy_connect_timeout` and `listen ... proxy_protocol` where
+/// the kind has them. `None` for enroll listeners, which nginx never gives.
+pub(super) fn spec_of(
+    kind: ListenerKind,
+    proxy: &Proxy,
+    trusted: Option<ProxyProtocol>,
+) -> Option<ListenerSpec> {
+    let idle = proxy.idle.map(|t| (!t.is_zero()).then_some(t));
+    let mut spec = kind.default_spec()?;
+    match &mut spec {
+        ListenerSpec::Agent(a) => {
+            a.idle_timeout = idle.unwrap_or(a.idle_timeout);
+            a.connect_timeout = proxy.connect.unwrap_or(a.connect_timeout);
+            a.proxy_protocol = ProxyProtocolKeys(trusted);
+        }
+        ListenerSpec::Udp(u) => u.idle_timeout = idle.unwrap_or(u.idle_timeout),
+        ListenerSpec::Tcp(t) => {
+            t.idle_timeout = idle.unwrap_or(t.idle_timeout);
+            t.connect_timeout = proxy.connect.unwrap_or(t.connect_timeout);
+            t.proxy_protocol = ProxyProtocolKeys(trusted);
+        }
+        ListenerSpec::Enroll(_) => return None,
+    }
+    Some(spec)
 }
 
 /// `listen ... proxy_protocol`: the header is read from the `set_real_ip_from` networks; with

@@ -90,13 +90,13 @@ fn the_wazuh_docker_stream_block_runs_unchanged() {
     let l = &c.listeners[0];
     assert_eq!(l.name, "mycluster-1514");
     assert_eq!(l.listen, sa("0.0.0.0:1514"));
-    assert_eq!((l.kind, l.balance), (ListenerKind::Agent, Policy::Source));
+    assert_eq!((l.kind(), l.balance), (ListenerKind::Agent, Policy::Source));
     let addrs: Vec<_> = l.backends.iter().map(|b| b.addr).collect();
     assert_eq!(addrs, [sa("127.0.0.2:1514"), sa("127.0.0.3:1514")]);
     assert!(l.backends.iter().all(|b| *b == BackendConfig::new(b.addr)));
     let d = AgentRelayConfig::default();
-    assert_eq!(l.agent.idle_timeout, d.idle_timeout);
-    assert_eq!(l.agent.connect_timeout, d.connect_timeout);
+    assert_eq!(l.spec.idle_timeout(), d.idle_timeout);
+    assert_eq!(l.spec.connect_timeout(), Some(d.connect_timeout));
     // Same result as the equivalent TOML.
     let toml = Config::parse(&c.to_toml(), "effective").unwrap();
     assert_eq!(toml.to_toml(), c.to_toml());
@@ -122,18 +122,23 @@ fn settings_nginx_lacks_take_the_defaults_of_the_kind() {
         "kinds.toml",
     )
     .unwrap();
-    let kinds: Vec<_> = c.listeners.iter().map(|l| l.kind).collect();
+    let kinds: Vec<_> = c.listeners.iter().map(|l| l.kind()).collect();
     assert_eq!(
         kinds,
         [ListenerKind::Agent, ListenerKind::Udp, ListenerKind::Tcp]
     );
     for (n, t) in c.listeners.iter().zip(&toml.listeners) {
-        assert_eq!(n.kind, t.kind);
-        assert_eq!(n.health, t.health, "{:?}", n.kind);
-        assert_eq!(n.rebalance, t.rebalance, "{:?}", n.kind);
+        assert_eq!(n.kind(), t.kind());
+        assert_eq!(n.health, t.health, "{:?}", n.kind());
+        // Every setting of the kind: timeouts (udp flows expire after 2 minutes, not the
+        // agent relay's 10), rebalancing on agent listeners only.
+        assert_eq!(n.spec, t.spec, "{:?}", n.kind());
     }
     assert_eq!(c.listeners[1].health, None);
-    assert_eq!(c.listeners[2].rebalance, None);
+    assert_eq!(
+        c.listeners[1].spec.idle_timeout(),
+        Some(Duration::from_secs(120))
+    );
 }
 
 #[test]
@@ -173,7 +178,7 @@ fn every_directive_maps() {
     let got: Vec<_> = c
         .listeners
         .iter()
-        .map(|l| (l.name.as_str(), l.listen, l.kind, l.balance))
+        .map(|l| (l.name.as_str(), l.listen, l.kind(), l.balance))
         .collect();
     assert_eq!(
         got,
@@ -230,11 +235,11 @@ fn every_directive_maps() {
     );
     assert!(b[1].backup && !b[1].down && b[2].down && !b[2].backup);
     // proxy_timeout 0 disables the idle timeout; the stream's connect timeout is inherited.
-    assert_eq!(a.agent.idle_timeout, None);
-    assert_eq!(a.agent.connect_timeout, Duration::from_secs(2));
+    assert_eq!(a.spec.idle_timeout(), None);
+    assert_eq!(a.spec.connect_timeout(), Some(Duration::from_secs(2)));
     let lc = &c.listeners[2];
-    assert_eq!(lc.agent.connect_timeout, Duration::from_millis(500));
-    assert_eq!(lc.agent.idle_timeout, Some(Duration::from_secs(300)));
+    assert_eq!(lc.spec.connect_timeout(), Some(Duration::from_millis(500)));
+    assert_eq!(lc.spec.idle_timeout(), Some(Duration::from_secs(300)));
     // A name resolving to two addresses gives two backends.
     let addrs: Vec<_> = lc.backends.iter().map(|b| b.addr).collect();
     assert_eq!(
@@ -246,7 +251,7 @@ fn every_directive_maps() {
         ]
     );
     assert_eq!(
-        c.listeners[3].agent.idle_timeout,
+        c.listeners[3].spec.idle_timeout(),
         Some(Duration::from_secs(5400))
     );
     assert_eq!(c.listeners[3].backends[0].addr, sa("[::1]:55000"));
@@ -266,7 +271,7 @@ fn includes_and_globs() {
     assert_eq!(got, [("agents-1514", 1514), ("enrollment-1515", 1515)]);
     assert_eq!(c.listeners[0].balance, Policy::LeastConn);
     assert_eq!(
-        c.listeners[0].agent.idle_timeout,
+        c.listeners[0].spec.idle_timeout(),
         Some(Duration::from_secs(120))
     );
     // upstreams/enrollment.conf, included from stream.d/ with a path relative to the main file.
@@ -583,9 +588,12 @@ fn listen_proxy_protocol_on_the_1515_server_goes_to_its_listener() {
         );
         let c = parse_str(&text, "test.conf", &test_resolve).unwrap();
         let l = &c.listeners[0];
-        assert_eq!((l.kind, l.listen), (ListenerKind::Tcp, sa("0.0.0.0:1515")));
         assert_eq!(
-            l.agent.proxy_protocol,
+            (l.kind(), l.listen),
+            (ListenerKind::Tcp, sa("0.0.0.0:1515"))
+        );
+        assert_eq!(
+            l.spec.proxy_protocol().cloned(),
             Some(ProxyProtocol {
                 trusted: vec!["10.1.0.0/16".parse().unwrap()]
             }),
@@ -593,8 +601,8 @@ fn listen_proxy_protocol_on_the_1515_server_goes_to_its_listener() {
         );
         let toml = Config::parse(&c.to_toml(), "effective").unwrap();
         assert_eq!(
-            toml.listeners[0].agent.proxy_protocol,
-            l.agent.proxy_protocol
+            toml.listeners[0].spec.proxy_protocol(),
+            l.spec.proxy_protocol()
         );
     }
 }
