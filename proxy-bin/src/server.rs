@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tokio_util::task::TaskTracker;
-use wazuh_proxy_core::proxy::{Applies, InheritedListener, ProxyError};
+use wazuh_proxy_core::proxy::{Applies, Inheritance, ProxyError};
 
 use crate::config::{Config, Listener};
 
@@ -49,11 +49,8 @@ pub(crate) struct Proxy {
 
 impl Proxy {
     /// Binds every listener of `config` (on the sockets `inherited` from a previous process
-    /// where they match) and starts serving.
-    async fn start(
-        config: &Config,
-        inherited: Vec<InheritedListener>,
-    ) -> Result<Proxy, StartError> {
+    /// where they match, with its operator's state) and starts serving.
+    async fn start(config: &Config, inherited: Inheritance) -> Result<Proxy, StartError> {
         let typed = crate::settings::proxy_config(config);
         let core = wazuh_proxy_core::proxy::Proxy::start_with(typed, inherited).await?;
         Ok(Proxy {
@@ -224,12 +221,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), StartError> 
         Some(path) => {
             let (stream, inherited) = crate::upgrade::connect(path).await?;
             tracing::info!(
-                listeners = inherited.len(),
+                listeners = inherited.listeners.len(),
+                drained_backends = inherited.state.drained().count(),
                 "taking over from the previous process"
             );
             (Proxy::start(&config, inherited).await?, Some(stream))
         }
-        None => (Proxy::start(&config, Vec::new()).await?, None),
+        None => (Proxy::start(&config, Inheritance::default()).await?, None),
     };
     let mut admin = match takeover {
         Some(stream) => {

@@ -2,7 +2,9 @@
 //!
 //! SIGUSR2 (or `wazuh-proxy upgrade`, which sends it) makes the running process start its
 //! successor: the same command line plus `--takeover SOCKET`. The successor connects to that
-//! Unix socket, receives the listening sockets and starts serving on them; the old process
+//! Unix socket, receives the listening sockets and the operator's state (the managers
+//! drained by hand, `wazuh_proxy_core::proxy::OperatorState`) and starts serving on them,
+//! with the same managers drained; the old process
 //! then stops accepting and hands every agent session over at a frame boundary (see
 //! `wazuh_proxy_core::handover`) and the enrollment replies kept for a retry, drains what is
 //! left (plain TCP and UDP listeners) and exits. If the successor fails after it said it was
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use wazuh_proxy_core::handover::{self, HandoverError};
-use wazuh_proxy_core::proxy::{InheritedListener, Proxy};
+use wazuh_proxy_core::proxy::{Inheritance, Proxy};
 
 /// Why an upgrade did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -138,19 +140,20 @@ fn successor(socket: &Path) -> std::process::Command {
     cmd
 }
 
-/// New process, step 1: connects to the old process and receives its listening sockets.
+/// New process, step 1: connects to the old process and receives its listening sockets and
+/// the operator's state.
 ///
 /// # Errors
 /// When the old process cannot be reached or the protocol fails.
-pub async fn connect(socket: &Path) -> Result<(UnixStream, Vec<InheritedListener>), UpgradeError> {
+pub async fn connect(socket: &Path) -> Result<(UnixStream, Inheritance), UpgradeError> {
     let stream = UnixStream::connect(socket)
         .await
         .map_err(|source| UpgradeError::Socket {
             path: socket.to_owned(),
             source,
         })?;
-    let listeners = wazuh_proxy_core::proxy::handover::receive_listeners(&stream).await?;
-    Ok((stream, listeners))
+    let inherited = wazuh_proxy_core::proxy::handover::receive_inheritance(&stream).await?;
+    Ok((stream, inherited))
 }
 
 /// New process, step 2 (serving on the inherited listeners): adopts the agent sessions,

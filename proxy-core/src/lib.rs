@@ -27,8 +27,10 @@
 //! [`proxy::Proxy::reload`] (a diff of the old and new configuration, every setting
 //! classified as applied in place or after an upgrade, see [`proxy::reload`]),
 //! [`proxy::Proxy::view`] (the listeners, sessions and backends, and the operator's actions:
-//! drain or undrain a backend, rebalance) and the hand-over of listeners and live agent
-//! sessions to a successor process ([`proxy::handover`]).
+//! drain or undrain a backend, rebalance), the operator's decisions as one value apart from
+//! the configuration ([`proxy::OperatorState`], kept across reloads and handed to a
+//! successor) and the hand-over of listeners and live agent sessions to a successor process
+//! ([`proxy::handover`]).
 //!
 //! ## The modules, from the wire up
 //!

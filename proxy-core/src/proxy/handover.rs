@@ -1,8 +1,13 @@
 //! Hand-over orchestration: which listeners and sessions go to a successor process and in
 //! what order, over the wire format of [`crate::handover`]. The old process calls
 //! [`Proxy::offer_listeners`] then [`Proxy::hand_over`]; the new one
-//! [`receive_listeners`], [`Proxy::start_with`](super::Proxy::start_with), then
+//! [`receive_inheritance`], [`Proxy::start_with`](super::Proxy::start_with), then
 //! [`Proxy::adopt`].
+//!
+//! The operator's state ([`OperatorState`]) travels with the listeners, one
+//! [`Message::Drained`] per drained backend before [`Message::ListenersDone`]: the messages
+//! every version since drains were handed over sends and reads, so an old process hands
+//! over to a new one (and back) with its drains.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -17,11 +22,11 @@ use crate::enroll::EnrollFront;
 use crate::handover::{dup, recv, send, AgentInTransit, HandoverError, Message};
 use crate::relay::AgentRelay;
 
-use super::Proxy;
+use super::{OperatorState, Proxy};
 
 impl Proxy {
-    /// Old process, step 1: sends every listening socket and the operator's drained
-    /// backends, then waits for the successor to say it serves them. This process keeps
+    /// Old process, step 1: sends every listening socket and the operator's state (see
+    /// [`Proxy::operator_state`]), then waits for the successor to say it serves them. This process keeps
     /// accepting until [`Proxy::hand_over`].
     ///
     /// # Errors
@@ -32,12 +37,7 @@ impl Proxy {
             .iter()
             .map(|(n, a, u, fd)| (n.clone(), *a, *u, fd.as_fd()))
             .collect();
-        let drained: Vec<(String, SocketAddr)> = self
-            .agent_relays()
-            .iter()
-            .flat_map(|r| r.drained().into_iter().map(|b| (r.name().to_owned(), b)))
-            .collect();
-        offer_listeners_with(stream, &offered, &drained).await
+        offer_listeners_with(stream, &offered, &self.operator_state()).await
     }
 
     /// Old process, step 2: stops accepting and hands every agent session and kept
@@ -93,8 +93,16 @@ pub struct InheritedListener {
     pub udp: bool,
     /// The socket.
     pub socket: OwnedFd,
-    /// Backends the operator drained on this listener (they stay drained).
-    pub drained: Vec<SocketAddr>,
+}
+
+/// What a new process receives from the old one before it serves: the listening sockets
+/// and the operator's state, for [`Proxy::start_with`](super::Proxy::start_with).
+#[derive(Debug, Default)]
+pub struct Inheritance {
+    /// The listening sockets.
+    pub listeners: Vec<InheritedListener>,
+    /// The operator's decisions in the old process (its drains), kept by the new one.
+    pub state: OperatorState,
 }
 
 /// Old process, step 1: sends every listening socket (duplicated: this process keeps
@@ -107,18 +115,18 @@ pub async fn offer_listeners(
     stream: &UnixStream,
     listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
 ) -> Result<(), HandoverError> {
-    offer_listeners_with(stream, listeners, &[]).await
+    offer_listeners_with(stream, listeners, &OperatorState::new()).await
 }
 
-/// [`offer_listeners`], with the operator's drained backends of each listener (by name), so
-/// that the new process applies them before it accepts anything.
+/// [`offer_listeners`], with the operator's state, so that the new process applies it before
+/// it accepts anything.
 ///
 /// # Errors
 /// When the socket fails or the new process does not answer [`Message::Ready`].
 pub async fn offer_listeners_with(
     stream: &UnixStream,
     listeners: &[(String, SocketAddr, bool, BorrowedFd<'_>)],
-    drained: &[(String, SocketAddr)],
+    state: &OperatorState,
 ) -> Result<(), HandoverError> {
     for (name, addr, udp, fd) in listeners {
         let socket = dup(*fd)?;
@@ -133,12 +141,12 @@ pub async fn offer_listeners_with(
         )
         .await?;
     }
-    for (listener, backend) in drained {
+    for (listener, backend) in state.drained() {
         send(
             stream,
             &Message::Drained {
-                listener: listener.clone(),
-                backend: *backend,
+                listener: listener.to_owned(),
+                backend,
             },
         )
         .await?;
@@ -361,14 +369,23 @@ async fn hand_over_replies<'f>(
     Ok(replies)
 }
 
-/// New process, step 1: receives the listening sockets.
+/// New process, step 1: receives the listening sockets (the operator's state, if the old
+/// process sends any, is dropped: [`receive_inheritance`] keeps it).
 ///
 /// # Errors
 /// When the socket fails or the old process sends something unexpected.
 pub async fn receive_listeners(
     stream: &UnixStream,
 ) -> Result<Vec<InheritedListener>, HandoverError> {
-    let mut out = Vec::new();
+    receive_inheritance(stream).await.map(|i| i.listeners)
+}
+
+/// New process, step 1: receives the listening sockets and the operator's state.
+///
+/// # Errors
+/// When the socket fails or the old process sends something unexpected.
+pub async fn receive_inheritance(stream: &UnixStream) -> Result<Inheritance, HandoverError> {
+    let mut out = Inheritance::default();
     loop {
         match recv(stream).await? {
             Some(Message::Listener {
@@ -376,20 +393,16 @@ pub async fn receive_listeners(
                 addr,
                 udp,
                 socket,
-            }) => out.push(InheritedListener {
+            }) => out.listeners.push(InheritedListener {
                 name,
                 addr,
                 udp,
                 socket,
-                drained: Vec::new(),
             }),
+            // Matched to this process's listeners by name when it starts (a listener whose
+            // socket is not inherited, at a new address, keeps its drains too).
             Some(Message::Drained { listener, backend }) => {
-                match out.iter_mut().find(|l| l.name == listener) {
-                    Some(l) => l.drained.push(backend),
-                    None => {
-                        tracing::warn!(listener = %listener, %backend, "drained backend of a listener that was not handed over; ignored")
-                    }
-                }
+                out.state.drain(&listener, backend);
             }
             Some(Message::ListenersDone) => return Ok(out),
             Some(_) => return Err(HandoverError::Malformed("expected a listener")),
@@ -466,5 +479,84 @@ pub async fn adopt_all(
             Some(Message::Done) | None => return Ok((adopted, kept)),
             Some(_) => return Err(HandoverError::Malformed("expected an agent session")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listener() -> (SocketAddr, OwnedFd) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (l.local_addr().unwrap(), OwnedFd::from(l))
+    }
+
+    /// What a process of the previous release sends: each drain as its own message, after
+    /// the listeners, which may name a listener it does not hand over.
+    #[tokio::test]
+    async fn the_state_is_read_from_the_drain_messages_of_an_older_process() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let (addr, socket) = listener();
+        let (b1, b2): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:1514".parse().unwrap(),
+            "10.0.0.2:1514".parse().unwrap(),
+        );
+        let older = async {
+            let listener = Message::Listener {
+                name: "agents".into(),
+                addr,
+                udp: false,
+                socket,
+            };
+            send(&old, &listener).await.unwrap();
+            for (l, b) in [("agents", b2), ("agents", b1), ("gone", b1)] {
+                let m = Message::Drained {
+                    listener: l.into(),
+                    backend: b,
+                };
+                send(&old, &m).await.unwrap();
+            }
+            send(&old, &Message::ListenersDone).await.unwrap();
+        };
+        let ((), got) = tokio::join!(older, receive_inheritance(&new));
+        let got = got.unwrap();
+        assert_eq!(got.listeners.len(), 1);
+        assert_eq!(got.listeners[0].addr, addr);
+        let want: OperatorState = [("agents", b1), ("agents", b2), ("gone", b1)]
+            .into_iter()
+            .collect();
+        assert_eq!(got.state, want);
+    }
+
+    /// What a process of the previous release reads: the same drain messages.
+    #[tokio::test]
+    async fn the_state_goes_as_drain_messages_an_older_process_reads() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let (addr, socket) = listener();
+        let state: OperatorState = [
+            ("agents", "10.0.0.1:1514".parse().unwrap()),
+            ("more", "10.0.0.2:1514".parse().unwrap()),
+        ]
+        .into_iter()
+        .collect();
+        let older = async {
+            let mut drained = Vec::new();
+            loop {
+                match recv(&new).await.unwrap() {
+                    Some(Message::Listener { .. }) => {}
+                    Some(Message::Drained { listener, backend }) => {
+                        drained.push((listener, backend))
+                    }
+                    Some(Message::ListenersDone) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            send(&new, &Message::Ready).await.unwrap();
+            drained
+        };
+        let offered = [("agents".to_owned(), addr, false, socket.as_fd())];
+        let (sent, drained) = tokio::join!(offer_listeners_with(&old, &offered, &state), older);
+        sent.unwrap();
+        assert_eq!(drained.into_iter().collect::<OperatorState>(), state);
     }
 }

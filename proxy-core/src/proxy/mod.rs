@@ -16,12 +16,15 @@
 //! - [`listener`]: the trait every kind implements and the handle the proxy keeps.
 //! - [`reload`]: the diff of two configurations, every setting classified.
 //! - [`view`](ProxyView): the narrow view the admin API and hand-over read.
+//! - [`state`](OperatorState): the operator's decisions (drained backends), apart from the
+//!   configuration, kept across reloads and upgrades.
 //! - [`handover`]: moving listeners and sessions to a successor process.
 
 mod config;
 pub mod handover;
 pub mod listener;
 pub mod reload;
+pub mod state;
 mod view;
 
 use std::net::SocketAddr;
@@ -43,9 +46,10 @@ pub use self::config::{
     AgentSettings, KeysFile, ListenerConfig, ListenerSettings, ProxyConfig, Rebalance,
     DEFAULT_BATCH_WINDOW, DEFAULT_DRAIN_TIMEOUT,
 };
-pub use self::handover::InheritedListener;
+pub use self::handover::{Inheritance, InheritedListener};
 pub use self::listener::{BoundSocket, Listener, ListenerHandle, ListenerKind};
 pub use self::reload::{Applies, Change, ReloadPlan};
+pub use self::state::{Forgotten, ListenerState, OperatorState};
 pub use self::view::{ListenerEntry, OperatorError, ProxyView};
 
 /// Why a listener could not start (at start or reload).
@@ -132,36 +136,40 @@ impl Proxy {
     /// # Errors
     /// When a listener cannot start; those already started stop again.
     pub async fn start(config: ProxyConfig) -> Result<Proxy, ProxyError> {
-        Proxy::start_with(config, Vec::new()).await
+        Proxy::start_with(config, Inheritance::default()).await
     }
 
     /// Like [`Proxy::start`], serving on sockets inherited from a previous process where the
-    /// name, address and transport match (the others are bound anew), with the backends the
-    /// operator had drained there kept drained.
+    /// name, address and transport match (the others are bound anew), with the operator's
+    /// state of that process (its drains) applied before anything is accepted, as far as
+    /// this configuration has room for it ([`OperatorState::retain_for`]; what it forgets is
+    /// logged).
     ///
     /// # Errors
     /// When a listener cannot start; those already started stop again.
     pub async fn start_with(
         config: ProxyConfig,
-        mut inherited: Vec<InheritedListener>,
+        inherited: Inheritance,
     ) -> Result<Proxy, ProxyError> {
         check_names(&config)?;
         crate::pace::set_window(config.batch_window);
+        let Inheritance {
+            listeners: mut inherited,
+            mut state,
+        } = inherited;
+        for f in state.retain_for(&config) {
+            tracing::warn!("upgrade: {f}");
+        }
         let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
         let mut live: Vec<BoundListener> = Vec::new();
         for l in config.listeners {
             let udp = l.kind().is_udp();
-            let (socket, drained) = match inherited
+            let socket = inherited
                 .iter()
                 .position(|i| i.name == l.name && i.addr == l.listen && i.udp == udp)
-            {
-                Some(at) => {
-                    let i = inherited.swap_remove(at);
-                    (Some(i.socket), i.drained)
-                }
-                None => (None, Vec::new()),
-            };
+                .map(|at| inherited.swap_remove(at).socket);
+            let drained = state.drained_on(&l.name);
             match start_listener(l, stop_accepting.child_token(), &tracker, socket, &drained) {
                 Ok(l) => live.push(l),
                 Err(e) => {
@@ -219,6 +227,16 @@ impl Proxy {
         )
     }
 
+    /// The operator's decisions in force (the backends drained by hand), read from the
+    /// running listeners: what a successor process receives on an upgrade.
+    pub fn operator_state(&self) -> OperatorState {
+        operator_state(
+            self.live
+                .iter()
+                .map(|l| (l.config.name.as_str(), &l.handle)),
+        )
+    }
+
     /// The task tracker every session runs on (embedders may run their own tasks on it so
     /// that a drain waits for them).
     pub fn tracker(&self) -> &TaskTracker {
@@ -243,12 +261,19 @@ impl Proxy {
     /// before anything running changes. Returns what changed; the settings classified
     /// [`Applies::AfterUpgrade`] keep their running values.
     ///
+    /// The operator's state is kept as far as the new configuration has room for it
+    /// ([`OperatorState::retain_for`]): a listener keeps its drains under the same name (also
+    /// at a new address), a listener removed forgets them, and so does a backend no longer
+    /// in its set (added back later, it is in rotation). What is forgotten is logged.
+    ///
     /// # Errors
     /// When a new listener cannot start or a backend set is refused; the running
     /// configuration is then untouched.
     pub async fn reload(&mut self, config: ProxyConfig) -> Result<ReloadPlan, ProxyError> {
         check_names(&config)?;
         let plan = reload::diff(&self.config(), &config);
+        let mut state = self.operator_state();
+        let forgotten = state.retain_for(&config);
         // 1. Everything that can fail, first.
         let mut balancers = Vec::new();
         for x in &self.live {
@@ -282,7 +307,7 @@ impl Proxy {
                 self.stop_accepting.child_token(),
                 &self.tracker,
                 None,
-                &[],
+                &state.drained_on(&l.name),
             ) {
                 Ok(live) => added.push(live),
                 Err(e) => {
@@ -299,6 +324,11 @@ impl Proxy {
             match next {
                 Some((balancer, balance, backends)) => {
                     x.handle.set_balancer(balancer);
+                    if let Some(relay) = x.handle.as_agent() {
+                        // Only drains of backends gone from the set are dropped: the
+                        // balancer just built is the same either way.
+                        relay.restore_drained(&state.drained_on(&x.config.name));
+                    }
                     tracing::info!(listener = %x.config.name, backends = backends.len(), balance = %balance, "reload: backends updated");
                     x.config.balance = balance;
                     x.config.backends = backends;
@@ -313,6 +343,9 @@ impl Proxy {
         }
         for a in &added {
             tracing::info!(listener = %a.config.name, address = %a.config.listen, "reload: listener added");
+        }
+        for f in &forgotten {
+            tracing::info!("reload: {f}");
         }
         kept.extend(added);
         // Keep the configuration's order.
@@ -434,6 +467,19 @@ impl Proxy {
     }
 }
 
+/// The operator's state of these listeners (drains exist on agent listeners only).
+fn operator_state<'a>(
+    listeners: impl Iterator<Item = (&'a str, &'a ListenerHandle)>,
+) -> OperatorState {
+    let mut state = OperatorState::new();
+    for (name, handle) in listeners {
+        if let Some(relay) = handle.as_agent() {
+            state.set_listener(name, relay.drained().into_iter().collect());
+        }
+    }
+    state
+}
+
 fn check_names(config: &ProxyConfig) -> Result<(), ProxyError> {
     for (i, l) in config.listeners.iter().enumerate() {
         if config.listeners[..i].iter().any(|o| o.name == l.name) {
@@ -550,8 +596,9 @@ fn start_listener(
     .unwrap_or(l.listen);
     let handle = build(&l, balancer, &stop, tracker)?;
     if let (Some(relay), false) = (handle.as_agent(), drained.is_empty()) {
-        // Operator state from the previous process, before anything is accepted.
-        tracing::info!(listener = %l.name, ?drained, "upgrade: backends stay drained");
+        // Operator state (from the previous process, or the listener this one replaces),
+        // before anything is accepted.
+        tracing::info!(listener = %l.name, ?drained, "backends stay drained");
         relay.restore_drained(drained);
     }
     #[cfg(feature = "enroll")]

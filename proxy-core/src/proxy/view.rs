@@ -70,6 +70,11 @@ impl ProxyView {
         self.accepting.clone()
     }
 
+    /// The operator's decisions in force (see [`Proxy::operator_state`](super::Proxy::operator_state)).
+    pub fn operator_state(&self) -> super::OperatorState {
+        super::operator_state(self.listeners.iter().map(|l| (l.name.as_str(), &l.handle)))
+    }
+
     /// Every live agent session, with its listener's name.
     pub fn sessions(&self) -> Vec<(&str, SessionInfo)> {
         self.agent_listeners()

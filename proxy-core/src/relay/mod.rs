@@ -223,11 +223,13 @@ impl AgentRelay {
             .clone()
     }
 
-    /// Restores the operator's drains (from the previous process, on an upgrade): marks them
-    /// down without moving anyone (the sessions arrive afterwards, and go elsewhere).
+    /// Sets the operator's drains to exactly `backends` (from the previous process on an
+    /// upgrade, or as a reload keeps them): marks them down without moving anyone (on an
+    /// upgrade the sessions arrive afterwards, and go elsewhere).
     pub fn restore_drained(&self, backends: &[SocketAddr]) {
         {
             let mut drained = self.drained.lock().unwrap_or_else(|p| p.into_inner());
+            drained.clear();
             for b in backends {
                 if !drained.contains(b) {
                     drained.push(*b);
