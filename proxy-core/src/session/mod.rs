@@ -4,36 +4,8 @@
 //! A manager (4.4+) refuses a second live connection for the same agent ("Agent key already in
 //! use"), so the registry also decides what happens when an agent connects while an older
 //! connection of it is still open ([`DuplicatePolicy`]).
-//!
-//! ```
-//! # tokio_test_block_on(async {
-//! use wazuh_proxy_core::envelope::AgentId;
-//! use wazuh_proxy_core::session::{Claim, DuplicatePolicy, SessionError, SessionKey, SessionRegistry};
-//!
-//! let registry = SessionRegistry::new(DuplicatePolicy::Replace);
-//! let key = SessionKey::Agent(AgentId::parse(b"001").unwrap());
-//! let first = registry.register(key, "192.0.2.1:40000".parse().unwrap(), Claim::Unverified).await.unwrap();
-//! assert_eq!(registry.len(), 1);
-//! // A second connection claiming agent 001 proves nothing while the first is live: refused.
-//! let refused = registry.register(key, "198.51.100.7:5000".parse().unwrap(), Claim::Unverified).await;
-//! assert!(matches!(refused, Err(SessionError::Live { .. })));
-//! // One that is the agent's own session (here handed over by a previous process; with keys, a
-//! // newer startup message) asks the first one to close, then takes its place.
-//! let waiter = first.session().clone();
-//! let second = tokio::spawn({
-//!     let registry = registry.clone();
-//!     async move { registry.register(key, "192.0.2.1:40001".parse().unwrap(), Claim::HandedOver).await }
-//! });
-//! waiter.closing().await; // the first connection sees the request...
-//! drop(first);            // ...and ends.
-//! let second = second.await.unwrap().unwrap();
-//! assert_eq!(registry.len(), 1);
-//! assert_eq!(second.session().client().port(), 40001);
-//! # });
-//! # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
-//! #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
-//! # }
-//! ```
+//! (`session/tests.rs` walks through it: a second connection claiming a live agent is
+//! refused unless it is that agent's own newer session, which then takes the first one's place.)
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

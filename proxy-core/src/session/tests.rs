@@ -158,3 +158,40 @@ fn a_live_agent_is_never_evicted_on_a_newcomers_word() {
     assert_eq!(overtake(live, Claim::HandedOver, min), Overtake::Replace);
     assert!(pack_counter(5, 9999) < pack_counter(6, 0));
 }
+
+/// The registry in brief: a live agent is not taken over by a connection that proves nothing;
+/// its own newer session asks it to close and takes its place.
+#[tokio::test]
+async fn a_live_agent_is_replaced_only_by_its_own_newer_session() {
+    use crate::envelope::AgentId;
+    use crate::session::{Claim, DuplicatePolicy, SessionError, SessionKey, SessionRegistry};
+
+    let registry = SessionRegistry::new(DuplicatePolicy::Replace);
+    let key = SessionKey::Agent(AgentId::parse(b"001").unwrap());
+    let first = registry
+        .register(key, "192.0.2.1:40000".parse().unwrap(), Claim::Unverified)
+        .await
+        .unwrap();
+    assert_eq!(registry.len(), 1);
+    // A second connection claiming agent 001 proves nothing while the first is live: refused.
+    let refused = registry
+        .register(key, "198.51.100.7:5000".parse().unwrap(), Claim::Unverified)
+        .await;
+    assert!(matches!(refused, Err(SessionError::Live { .. })));
+    // One that is the agent's own session (here handed over by a previous process; with keys, a
+    // newer startup message) asks the first one to close, then takes its place.
+    let waiter = first.session().clone();
+    let second = tokio::spawn({
+        let registry = registry.clone();
+        async move {
+            registry
+                .register(key, "192.0.2.1:40001".parse().unwrap(), Claim::HandedOver)
+                .await
+        }
+    });
+    waiter.closing().await; // the first connection sees the request...
+    drop(first); // ...and ends.
+    let second = second.await.unwrap().unwrap();
+    assert_eq!(registry.len(), 1);
+    assert_eq!(second.session().client().port(), 40001);
+}
