@@ -21,12 +21,17 @@ fn off(d: Dur) -> Option<Duration> {
     (!d.0.is_zero()).then_some(d.0)
 }
 
+/// A key set in the file replaces the kind's default.
+fn set<T>(slot: &mut T, from_file: Option<T>) {
+    if let Some(v) = from_file {
+        *slot = v;
+    }
+}
+
 /// The per-source limits every kind has.
 pub(super) fn source_limits_of(l: &FileListener) -> SourceLimits {
     let mut limits = SourceLimits::default();
-    if let Some(n) = l.max_connections_per_source {
-        limits.max_open = n;
-    }
+    set(&mut limits.max_open, l.max_connections_per_source);
     if let Some(r) = l.connection_rate_per_source {
         limits.rate = r.max(0.0);
     }
@@ -61,12 +66,8 @@ pub(super) fn spec_of(
         ListenerKind::Agent => ListenerSpec::Agent(agent_of(l, max_payload, src)?),
         ListenerKind::Udp => {
             let mut u = UdpSpec::default();
-            if let Some(m) = max_payload {
-                u.max_payload = m;
-            }
-            if let Some(d) = l.idle_timeout {
-                u.idle_timeout = off(d);
-            }
+            set(&mut u.max_payload, max_payload);
+            set(&mut u.idle_timeout, l.idle_timeout.map(off));
             ListenerSpec::Udp(u)
         }
         ListenerKind::Tcp => {
@@ -75,15 +76,9 @@ pub(super) fn spec_of(
             if let Some(Dur(d)) = l.first_frame_timeout {
                 t.first_frame_timeout = Some(d);
             }
-            if let Some(Dur(d)) = l.connect_timeout {
-                t.connect_timeout = d;
-            }
-            if let Some(d) = l.idle_timeout {
-                t.idle_timeout = off(d);
-            }
-            if let Some(d) = l.tcp_keepalive {
-                t.tcp_keepalive = off(d);
-            }
+            set(&mut t.connect_timeout, l.connect_timeout.map(|d| d.0));
+            set(&mut t.idle_timeout, l.idle_timeout.map(off));
+            set(&mut t.tcp_keepalive, l.tcp_keepalive.map(off));
             t.proxy_protocol = proxy_protocol_of(l, kind, src)?;
             ListenerSpec::Tcp(t)
         }
@@ -103,48 +98,26 @@ fn agent_of(
             .parse::<DuplicatePolicy>()
             .map_err(|e| src.error(Some(d.span()), e))?;
     }
-    if let Some(Dur(d)) = l.first_frame_timeout {
-        a.first_frame_timeout = d;
-    }
-    if let Some(Dur(d)) = l.connect_timeout {
-        a.connect_timeout = d;
-    }
-    if let Some(d) = l.idle_timeout {
-        a.idle_timeout = off(d);
-    }
-    if let Some(d) = l.tcp_keepalive {
-        a.tcp_keepalive = off(d);
-    }
-    if let Some(m) = max_payload {
-        a.max_payload = m;
-    }
-    if let Some(f) = l.failover {
-        a.failover = f;
-    }
-    if let Some(r) = l.resend_unacknowledged {
-        a.resend_unacknowledged = r;
-    }
-    if let Some(Dur(d)) = l.hold_timeout {
-        a.hold_timeout = d;
-    }
-    if let Some(d) = l.reply_timeout {
-        a.reply_timeout = off(d);
-    }
-    if let Some(d) = l.manager_user_timeout {
-        a.manager_user_timeout = off(d);
-    }
-    if let Some(d) = l.liveness_timeout {
-        a.liveness_timeout = off(d);
-    }
-    if let Some(Dur(d)) = l.overtake_time {
-        a.overtake_time = d;
-    }
-    if let Some(Dur(d)) = l.refused_backoff {
-        a.refused_backoff = d;
-    }
-    if let Some(Dur(d)) = l.refused_backoff_max {
-        a.refused_backoff_max = d;
-    }
+    set(
+        &mut a.first_frame_timeout,
+        l.first_frame_timeout.map(|d| d.0),
+    );
+    set(&mut a.connect_timeout, l.connect_timeout.map(|d| d.0));
+    set(&mut a.idle_timeout, l.idle_timeout.map(off));
+    set(&mut a.tcp_keepalive, l.tcp_keepalive.map(off));
+    set(&mut a.max_payload, max_payload);
+    set(&mut a.failover, l.failover);
+    set(&mut a.resend_unacknowledged, l.resend_unacknowledged);
+    set(&mut a.hold_timeout, l.hold_timeout.map(|d| d.0));
+    set(&mut a.reply_timeout, l.reply_timeout.map(off));
+    set(&mut a.manager_user_timeout, l.manager_user_timeout.map(off));
+    set(&mut a.liveness_timeout, l.liveness_timeout.map(off));
+    set(&mut a.overtake_time, l.overtake_time.map(|d| d.0));
+    set(&mut a.refused_backoff, l.refused_backoff.map(|d| d.0));
+    set(
+        &mut a.refused_backoff_max,
+        l.refused_backoff_max.map(|d| d.0),
+    );
     if let Some(s) = &l.source {
         a.source = match s.get_ref().as_str() {
             "proxy" => SourceAddress::Proxy,
@@ -247,15 +220,12 @@ fn enroll_of(
     let mut e = EnrollSpec::new(backend_tls);
     e.server_cert = server_cert;
     e.backend_client_cert = backend_client_cert;
-    if let Some(Dur(d)) = l.first_frame_timeout {
-        e.first_frame_timeout = d;
-    }
-    if let Some(Dur(d)) = l.connect_timeout {
-        e.connect_timeout = d;
-    }
-    if let Some(Dur(d)) = l.replay_ttl {
-        e.replay_ttl = d;
-    }
+    set(
+        &mut e.first_frame_timeout,
+        l.first_frame_timeout.map(|d| d.0),
+    );
+    set(&mut e.connect_timeout, l.connect_timeout.map(|d| d.0));
+    set(&mut e.replay_ttl, l.replay_ttl.map(|d| d.0));
     e.proxy_protocol = proxy_protocol_of(l, ListenerKind::Enroll, src)?;
     Ok(e)
 }
