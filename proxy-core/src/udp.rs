@@ -33,12 +33,12 @@
 //! use tokio_util::sync::CancellationToken;
 //! use tokio_util::task::TaskTracker;
 //!
-//! # async fn run() -> std::io::Result<()> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let managers = vec![
-//!     BackendConfig::new("10.0.0.11:1514".parse().unwrap()),
-//!     BackendConfig::new("10.0.0.12:1514".parse().unwrap()),
+//!     BackendConfig::new("10.0.0.11:1514".parse()?),
+//!     BackendConfig::new("10.0.0.12:1514".parse()?),
 //! ];
-//! let balancer = Balancer::new(Policy::AgentId, managers).expect("valid backend set");
+//! let balancer = Balancer::new(Policy::AgentId, managers)?;
 //! let relay = Arc::new(UdpRelay::new("agents-udp", UdpRelayConfig::default(), balancer));
 //! let socket = tokio::net::UdpSocket::bind("0.0.0.0:1514").await?;
 //! let stop = CancellationToken::new();
