@@ -6,7 +6,6 @@
 //! the test says so loudly and passes, except under CI (`CI=true`), where it fails.
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -15,76 +14,15 @@ use futures_util::SinkExt;
 use wazuh_proxy_core::balance::Policy;
 use wazuh_proxy_core::relay::AgentRelayConfig;
 use wazuh_proxy_core::sim::{agent_payload, payload_seq, Manager, Reply};
+use wazuh_proxy_test_support::wazuh::Blackhole;
 use wazuh_proxy_test_support::*;
-
-/// Drops every packet to and from one loopback port while alive.
-struct Blackhole {
-    port: u16,
-}
-
-impl Blackhole {
-    fn rules(port: u16) -> [Vec<String>; 2] {
-        let r = |dir: &str| {
-            [
-                "INPUT",
-                "-i",
-                "lo",
-                "-p",
-                "tcp",
-                dir,
-                &port.to_string(),
-                "-j",
-                "DROP",
-            ]
-            .map(str::to_owned)
-            .to_vec()
-        };
-        [r("--dport"), r("--sport")]
-    }
-
-    fn iptables(op: &str, rule: &[String]) -> bool {
-        Command::new("iptables")
-            .arg(op)
-            .args(rule)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// Whether rules can be set here (root, iptables present and working).
-    fn available() -> bool {
-        Command::new("iptables")
-            .args(["-L", "INPUT", "-n"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-
-    fn start(port: u16) -> Blackhole {
-        // Both directions at once, as a link that goes down.
-        for rule in Self::rules(port) {
-            assert!(Self::iptables("-I", &rule), "iptables -I failed");
-        }
-        Blackhole { port }
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        for rule in Self::rules(self.port) {
-            while Self::iptables("-D", &rule) {}
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_manager_loses_no_frame() {
-    if !Blackhole::available() {
-        let why = "needs root and a working iptables (apt-get install iptables)";
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "blackhole test cannot run under CI: {why}"
-        );
-        eprintln!("!!!! SKIPPED a_blackholed_manager_loses_no_frame: {why} !!!!");
+    if let Err(why) = Blackhole::available() {
+        skip_or_fail_in_ci(&format!(
+            "a_blackholed_manager_loses_no_frame needs root and a working iptables: {why}"
+        ));
         return;
     }
     let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)
@@ -128,7 +66,7 @@ async fn a_blackholed_manager_loses_no_frame() {
             .unwrap();
         }
         if seq == FRAMES / 3 {
-            hole = Some(Blackhole::start(m1.addr().port()));
+            hole = Some(Blackhole::port(m1.addr().port()));
             cut_at = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
