@@ -174,7 +174,10 @@ async fn main() {
     let importer = {
         let new = new.clone();
         tokio::spawn(async move {
-            let _listeners = proxy::handover::receive_listeners(&b).await.unwrap();
+            let _listeners = proxy::handover::receive_inheritance(&b)
+                .await
+                .unwrap()
+                .listeners;
             proxy::handover::adopt_sessions(&b, &[new], &TaskTracker::new())
                 .await
                 .unwrap()

@@ -91,7 +91,10 @@ async fn an_upgrade_under_load_closes_no_agent_and_loses_no_frame() {
     let importer = {
         let (new, new_tracker, new_stop) = (new.clone(), new_tracker.clone(), new_stop.clone());
         tokio::spawn(async move {
-            let inherited = proxy::handover::receive_listeners(&new_side).await.unwrap();
+            let inherited = proxy::handover::receive_inheritance(&new_side)
+                .await
+                .unwrap()
+                .listeners;
             assert_eq!(inherited.len(), 1);
             let std_listener =
                 std::net::TcpListener::from(inherited.into_iter().next().unwrap().socket);

@@ -369,17 +369,6 @@ async fn hand_over_replies<'f>(
     Ok(replies)
 }
 
-/// New process, step 1: receives the listening sockets (the operator's state, if the old
-/// process sends any, is dropped: [`receive_inheritance`] keeps it).
-///
-/// # Errors
-/// When the socket fails or the old process sends something unexpected.
-pub async fn receive_listeners(
-    stream: &UnixStream,
-) -> Result<Vec<InheritedListener>, HandoverError> {
-    receive_inheritance(stream).await.map(|i| i.listeners)
-}
-
 /// New process, step 1: receives the listening sockets and the operator's state.
 ///
 /// # Errors
