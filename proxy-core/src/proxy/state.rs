@@ -332,6 +332,22 @@ mod tests {
     }
 
     #[test]
+    fn one_listener_losing_a_backend_leaves_another_listeners_drain_of_it_alone() {
+        // Both listeners drained manager 1; a reload takes it out of "east" only.
+        let config = ProxyConfig::new(vec![agents("east", &[2]), agents("west", &[1, 2])]);
+        let mut s: OperatorState = [("east", addr(1)), ("west", addr(1))].into_iter().collect();
+        assert_eq!(
+            s.retain_for(&config),
+            [Forgotten::Drain {
+                listener: "east".into(),
+                backend: addr(1)
+            }]
+        );
+        assert_eq!(s.drained_on("west"), [addr(1)]);
+        assert!(s.drained_on("east").is_empty());
+    }
+
+    #[test]
     fn a_listener_removed_or_of_another_kind_loses_its_state() {
         let tcp = ListenerConfig::new(
             "api",
