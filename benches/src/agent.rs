@@ -595,7 +595,7 @@ async fn read_loop(
                             }
                             p.pop_front();
                             if s == seq {
-                                stats.record_rtt(at.elapsed());
+                                stats.record_rtt(at);
                                 break;
                             }
                         }

@@ -18,7 +18,7 @@ use wazuh_proxy_core::envelope::Cipher;
 
 use crate::agent::{Agent, AgentConfig, Load};
 use crate::fleetkeys;
-use crate::stats::FleetStats;
+use crate::stats::{FleetStats, RttTiming};
 use crate::FleetError;
 
 /// Pre-sealed pools are sized to stay under this many bytes for the whole fleet.
@@ -59,6 +59,10 @@ pub struct FleetOptions {
     pub drain: Duration,
     /// Connection log lines to print at most.
     pub log_lines: u64,
+    /// Round trips of events sent this long after the start count apart (see [`RttTiming`]).
+    pub warmup: Duration,
+    /// Print round trips over this many microseconds (see [`RttTiming`]).
+    pub slow_log_us: Option<u64>,
 }
 
 /// The result of a run: the summary line and whether it went as expected.
@@ -156,7 +160,12 @@ pub async fn run_agents(
         );
     }
     let rss_before = rss_pid.map(rss_kb).transpose()?;
-    let stats = Arc::new(FleetStats::new());
+    let now = Instant::now();
+    let stats = Arc::new(FleetStats::with_timing(RttTiming {
+        started: now,
+        warm_until: now + o.warmup,
+        slow_log_us: o.slow_log_us,
+    }));
     let cfg = Arc::new(config(o, load));
     let gate = (o.ramp > 0).then(|| Arc::new(Semaphore::new(o.ramp)));
     let start = Instant::now();
@@ -255,7 +264,7 @@ pub async fn connect_storm(o: &FleetOptions) -> Result<Outcome, FleetError> {
             match &stream {
                 Some(_) => {
                     stats.connects.fetch_add(1, Relaxed);
-                    stats.record_rtt(took);
+                    stats.record_rtt(start);
                 }
                 None => {
                     stats.errors.fetch_add(1, Relaxed);
@@ -333,7 +342,7 @@ pub async fn churn(o: &FleetOptions, workers: usize) -> Result<Outcome, FleetErr
                 let t0 = Instant::now();
                 match tokio::time::timeout_at(cfg.deadline + cfg.drain, a.handshake(&cfg)).await {
                     Ok(Ok(stream)) => {
-                        stats.record_rtt(t0.elapsed());
+                        stats.record_rtt(t0);
                         stats.connects.fetch_add(1, Relaxed);
                         drop(stream);
                     }

@@ -3,6 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::time::Instant;
 
 use hdrhistogram::Histogram;
 
@@ -29,7 +30,37 @@ pub struct FleetStats {
     pub acks: AtomicU64,
     /// Echoes received.
     pub echoes: AtomicU64,
+    /// Round trips of events sent after the warm-up.
     latency: Mutex<Histogram<u64>>,
+    /// Round trips of events sent during the warm-up (agents still connecting).
+    warmup_latency: Mutex<Histogram<u64>>,
+    timing: RttTiming,
+}
+
+/// How round trips are sorted and reported.
+#[derive(Debug, Clone, Copy)]
+pub struct RttTiming {
+    /// When the run started.
+    pub started: Instant,
+    /// Events sent before this are counted apart: while agents still connect, a round trip
+    /// measures the connection ramp (covered by the storm and churn workloads), not the steady
+    /// relay.
+    pub warm_until: Instant,
+    /// Print each round trip over this many microseconds, with when its event was sent, so that
+    /// a tail can be tied to what happened at that moment.
+    pub slow_log_us: Option<u64>,
+}
+
+impl RttTiming {
+    /// No warm-up, no slow log, starting now.
+    pub fn now() -> RttTiming {
+        let now = Instant::now();
+        RttTiming {
+            started: now,
+            warm_until: now,
+            slow_log_us: None,
+        }
+    }
 }
 
 impl Default for FleetStats {
@@ -41,6 +72,11 @@ impl Default for FleetStats {
 impl FleetStats {
     /// Zeroed counters; the latency histogram covers 1 µs to 60 s at 3 significant digits.
     pub fn new() -> FleetStats {
+        FleetStats::with_timing(RttTiming::now())
+    }
+
+    /// Zeroed counters, round trips sorted and reported as `timing` says.
+    pub fn with_timing(timing: RttTiming) -> FleetStats {
         // Constant, valid bounds: construction cannot fail.
         #[allow(clippy::expect_used)]
         let hist = Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
@@ -55,7 +91,9 @@ impl FleetStats {
             errors: AtomicU64::new(0),
             acks: AtomicU64::new(0),
             echoes: AtomicU64::new(0),
+            warmup_latency: Mutex::new(hist.clone()),
             latency: Mutex::new(hist),
+            timing,
         }
     }
 
@@ -66,10 +104,21 @@ impl FleetStats {
         self.bytes.fetch_add(bytes, Relaxed);
     }
 
-    /// Records one round trip.
-    pub fn record_rtt(&self, rtt: Duration) {
+    /// Records the round trip of an event sent at `sent`, answered now.
+    pub fn record_rtt(&self, sent: Instant) {
+        let rtt = sent.elapsed();
         let us = (rtt.as_micros() as u64).clamp(1, 60_000_000);
-        if let Ok(mut h) = self.latency.lock() {
+        let t = &self.timing;
+        if t.slow_log_us.is_some_and(|s| us > s) {
+            let at = sent.saturating_duration_since(t.started);
+            eprintln!("slow sent_at_ms={:.3} rtt_us={us}", at.as_secs_f64() * 1e3);
+        }
+        let h = if sent < t.warm_until {
+            &self.warmup_latency
+        } else {
+            &self.latency
+        };
+        if let Ok(mut h) = h.lock() {
             let _ = h.record(us);
         }
     }
@@ -122,6 +171,18 @@ impl FleetStats {
             bytes as f64 / secs / 1e6,
         );
         let (n, p50, p99, max) = self.latency();
+        if let Ok(w) = self.warmup_latency.lock() {
+            if !w.is_empty() {
+                line.push_str(&format!(
+                    " warmup_rtt_samples={} warmup_rtt_p99_us={} warmup_rtt_p999_us={} \
+                     warmup_rtt_max_us={}",
+                    w.len(),
+                    w.value_at_quantile(0.99),
+                    w.value_at_quantile(0.999),
+                    w.max()
+                ));
+            }
+        }
         if n > 0 {
             line.push_str(&format!(
                 " echoes={} rtt_samples={n} rtt_p50_us={p50} rtt_p99_us={p99} rtt_p999_us={} \

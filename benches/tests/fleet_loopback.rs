@@ -67,6 +67,8 @@ fn options(
         ramp: 0,
         drain: Duration::from_secs(5),
         log_lines: 10,
+        warmup: Duration::ZERO,
+        slow_log_us: None,
     }
 }
 

@@ -66,6 +66,14 @@ enum Command {
         /// Events per second per agent.
         #[arg(long, default_value_t = 10.0)]
         rate: f64,
+        /// Seconds from the start whose events are reported apart (`warmup_rtt_*`): while
+        /// agents still connect, round trips measure the connection ramp, not the relay.
+        #[arg(long, default_value_t = 0.0)]
+        warmup: f64,
+        /// Print every round trip over this many microseconds to stderr, with the time its
+        /// event was sent (`slow sent_at_ms=... rtt_us=...`), to tie a tail to a moment.
+        #[arg(long)]
+        slow_log_us: Option<u64>,
     },
     /// Open every agent's connection at once; report when the last startup was acknowledged.
     ConnectStorm {
@@ -208,6 +216,8 @@ impl Common {
             ramp: self.ramp,
             drain: secs(self.drain),
             log_lines: self.log_lines,
+            warmup: Duration::ZERO,
+            slow_log_us: None,
         }
     }
 }
@@ -332,14 +342,16 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Latency { common, rate } => {
-                fleet::run_agents(
-                    &common.options(Load::Rate(rate), true),
-                    "latency",
-                    None,
-                    false,
-                )
-                .await
+            Command::Latency {
+                common,
+                rate,
+                warmup,
+                slow_log_us,
+            } => {
+                let mut o = common.options(Load::Rate(rate), true);
+                o.warmup = secs(warmup);
+                o.slow_log_us = slow_log_us;
+                fleet::run_agents(&o, "latency", None, false).await
             }
             Command::ConnectStorm { common } => {
                 fleet::connect_storm(&common.options(Load::Idle, false)).await
