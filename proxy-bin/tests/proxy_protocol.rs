@@ -89,16 +89,6 @@ async fn session_of(admin: SocketAddr, agent: &str) -> Value {
     }
 }
 
-async fn metric(admin: SocketAddr, line_start: &str) -> f64 {
-    let (_, text) = tokio::task::spawn_blocking(move || http("GET", admin, "/metrics"))
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in /metrics"))
-}
-
 #[tokio::test]
 async fn the_carried_address_is_the_client_and_untrusted_senders_are_refused() {
     let m1 = Manager::start("127.0.0.1:0".parse().unwrap(), "m1", Reply::AckFirst)

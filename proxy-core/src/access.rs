@@ -31,7 +31,7 @@ use crate::session::SessionInfo;
 pub const TARGET: &str = "wazuh_proxy::access";
 
 /// Every value of the `reason` field of a `session_end` line.
-pub const END_REASONS: [&str; 18] = [
+pub const END_REASONS: [&str; 19] = [
     "agent_closed",
     "manager_closed",
     "agent_io",
@@ -45,6 +45,7 @@ pub const END_REASONS: [&str; 18] = [
     "manager_timeout",
     "moved",
     "no_manager",
+    "out_of_sockets",
     "handed_over",
     "unverified",
     "refused_everywhere",

@@ -38,20 +38,67 @@ pub enum Probe {
 /// `#ping` as a TCP frame: length 5, little-endian, then the payload.
 const PING_FRAME: &[u8] = b"\x05\x00\x00\x00#ping";
 
-/// Probes `addr` once with `probe`, within `timeout`: `true` when it passed.
-pub async fn probe_once(probe: Probe, addr: SocketAddr, timeout: Duration) -> bool {
+/// What one probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeOutcome {
+    /// The backend answered as the probe expects.
+    Passed,
+    /// The backend refused, did not answer in time, or answered something else.
+    Failed,
+    /// This host could not open a socket (out of descriptors, local ports or kernel memory):
+    /// the backend was not asked, so the probe counts neither way.
+    NotRun,
+}
+
+impl ProbeOutcome {
+    /// Whether the backend passed.
+    pub fn passed(self) -> bool {
+        self == ProbeOutcome::Passed
+    }
+}
+
+/// A failed socket call as a probe outcome: this host's shortage is not the backend's failure.
+fn local_or_failed(e: &std::io::Error) -> ProbeOutcome {
+    if crate::balance::out_of_sockets(e) {
+        ProbeOutcome::NotRun
+    } else {
+        ProbeOutcome::Failed
+    }
+}
+
+async fn tcp_connect(addr: SocketAddr) -> Result<TcpStream, ProbeOutcome> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| local_or_failed(&e))?;
+    socket.connect(addr).await.map_err(|e| local_or_failed(&e))
+}
+
+/// Probes `addr` once with `probe`, within `timeout`.
+pub async fn probe_once(probe: Probe, addr: SocketAddr, timeout: Duration) -> ProbeOutcome {
+    use ProbeOutcome::{Failed, Passed};
     let attempt = async {
         match probe {
-            Probe::Connect => TcpStream::connect(addr).await.is_ok(),
+            Probe::Connect => match tcp_connect(addr).await {
+                Ok(_) => Passed,
+                Err(outcome) => outcome,
+            },
             Probe::AgentTcp => {
-                let Ok(mut s) = TcpStream::connect(addr).await else {
-                    return false;
+                let mut s = match tcp_connect(addr).await {
+                    Ok(s) => s,
+                    Err(outcome) => return outcome,
                 };
                 if s.write_all(PING_FRAME).await.is_err() {
-                    return false;
+                    return Failed;
                 }
                 let mut reply = [0u8; 9];
-                s.read_exact(&mut reply).await.is_ok() && &reply == b"\x05\x00\x00\x00#pong"
+                if s.read_exact(&mut reply).await.is_ok() && &reply == b"\x05\x00\x00\x00#pong" {
+                    Passed
+                } else {
+                    Failed
+                }
             }
             Probe::AgentUdp => {
                 let local: SocketAddr = if addr.is_ipv4() {
@@ -59,21 +106,22 @@ pub async fn probe_once(probe: Probe, addr: SocketAddr, timeout: Duration) -> bo
                 } else {
                     (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
                 };
-                let Ok(sock) = UdpSocket::bind(local).await else {
-                    return false;
+                let sock = match UdpSocket::bind(local).await {
+                    Ok(sock) => sock,
+                    Err(e) => return local_or_failed(&e),
                 };
                 // Connected: only the manager's datagrams arrive, and an ICMP port unreachable
                 // fails the probe at once.
                 if sock.connect(addr).await.is_err() || sock.send(b"#ping").await.is_err() {
-                    return false;
+                    return Failed;
                 }
                 let mut buf = [0u8; 64];
                 loop {
                     match sock.recv(&mut buf).await {
-                        Ok(n) if &buf[..n] == b"#pong" => return true,
+                        Ok(n) if &buf[..n] == b"#pong" => return Passed,
                         // Anything else (a late answer to nothing we sent): keep waiting.
                         Ok(_) => continue,
-                        Err(_) => return false,
+                        Err(_) => return Failed,
                     }
                 }
             }
@@ -81,8 +129,11 @@ pub async fn probe_once(probe: Probe, addr: SocketAddr, timeout: Duration) -> bo
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(false)
+        .unwrap_or(Failed)
 }
+
+/// One line a second about probes this host could not make.
+static NOT_RUN_LOG: crate::limits::LogLimit = crate::limits::LogLimit::new();
 
 /// Settings of active health checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,8 +188,15 @@ pub async fn run(
                 async move { (i, addr, probe_once(check.probe, addr, check.timeout).await) }
             });
         let results = futures_util::future::join_all(probes).await;
-        for (i, addr, ok) in results {
-            if let Some(up) = b.probe_result(i, ok, check.rise, check.fall) {
+        for (i, addr, outcome) in results {
+            if outcome == ProbeOutcome::NotRun {
+                if let Some(held) = NOT_RUN_LOG.allow_now() {
+                    tracing::warn!(backend = %addr, held_back = held,
+                        "health probe not run: this host could not open a socket (out of descriptors or local ports); the backend keeps its state");
+                }
+                continue;
+            }
+            if let Some(up) = b.probe_result(i, outcome.passed(), check.rise, check.fall) {
                 on_change(addr, up);
             }
         }
@@ -253,10 +311,10 @@ mod tests {
         let t = Duration::from_millis(300);
         let pong = pong_server().await;
         let mute = mute_server().await;
-        assert!(probe_once(Probe::AgentTcp, pong, t).await);
-        assert!(!probe_once(Probe::AgentTcp, mute, t).await);
+        assert!(probe_once(Probe::AgentTcp, pong, t).await.passed());
+        assert!(!probe_once(Probe::AgentTcp, mute, t).await.passed());
         // A plain connect cannot tell them apart.
-        assert!(probe_once(Probe::Connect, mute, t).await);
+        assert!(probe_once(Probe::Connect, mute, t).await.passed());
     }
 
     #[tokio::test]
@@ -308,17 +366,21 @@ mod tests {
                 }
             }
         });
-        assert!(probe_once(Probe::AgentUdp, addr, t).await);
+        assert!(probe_once(Probe::AgentUdp, addr, t).await.passed());
         // Nothing on the TCP port of a UDP-only manager.
-        assert!(!probe_once(Probe::Connect, addr, t).await);
+        assert!(!probe_once(Probe::Connect, addr, t).await.passed());
         // A UDP socket that never answers, and a port nobody listens on.
         let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        assert!(!probe_once(Probe::AgentUdp, silent.local_addr().unwrap(), t).await);
+        assert!(
+            !probe_once(Probe::AgentUdp, silent.local_addr().unwrap(), t)
+                .await
+                .passed()
+        );
         let closed = UdpSocket::bind("127.0.0.1:0")
             .await
             .unwrap()
             .local_addr()
             .unwrap();
-        assert!(!probe_once(Probe::AgentUdp, closed, t).await);
+        assert!(!probe_once(Probe::AgentUdp, closed, t).await.passed());
     }
 }

@@ -47,11 +47,14 @@ pub enum Rejection {
     Overtake,
     /// A PROXY protocol listener got no valid header, or one from an untrusted sender.
     ProxyProtocol,
+    /// This host could not open a connection to a manager (out of descriptors, local ports or
+    /// kernel memory); the managers were not asked and are not held at fault.
+    OutOfSockets,
 }
 
 impl Rejection {
     /// Every reason, in label order.
-    pub const ALL: [Rejection; 19] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::FirstFrameTimeout,
         Rejection::ZeroLength,
         Rejection::TooLong,
@@ -71,6 +74,7 @@ impl Rejection {
         Rejection::AgentBackoff,
         Rejection::Overtake,
         Rejection::ProxyProtocol,
+        Rejection::OutOfSockets,
     ];
 
     /// The metric label.
@@ -95,6 +99,7 @@ impl Rejection {
             Rejection::AgentBackoff => "agent_backoff",
             Rejection::Overtake => "overtake",
             Rejection::ProxyProtocol => "proxy_protocol",
+            Rejection::OutOfSockets => "out_of_sockets",
         }
     }
 

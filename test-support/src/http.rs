@@ -66,3 +66,13 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     let (status, body) = get(addr, path, None).await;
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
 }
+
+/// The value of the first `/metrics` sample line starting with `line_start` (the metric name
+/// and its labels, in the order the proxy writes them); panics when there is none.
+pub async fn metric(admin: SocketAddr, line_start: &str) -> f64 {
+    let (_, text) = get(admin, "/metrics", None).await;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in /metrics"))
+}

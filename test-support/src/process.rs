@@ -104,6 +104,56 @@ impl ProxyProcess {
         p
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Descriptors the process has open now.
+    pub fn open_descriptors(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Leaves the process no room for a new descriptor: its soft limit becomes its lowest
+    /// free descriptor number (a new descriptor takes the lowest free number, and must be
+    /// below the limit).
+    pub fn allow_no_new_descriptor(&self) {
+        let open: std::collections::HashSet<usize> =
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+        let lowest_free = (0..).find(|n| !open.contains(n)).unwrap_or(0);
+        self.limit_descriptors(lowest_free);
+    }
+
+    /// Sets the process's soft limit of open descriptors (`RLIMIT_NOFILE`) while it runs, with
+    /// `prlimit`; the hard limit stays.
+    pub fn limit_descriptors(&self, soft: usize) {
+        let hard = std::fs::read_to_string(format!("/proc/{}/limits", self.pid()))
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find(|l| l.starts_with("Max open files"))
+                    .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+            })
+            .unwrap_or_else(|| "unlimited".to_owned());
+        let ok = Command::new("prlimit")
+            .args([
+                "--pid",
+                &self.pid().to_string(),
+                &format!("--nofile={soft}:{hard}"),
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "prlimit --nofile={soft}:{hard} failed");
+    }
+
     /// Waits up to 10 s until `addr` accepts connections; panics with the log otherwise.
     pub fn wait_accepting(&self, addr: SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(10);

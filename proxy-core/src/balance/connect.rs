@@ -33,7 +33,7 @@ pub enum AttemptError {
     Timeout(Duration),
     /// The connect call failed.
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The agent's address is of the other family than the backend's (IPv4 and IPv6), so
     /// the manager cannot be reached from it.
     #[error("cannot connect from {from} to an {family} backend", family = if .from.is_ipv4() { "IPv6" } else { "IPv4" })]
@@ -50,6 +50,33 @@ pub enum AttemptError {
         /// What the system said.
         error: std::io::Error,
     },
+    /// This host could not open the connection: out of descriptors (`EMFILE`, `ENFILE`), of
+    /// local ports (`EADDRNOTAVAIL`) or of kernel memory (`ENOBUFS`, `ENOMEM`). The backend
+    /// was never asked, so nothing is held against it.
+    #[error("this host could not open a connection: {0}")]
+    OutOfSockets(std::io::Error),
+}
+
+/// Whether a socket or connect error is this host running out of something rather than an
+/// answer from the network.
+pub(crate) fn out_of_sockets(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EMFILE | Errno::ENFILE | Errno::EADDRNOTAVAIL | Errno::ENOBUFS | Errno::ENOMEM
+        )
+    })
+}
+
+impl From<std::io::Error> for AttemptError {
+    fn from(e: std::io::Error) -> Self {
+        if out_of_sockets(&e) {
+            AttemptError::OutOfSockets(e)
+        } else {
+            AttemptError::Io(e)
+        }
+    }
 }
 
 impl AttemptError {
@@ -58,7 +85,9 @@ impl AttemptError {
     fn is_local(&self) -> bool {
         matches!(
             self,
-            AttemptError::FamilyMismatch { .. } | AttemptError::Source { .. }
+            AttemptError::FamilyMismatch { .. }
+                | AttemptError::Source { .. }
+                | AttemptError::OutOfSockets(_)
         )
     }
 }
@@ -66,13 +95,25 @@ impl AttemptError {
 /// Opens one connection to `addr`, from `source` when given (see [`Balancer::connect_from`]).
 async fn dial(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, AttemptError> {
     let Some(from) = source else {
-        return Ok(TcpStream::connect(addr).await?);
+        // Socket, then connect (what `TcpStream::connect` does), so that each error is
+        // classified: running out of descriptors must not count against the manager.
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        return Ok(socket.connect(addr).await?);
     };
     if from.is_ipv4() != addr.is_ipv4() {
         return Err(AttemptError::FamilyMismatch { from });
     }
-    let socket =
-        transparent_socket(addr, from).map_err(|error| AttemptError::Source { from, error })?;
+    let socket = transparent_socket(addr, from).map_err(|error| {
+        if out_of_sockets(&error) {
+            AttemptError::OutOfSockets(error)
+        } else {
+            AttemptError::Source { from, error }
+        }
+    })?;
     Ok(socket.connect(addr).await?)
 }
 
@@ -121,6 +162,19 @@ pub enum ConnectError {
     /// Every candidate was tried and failed.
     #[error("could not connect to any backend: {}", list_attempts(.0))]
     AllFailed(Vec<ConnectAttempt>),
+}
+
+impl ConnectError {
+    /// Whether every attempt failed because this host could not open a connection
+    /// ([`AttemptError::OutOfSockets`]): no manager was asked, so waiting for one is pointless.
+    pub fn is_out_of_sockets(&self) -> bool {
+        match self {
+            ConnectError::AllFailed(attempts) => attempts
+                .iter()
+                .all(|a| matches!(a.error, AttemptError::OutOfSockets(_))),
+            ConnectError::NoBackend => false,
+        }
+    }
 }
 
 fn list_attempts(attempts: &[ConnectAttempt]) -> String {

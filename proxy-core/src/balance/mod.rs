@@ -53,6 +53,7 @@ mod ring;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use connect::out_of_sockets;
 pub use connect::{AttemptError, ConnectAttempt, ConnectError, Connected};
 pub use health::{Backend, ConnGuard};
 use ring::{digest_u64, smooth_schedule};

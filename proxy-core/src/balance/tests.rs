@@ -83,3 +83,45 @@ fn bad_indexes_are_harmless() {
     drop(b.open(7));
     assert_eq!(b.backends()[0].active(), 0);
 }
+
+#[test]
+fn running_out_of_sockets_is_this_hosts_fault_not_the_backends() {
+    use nix::errno::Errno;
+    let err = |e: Errno| std::io::Error::from_raw_os_error(e as i32);
+    for local in [
+        Errno::EMFILE,
+        Errno::ENFILE,
+        Errno::EADDRNOTAVAIL,
+        Errno::ENOBUFS,
+        Errno::ENOMEM,
+    ] {
+        assert!(out_of_sockets(&err(local)), "{local}");
+        assert!(matches!(
+            AttemptError::from(err(local)),
+            AttemptError::OutOfSockets(_)
+        ));
+    }
+    for remote in [Errno::ECONNREFUSED, Errno::EHOSTUNREACH, Errno::ETIMEDOUT] {
+        assert!(!out_of_sockets(&err(remote)), "{remote}");
+        assert!(matches!(
+            AttemptError::from(err(remote)),
+            AttemptError::Io(_)
+        ));
+    }
+    let addr = addr(1);
+    let attempt = |e: Errno| ConnectAttempt {
+        index: 0,
+        addr,
+        error: err(e).into(),
+    };
+    assert!(
+        ConnectError::AllFailed(vec![attempt(Errno::EMFILE), attempt(Errno::ENFILE)])
+            .is_out_of_sockets()
+    );
+    // One manager that answered (refused) means the agent may still be held for it.
+    assert!(
+        !ConnectError::AllFailed(vec![attempt(Errno::EMFILE), attempt(Errno::ECONNREFUSED)])
+            .is_out_of_sockets()
+    );
+    assert!(!ConnectError::NoBackend.is_out_of_sockets());
+}

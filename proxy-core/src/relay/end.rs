@@ -39,6 +39,9 @@ pub(crate) enum End {
     Moved,
     /// No manager could be reached within the hold timeout.
     NoManager,
+    /// This host could not open a connection to any manager (out of descriptors, local ports
+    /// or kernel memory): the agent is closed at once, as nginx does, and reconnects later.
+    OutOfSockets,
     /// The session was handed to another process (binary upgrade).
     HandedOver,
     /// With keys, a session whose first frame was not a verified message sent something other
@@ -62,6 +65,7 @@ impl End {
             End::Refused(_) => Some(Rejection::AgentRefused),
             End::Unverified => Some(Rejection::Unverified),
             End::KeptAway(_) => Some(Rejection::AgentBackoff),
+            End::OutOfSockets => Some(Rejection::OutOfSockets),
             _ => None,
         }
     }
@@ -85,6 +89,9 @@ impl fmt::Display for End {
             End::ManagerTimeout => f.write_str("manager did not answer the handshake in time"),
             End::Moved => f.write_str("moved to another manager"),
             End::NoManager => f.write_str("no manager reachable"),
+            End::OutOfSockets => f.write_str(
+                "this host could not open a connection to a manager (out of descriptors or local ports)",
+            ),
             End::HandedOver => f.write_str("handed over to the new process"),
             End::Unverified => f.write_str(
                 "a session that did not start with a verified message may only carry #ping",
@@ -122,6 +129,7 @@ impl End {
             End::ManagerTimeout => "manager_timeout",
             End::Moved => "moved",
             End::NoManager => "no_manager",
+            End::OutOfSockets => "out_of_sockets",
             End::HandedOver => "handed_over",
             End::Unverified => "unverified",
             End::Refused(super::GiveUp::RefusedEverywhere) => "refused_everywhere",

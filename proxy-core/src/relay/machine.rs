@@ -15,7 +15,7 @@
 //! | agent frame, manager frame | [`super::check`] (per frame, inlined in the pipes) | forward, or the end |
 //! | operator move, drain, hand-over, timer | [`interrupt`] | the end of the current stint |
 //! | manager connected | [`Machine::on_connected`] | replay the control frame, arm the reply timer |
-//! | manager connect failed | [`Machine::on_connect_failed`], [`hold`] | hold with backoff, or close the agent |
+//! | manager connect failed | [`Machine::on_connect_failed`], [`hold`] | hold with backoff, or close the agent (at once when this host is out of sockets) |
 //! | manager closed / reset / silent / moved | [`cause`], [`Machine::on_stint_end`] | replay, close upstream, counts, reconnect or close |
 //!
 //! Timers: the reply timer ([`reply_timer`]) and the liveness timer ([`liveness_timer`]) are
@@ -240,11 +240,17 @@ impl Machine {
         }
     }
 
-    /// Event: no manager could be reached within the hold time.
-    pub(super) fn on_connect_failed() -> Actions {
+    /// Event: no manager could be reached within the hold time, or (`out_of_sockets`) this
+    /// host could not open a connection to any: the managers are not at fault and the agent is
+    /// closed at once (its end is counted as `out_of_sockets`).
+    pub(super) fn on_connect_failed(out_of_sockets: bool) -> Actions {
         let mut out = Actions::default();
-        out.push(Action::Count(Metric::Reject(Rejection::NoBackend)));
-        out.push(Action::CloseAgent(End::NoManager));
+        if out_of_sockets {
+            out.push(Action::CloseAgent(End::OutOfSockets));
+        } else {
+            out.push(Action::Count(Metric::Reject(Rejection::NoBackend)));
+            out.push(Action::CloseAgent(End::NoManager));
+        }
         out
     }
 

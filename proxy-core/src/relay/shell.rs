@@ -224,10 +224,19 @@ impl AgentRelay {
         let connected = match connected {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
-                    "closing agent connection: no manager reachable: {e}");
+                let out_of_sockets = e.is_out_of_sockets();
+                if out_of_sockets {
+                    // Every agent arriving while the host is out of descriptors would log it.
+                    if let Some(held) = OUT_OF_SOCKETS_LOG.allow_now() {
+                        tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
+                            held_back = held, "closing agent connection: {e}");
+                    }
+                } else {
+                    tracing::warn!(listener = %self.name, agent = %key, client = %session.client(),
+                        "closing agent connection: no manager reachable: {e}");
+                }
                 let mut end = End::NoManager;
-                for action in Machine::on_connect_failed() {
+                for action in Machine::on_connect_failed(out_of_sockets) {
                     match action {
                         Action::Count(m) => self.count(m),
                         Action::CloseAgent(e) => end = e,
@@ -550,6 +559,10 @@ impl AgentRelay {
                 }
                 Err(e) => {
                     self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    if e.is_out_of_sockets() {
+                        // Holding would keep the agent's descriptor while nothing frees one.
+                        return Err(e);
+                    }
                     let Some((now, after)) =
                         machine::hold(cfg.failover, pause, Instant::now(), deadline)
                     else {
@@ -565,6 +578,10 @@ impl AgentRelay {
         }
     }
 }
+
+/// One line a second about agents closed because this host is out of sockets (the rest are
+/// counted in `wazuh_proxy_rejected_total{reason="out_of_sockets"}`).
+static OUT_OF_SOCKETS_LOG: crate::limits::LogLimit = crate::limits::LogLimit::new();
 
 /// What [`AgentRelay::start_stint`] found.
 enum StintStart {

@@ -269,7 +269,7 @@ fn an_agent_refused_everywhere_is_held_with_backoff_then_closed() {
     .is_none());
     assert!(hold(false, FIRST_HOLD_PAUSE, t0, deadline).is_none());
     // No manager reachable at all: counted and closed.
-    let out = Machine::on_connect_failed();
+    let out = Machine::on_connect_failed(false);
     assert!(has(&out, |a| matches!(
         a,
         Action::Count(Metric::Reject(Rejection::NoBackend))
@@ -278,6 +278,15 @@ fn an_agent_refused_everywhere_is_held_with_backoff_then_closed() {
         a,
         Action::CloseAgent(End::NoManager)
     )));
+    // This host out of sockets: the agent is closed as that, not as a manager outage (its end
+    // counts it once, as out_of_sockets).
+    let out = Machine::on_connect_failed(true);
+    assert!(!has(&out, |a| matches!(a, Action::Count(_))));
+    assert!(has(&out, |a| matches!(
+        a,
+        Action::CloseAgent(End::OutOfSockets)
+    )));
+    assert_eq!(End::OutOfSockets.rejection(), Some(Rejection::OutOfSockets));
 }
 
 #[test]
