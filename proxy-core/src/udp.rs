@@ -437,6 +437,7 @@ impl UdpRelay {
         let key = agent_id.map_or(BalanceKey::Source(agent.ip()), BalanceKey::Agent);
         let balancer = self.balancer.load_full();
         let mut opened = None;
+        let mut socket_error = None;
         for idx in balancer.candidates(&key, std::time::Instant::now()) {
             let Some(backend) = balancer.backends().get(idx).map(|b| b.addr()) else {
                 continue;
@@ -448,16 +449,31 @@ impl UdpRelay {
                 }
                 Err(e) => {
                     self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(listener = %self.name, client = %agent, backend = %backend,
-                        "could not open an upstream socket: {e}");
+                    // Nothing was sent: never the manager's fault. Logged once below.
+                    socket_error = Some(e);
                 }
             }
         }
         let Some((index, backend, upstream)) = opened else {
-            self.stats.reject(Rejection::NoBackend);
+            let out_of_sockets = socket_error
+                .as_ref()
+                .is_some_and(crate::balance::out_of_sockets);
+            self.stats.reject(if out_of_sockets {
+                Rejection::OutOfSockets
+            } else {
+                Rejection::NoBackend
+            });
             if let Some(held) = self.refused_log.allow(now_ms) {
-                tracing::warn!(listener = %self.name, client = %agent, held_back = held,
-                    "dropping datagram: no manager available");
+                match socket_error {
+                    Some(e) => {
+                        tracing::warn!(listener = %self.name, client = %agent, held_back = held,
+                        "dropping datagram: could not open an upstream socket: {e}")
+                    }
+                    None => {
+                        tracing::warn!(listener = %self.name, client = %agent, held_back = held,
+                        "dropping datagram: no manager available")
+                    }
+                }
             }
             return None;
         };
