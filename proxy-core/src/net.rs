@@ -101,21 +101,45 @@ pub(crate) fn tune_listener(
 
 /// TCP keepalive with `idle` time, then every 10 s, 3 probes (nothing when `None`).
 pub(crate) fn set_keepalive(sock: socket2::SockRef<'_>, idle: Option<std::time::Duration>) {
+    set_keepalive_probes(sock, idle, true);
+}
+
+fn set_keepalive_probes(
+    sock: socket2::SockRef<'_>,
+    idle: Option<std::time::Duration>,
+    with_count: bool,
+) {
     if let Some(idle) = idle {
-        let ka = socket2::TcpKeepalive::new()
+        let mut ka = socket2::TcpKeepalive::new()
             .with_time(idle)
-            .with_interval(std::time::Duration::from_secs(10))
-            .with_retries(3);
+            .with_interval(std::time::Duration::from_secs(10));
+        if with_count {
+            ka = ka.with_retries(3);
+        }
         if let Err(e) = sock.set_tcp_keepalive(&ka) {
             tracing::debug!(error = %e, "could not set TCP keepalive");
         }
     }
 }
 
-/// Sets `TCP_USER_TIMEOUT`: data left unacknowledged this long fails the connection with
-/// `ETIMEDOUT` (also while keepalive probes go unanswered). `None` leaves the kernel's default.
-pub(crate) fn set_user_timeout(sock: socket2::SockRef<'_>, timeout: Option<std::time::Duration>) {
-    if let Some(t) = timeout {
+/// Settings of a connection to a manager: keepalive as [`set_keepalive`] and
+/// `TCP_USER_TIMEOUT` (data left unacknowledged this long, or keepalive probes unanswered
+/// this long, fail the connection with `ETIMEDOUT`; `None` leaves the kernel's default).
+///
+/// With a user timeout the kernel ignores the keepalive probe count (`tcp_keepalive_timer`
+/// gives up on the user timeout alone), so the count is not set: one system call fewer
+/// per manager connection, which a reconnect storm makes once per agent.
+pub(crate) fn tune_manager(
+    sock: socket2::SockRef<'_>,
+    keepalive: Option<std::time::Duration>,
+    user_timeout: Option<std::time::Duration>,
+) {
+    set_keepalive_probes(
+        socket2::SockRef::from(&*sock),
+        keepalive,
+        user_timeout.is_none(),
+    );
+    if let Some(t) = user_timeout {
         if let Err(e) = sock.set_tcp_user_timeout(Some(t)) {
             tracing::debug!(error = %e, "could not set TCP_USER_TIMEOUT");
         }
@@ -178,6 +202,42 @@ mod tests {
         assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(37));
         assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
         assert_eq!(sock.keepalive_retries().unwrap(), 3);
+    }
+
+    // A manager connection gets keepalive and the user timeout; the probe count only when
+    // there is no user timeout (with one, the kernel does not read the count).
+    #[tokio::test]
+    async fn manager_connections_get_keepalive_and_the_user_timeout() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let with = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let without = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let default_count = socket2::SockRef::from(&with).keepalive_retries().unwrap();
+        tune_manager(
+            socket2::SockRef::from(&with),
+            Some(Duration::from_secs(41)),
+            Some(Duration::from_secs(7)),
+        );
+        tune_manager(
+            socket2::SockRef::from(&without),
+            Some(Duration::from_secs(41)),
+            None,
+        );
+        for stream in [&with, &without] {
+            let sock = socket2::SockRef::from(stream);
+            assert!(sock.keepalive().unwrap());
+            assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(41));
+            assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
+        }
+        let with = socket2::SockRef::from(&with);
+        assert_eq!(
+            with.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(with.keepalive_retries().unwrap(), default_count);
+        let without = socket2::SockRef::from(&without);
+        assert_eq!(without.tcp_user_timeout().unwrap(), None);
+        assert_eq!(without.keepalive_retries().unwrap(), 3);
     }
 
     // Acknowledged bytes leave the count; bytes the peer reset before acknowledging stay.

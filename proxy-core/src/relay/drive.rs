@@ -381,7 +381,7 @@ fn drive(
 /// the socket, so its readiness is cleared at once (as tokio's own `poll_read` does on
 /// epoll): the next attempt waits for new data instead of making a system call that can only
 /// say "would block". Data arriving after the read is a new edge and wakes the task again.
-fn read_once(src: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub(super) fn read_once(src: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
     let mut drained = None;
     let read = src.try_io(tokio::io::Interest::READABLE, || {
